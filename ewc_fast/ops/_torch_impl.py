@@ -1,0 +1,83 @@
+"""Pure-PyTorch implementations of the consolidation ops (any device; the readable reference path).
+
+Every function here has the exact signature and semantics of its C++ (``ewc_fast._cpp``) and Triton
+(``ewc_fast.kernels.consolidation``) twins; inputs arrive validated and contiguous from the op layer.
+Arithmetic: fp32, except ``theta - mu`` which is taken in mu's dtype (fp64 mu keeps the anchor exact)
+and ``consolidate`` which works in fp64 throughout.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _weight(omega: torch.Tensor, lam: float, alpha: float | None) -> torch.Tensor:
+    w = omega.float()
+    if alpha is not None:
+        w = w / (1.0 + (alpha * lam) * w)
+    return w
+
+
+def penalty_apply(grads, params, omega, mu, lam, alpha, grad_scale):
+    """grad += grad_scale*lam*W*(theta-mu); returns sum(W*(theta-mu)^2) as a 0-dim fp64 tensor.
+
+    W = omega, or omega/(1+alpha*lam*omega) when stabilised (alpha is not None).
+    """
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g, p, o, m in zip(grads, params, omega, mu):
+        d = (p.to(m.dtype) - m).float()
+        w = _weight(o, lam, alpha)
+        wd = w * d
+        g.add_((grad_scale * lam) * wd)
+        total += (wd * d).sum(dtype=torch.float32).double()
+    return total
+
+
+def consolidate(omega, mu, fisher, anchor, gamma, online):
+    """Merge a task (F, theta*) into (Omega, mu) in place, fp64 arithmetic; returns the c increment.
+
+    Omega' = gamma*Omega + F. Separate: mu' = (gamma*Omega*mu + F*theta*)/Omega' (theta* where
+    Omega' = 0), increment = sum(gamma*Omega*(mu-mu')^2 + F*(theta*-mu')^2). Online: mu' = theta*,
+    increment 0 (the caller resets c).
+    """
+    device = omega[0].device if omega else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for o, m, f, a in zip(omega, mu, fisher, anchor):
+        o64, m64, f64, a64 = o.double(), m.double(), f.double(), a.double()
+        go = gamma * o64
+        o_new = go + f64
+        if online:
+            m_new = a64
+        else:
+            safe = torch.where(o_new > 0, o_new, torch.ones_like(o_new))
+            m_new = torch.where(o_new > 0, (go * m64 + f64 * a64) / safe, a64)
+            total += (go * (m64 - m_new) ** 2 + f64 * (a64 - m_new) ** 2).sum()
+        o.copy_(o_new)
+        m.copy_(m_new)
+    return total
+
+
+def si_accumulate(omega_path, grads, params, prev_params):
+    """omega_path -= g*(theta - theta_prev); theta_prev <- theta (fp32 arithmetic)."""
+    for w, g, p, q in zip(omega_path, grads, params, prev_params):
+        w.sub_(g.float() * (p.float() - q.float()))
+        q.copy_(p)
+
+
+def si_consolidate(omega_path, params, start_params, out, xi, clip):
+    """out += omega_path/((theta-theta_start)^2 + xi), clipped at 0 if ``clip``; omega_path <- 0; theta_start <- theta."""
+    for w, p, s, o in zip(omega_path, params, start_params, out):
+        delta = p.float() - s.float()
+        val = o.float() + w.float() / (delta * delta + xi)
+        if clip:
+            val = val.clamp_min(0.0)
+        o.copy_(val)
+        w.zero_()
+        s.copy_(p)
+
+
+def wva_attenuate(params, old_params, accum, lam):
+    """theta <- theta_old + (theta - theta_old)/(1 + lam*A) (fp32 arithmetic)."""
+    for p, q, a in zip(params, old_params, accum):
+        q32 = q.float()
+        p.copy_(q32 + (p.float() - q32) / (1.0 + lam * a.float()))

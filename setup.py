@@ -1,0 +1,38 @@
+"""Build script: the pure-Python package plus one pybind11/OpenMP extension, ``ewc_fast._C``.
+
+``kernels/`` (Triton kernels) lives at the top level of the repository but is installed as the
+sub-package ``ewc_fast.kernels`` through ``package_dir``; no top-level ``kernels`` module is created.
+The extension needs no torch headers: the Python side validates tensors and passes raw pointers.
+"""
+import os
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+extra_compile = ["-O3", "-fopenmp", "-std=c++17"]
+extra_link = ["-fopenmp"]
+if os.environ.get("EWC_FAST_NATIVE", "0") == "1":  # opt-in: tune for the build machine
+    extra_compile.append("-march=native")
+if sys.platform == "darwin":  # Apple clang needs libomp; keep the build working without it
+    extra_compile = ["-O3", "-std=c++17"]
+    extra_link = []
+
+ext_modules = [
+    Pybind11Extension(
+        "ewc_fast._C",
+        sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
+        include_dirs=["csrc"],
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+        cxx_std=17,
+    )
+]
+
+setup(
+    packages=["ewc_fast", "ewc_fast.ops", "ewc_fast.kernels"],
+    package_dir={"ewc_fast": "ewc_fast", "ewc_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)
