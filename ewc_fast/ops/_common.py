@@ -58,18 +58,20 @@ def contiguous_in(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
-def impl_module(backend: str):
-    """The module holding a backend's implementations (same function names in each)."""
+def impl_module(backend: str, family: str = "consolidation"):
+    """The module holding a backend's implementations of an op family (same function names in each).
+
+    torch: ``ewc_fast/ops/_torch_<family>.py`` (``_torch_impl`` for consolidation); C++:
+    ``ewc_fast/_cpp_<family>.py`` (``_cpp_ops`` for consolidation); Triton: ``kernels/<family>.py``.
+    """
+    import importlib
+
     if backend == "torch":
-        from . import _torch_impl
-
-        return _torch_impl
+        name = "_torch_impl" if family == "consolidation" else f"_torch_{family}"
+        return importlib.import_module(f"ewc_fast.ops.{name}")
     if backend == "cpp":
-        from .. import _cpp_ops
-
-        return _cpp_ops
+        name = "_cpp_ops" if family == "consolidation" else f"_cpp_{family}"
+        return importlib.import_module(f"ewc_fast.{name}")
     if backend == "triton":
-        from ..kernels import consolidation
-
-        return consolidation
+        return importlib.import_module(f"ewc_fast.kernels.{family}")
     raise ValueError(f"unknown backend {backend!r}")
