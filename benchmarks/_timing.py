@@ -1,0 +1,46 @@
+"""Timing helpers shared by the benchmarks: median of repeats after warm-up, with spread."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+    def __str__(self) -> str:
+        return f"{self.median_s * 1e3:.2f} ms [{self.min_s * 1e3:.2f}-{self.max_s * 1e3:.2f}]"
+
+
+def _sync(device) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, *, repeats: int = 5, warmup: int = 1, device=None, setup=None) -> Timing:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    ``setup()`` (untimed) runs before every call, e.g. to reset gradients.
+    """
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), repeats)

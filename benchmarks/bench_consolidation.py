@@ -1,0 +1,172 @@
+"""Benchmark of the consolidation ops (issue: foundation): penalty + gradient and the SI step.
+
+Penalty rows: the fused multi-tensor ``penalty_apply_`` (C++ backend on CPU, Triton on CUDA) vs the
+same op's torch backend vs an Avalanche-style per-task autograd loop
+(``sum_K (lam/2) sum F_K (theta - theta*_K)^2`` then ``backward()``), next to a plain memory copy
+measured in the same run. Effective bandwidth counts the bytes the fused op must move per parameter:
+read grad, theta, Omega (fp32) and mu (fp64) and write grad = 24 B.
+
+SI rows: one optimizer step (Adam) with and without ``SynapticIntelligence`` attached, and a whole
+training step (forward + backward + step) with and without it.
+
+Run: ``python -m benchmarks.bench_consolidation [--sizes 10e6 100e6] [--tasks 1 10] [--repeats 5]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+import ewc_fast
+from ewc_fast import ops
+
+from ._timing import measure
+
+PENALTY_BYTES_PER_PARAM = 4 + 4 + 4 + 8 + 4  # grad, theta, Omega (fp32), mu (fp64) read; grad written
+COPY_BYTES_PER_PARAM = 4 + 4  # fp32 read + write
+
+
+def ragged_sizes(total: int, n: int = 24, seed: int = 0) -> list[int]:
+    """Split ``total`` into ``n`` ragged tensor sizes (like a model's layers)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.05
+    sizes = (w / w.sum() * total).long().clamp_min(1)
+    sizes[-1] += total - int(sizes.sum())
+    return [int(s) for s in sizes]
+
+
+def bench_penalty(total: int, n_tasks: int, repeats: int, device: str, lam: float = 1.0) -> dict:
+    sizes = ragged_sizes(total)
+    params = [torch.randn(s, device=device) for s in sizes]
+    grads = [torch.zeros_like(p) for p in params]
+    omega = [torch.zeros_like(p) for p in params]
+    mu = [torch.zeros(s, dtype=torch.float64, device=device) for s in sizes]
+    tasks = []
+    c = 0.0
+    for _ in range(n_tasks):
+        fisher = [torch.rand_like(p) for p in params]
+        anchor = [p + 0.01 * torch.randn_like(p) for p in params]
+        c += float(ops.consolidate_(omega, mu, fisher, anchor, 1.0))
+        tasks.append((fisher, anchor))
+
+    src = torch.empty(total, device=device)
+    dst = torch.empty_like(src)
+    t_copy = measure(lambda: dst.copy_(src), repeats=repeats, device=device)
+    copy_gbs = COPY_BYTES_PER_PARAM * total / t_copy.median_s / 1e9
+    rows = {"copy": {"time": t_copy, "gbs": copy_gbs}}
+
+    backends = [b for b in ("triton", "cpp", "torch") if b in ewc_fast.available_backends(device)]
+    if torch.device(device).type == "cpu":  # Triton on CPU is the interpreter: not a benchmark
+        backends = [b for b in backends if b != "triton"]
+    for b in backends:
+        t = measure(lambda: ops.penalty_apply_(grads, params, omega, mu, lam, c=c, backend=b),
+                    repeats=repeats, device=device)
+        rows[f"fused[{b}]"] = {"time": t, "gbs": PENALTY_BYTES_PER_PARAM * total / t.median_s / 1e9}
+
+    leaf = [p.clone().requires_grad_(True) for p in params]
+
+    def per_task_loop():
+        penalty = 0.0
+        for fisher, anchor in tasks:
+            for p, f, a in zip(leaf, fisher, anchor):
+                penalty = penalty + (f * (p - a).pow(2)).sum()
+        (0.5 * lam * penalty).backward()
+
+    def reset():
+        for p in leaf:
+            p.grad = None
+
+    t_loop = measure(per_task_loop, repeats=max(1, min(repeats, 3)), device=device, setup=reset)
+    rows["per-task autograd loop"] = {"time": t_loop, "gbs": None}
+    return {"params": total, "tasks": n_tasks, "rows": rows}
+
+
+def bench_si(width: int, depth: int, batch: int, repeats: int, device: str) -> dict:
+    torch.manual_seed(0)
+    layers, d = [], 784
+    for _ in range(depth):
+        layers += [torch.nn.Linear(d, width), torch.nn.ReLU()]
+        d = width
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(d, 10)).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(batch, 784, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(x), y).backward()
+
+    def train_step():
+        fwd_bwd()
+        opt.step()
+
+    fwd_bwd()
+    out = {"params": n_params, "batch": batch}
+    out["step"] = measure(opt.step, repeats=repeats, device=device)
+    out["train_step"] = measure(train_step, repeats=repeats, device=device)
+    si = ewc_fast.SynapticIntelligence(model)
+    si.attach(opt)
+    out["step+si"] = measure(opt.step, repeats=repeats, device=device)
+    out["train_step+si"] = measure(train_step, repeats=repeats, device=device)
+    si.detach()
+    return out
+
+
+def format_penalty(res: dict) -> list[str]:
+    rows = res["rows"]
+    copy = rows["copy"]
+    loop = rows["per-task autograd loop"]["time"].median_s
+    lines = [f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | memory copy | {copy['time']} | {copy['gbs']:.1f} | 100% | - |"]
+    for name, r in rows.items():
+        if name == "copy":
+            continue
+        gbs = f"{r['gbs']:.1f}" if r["gbs"] else "-"
+        frac = f"{100 * r['gbs'] / copy['gbs']:.0f}%" if r["gbs"] else "-"
+        speedup = f"{loop / r['time'].median_s:.1f}x"
+        lines.append(f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | {name} | {r['time']} | {gbs} | {frac} | {speedup} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--si-width", type=int, default=2048)
+    ap.add_argument("--si-depth", type=int, default=3)
+    ap.add_argument("--si-batch", type=int, default=128)
+    ap.add_argument("--json", default=None, help="write raw results here")
+    args = ap.parse_args(argv)
+
+    print(f"# consolidation benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {args.device}")
+    print("| params | tasks | contender | median [min-max] | GB/s | of copy BW | vs per-task loop |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    for size in args.sizes:
+        for n_tasks in args.tasks:
+            res = bench_penalty(int(size), n_tasks, args.repeats, args.device)
+            results.append(res)
+            print("\n".join(format_penalty(res)), flush=True)
+    si = bench_si(args.si_width, args.si_depth, args.si_batch, args.repeats, args.device)
+    print(f"\n# SI overhead, MLP 784-{args.si_width}x{args.si_depth}-10 ({si['params'] / 1e6:.1f}M params), Adam, batch {si['batch']}")
+    print("| measured | plain | with SI | overhead |")
+    print("|---|---|---|---|")
+    for a, b in (("step", "step+si"), ("train_step", "train_step+si")):
+        ov = si[b].median_s / si[a].median_s - 1
+        print(f"| {a.replace('_', ' ')} | {si[a]} | {si[b]} | {100 * ov:+.1f}% |")
+    if args.json:
+        def enc(o):
+            return o.__dict__
+        with open(args.json, "w") as f:
+            json.dump({"penalty": results, "si": si}, f, default=enc, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
