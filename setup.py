@@ -10,7 +10,7 @@ import sys
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-extra_compile = ["-O3", "-fopenmp", "-std=c++17"]
+extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]  # lets gcc vectorise the selects
 extra_link = ["-fopenmp"]
 if os.environ.get("EWC_FAST_NATIVE", "0") == "1":  # opt-in: tune for the build machine
     extra_compile.append("-march=native")

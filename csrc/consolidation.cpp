@@ -1,6 +1,375 @@
 // Consolidation kernels (penalty_apply, consolidate, si_accumulate, si_consolidate, wva_attenuate).
+//
+// Contract: docs/ARCHITECTURE.md ("Op contracts"); numerics match ewc_fast/ops/_torch_impl.py.
+// Every entry point takes, per tensor role, a list of raw data pointers of contiguous CPU buffers,
+// one list of element counts (shared by the roles), one dtype code per role (the Python side groups
+// tensors so that a call sees one dtype combination), scalars and a thread count. The work of all
+// tensors is cut into fixed chunks (common.h: plan_chunks) and one OpenMP loop runs over them; sums
+// are formed per chunk and added in chunk order, so results do not depend on the thread count.
+// Inputs are trusted (the op layer validated them); only list lengths are checked here.
+// Two code-generation settings for this file (GCC; other compilers ignore them):
+// * no-trapping-math: the selects in the bf16/fp16 conversions and in consolidate's omega' == 0
+//   case stay branch-free (if-converted, hence vectorised) only when the compiler may evaluate
+//   floating-point operations speculatively. It changes no computed value (it only gives up on
+//   trapping FP exceptions, which nothing here enables).
+// * fp-contract=off: no fused multiply-add contraction (possible with EWC_FAST_NATIVE=1), so every
+//   operation rounds exactly as in the torch and Triton twins.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
+#include <optional>
+
 #include "common.h"
 
 namespace ewcf {
-void init_consolidation(py::module_& m) { (void)m; }
+namespace {
+
+using Ptrs = std::vector<uintptr_t>;
+using Numels = std::vector<int64_t>;
+
+template <class P> using grad_acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+void check_sizes(const char* op, const Numels& numels, std::initializer_list<const Ptrs*> lists) {
+    for (const Ptrs* l : lists)
+        if (l->size() != numels.size())
+            throw std::invalid_argument(std::string(op) + ": pointer lists and numels differ in length");
+}
+
+// Sum of lane accumulators in a fixed pairwise order.
+template <class A, int L> inline A fold_lanes(A (&acc)[L]) {
+    for (int w = L / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+// ------------------------------------------------------------------------------ penalty_apply
+// W = omega (or omega / (1 + alpha*lam*omega)); d = float(theta - mu) with the difference taken in
+// mu's dtype; grad += (grad_scale*lam) * (W*d) in promote(grad dtype, fp32); returns sum W*d*d.
+template <class P, class O, class M, bool STAB>
+inline float penalty_elem(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
+                          const M* __restrict__ mu, int64_t i, float scale, float al) {
+    using GA = grad_acc_t<P>;
+    float w = to_f32<O>(o[i]);
+    if constexpr (STAB) w = w / (1.0f + al * w);
+    const M diff = load_as<M>(p[i]) - mu[i];
+    const float d = float(diff);
+    const float wd = w * d;
+    const float step = scale * wd;
+    g[i] = store_from<P>(load_as<GA>(g[i]) + GA(step));
+    return wd * d;
+}
+
+// fp32 partial sum of one chunk: 16 independent lane accumulators (vectorised, and shorter
+// accumulation chains than one running sum), folded pairwise, plus the scalar tail.
+template <class P, class O, class M, bool STAB>
+float penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
+                    const M* __restrict__ mu, int64_t n, float scale, float al) {
+    constexpr int L = 16;
+    float acc[L] = {};
+    const int64_t nb = n - n % L;
+    for (int64_t b = 0; b < nb; b += L) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[l] += penalty_elem<P, O, M, STAB>(g, p, o, mu, b + l, scale, al);
+    }
+    float tail = 0.0f;
+    for (int64_t i = nb; i < n; ++i) tail += penalty_elem<P, O, M, STAB>(g, p, o, mu, i, scale, al);
+    return fold_lanes(acc) + tail;
+}
+
+template <class P, class O, class M>
+double penalty_run(const Ptrs& g, const Ptrs& p, const Ptrs& o, const Ptrs& mu, const std::vector<Chunk>& chunks,
+                   float scale, bool stab, float al, int nthreads) {
+    std::vector<float> part(chunks.size(), 0.0f);
+    parallel_chunks(chunks, nthreads, [&](int64_t c, const Chunk& ch) {
+        const size_t t = size_t(ch.tensor);
+        P* gp = as_ptr<P>(g[t]) + ch.begin;
+        const P* pp = as_ptr<const P>(p[t]) + ch.begin;
+        const O* op = as_ptr<const O>(o[t]) + ch.begin;
+        const M* mp = as_ptr<const M>(mu[t]) + ch.begin;
+        part[size_t(c)] = stab ? penalty_chunk<P, O, M, true>(gp, pp, op, mp, ch.len, scale, al)
+                               : penalty_chunk<P, O, M, false>(gp, pp, op, mp, ch.len, scale, al);
+    });
+    double s = 0.0;
+    for (float x : part) s += double(x);  // fp64, in chunk order
+    return s;
+}
+
+double penalty_apply(const Ptrs& grads, const Ptrs& params, const Ptrs& omega, const Ptrs& mu, const Numels& numels,
+                     int p_dt, int o_dt, int m_dt, double lam, std::optional<double> alpha, double grad_scale,
+                     int nthreads) {
+    check_sizes("penalty_apply", numels, {&grads, &params, &omega, &mu});
+    const std::vector<Chunk> chunks = plan_chunks(numels);
+    // scalars enter the fp32 arithmetic as fp32, as Python scalars do in torch's fp32 kernels
+    const float scale = float(grad_scale * lam);
+    const bool stab = alpha.has_value();
+    const float al = stab ? float(*alpha * lam) : 0.0f;
+    double result = 0.0;
+    py::gil_scoped_release nogil;
+    dispatch_param(p_dt, [&](auto pt) {
+        dispatch_state(o_dt, [&](auto ot) {
+            dispatch_state(m_dt, [&](auto mt) {
+                using P = typename decltype(pt)::type;
+                using O = typename decltype(ot)::type;
+                using M = typename decltype(mt)::type;
+                result = penalty_run<P, O, M>(grads, params, omega, mu, chunks, scale, stab, al, nthreads);
+            });
+        });
+    });
+    return result;
+}
+
+// -------------------------------------------------------------------------------- consolidate
+// fp64: omega' = gamma*omega + F; mu' = (gamma*omega*mu + F*a)/omega' (a where omega' == 0) or
+// mu' = a (online); returns sum gamma*omega*(mu-mu')^2 + F*(a-mu')^2 (0 when online).
+template <class O, class M, class R, bool ONLINE>
+inline double consolidate_elem(O* __restrict__ o, M* __restrict__ mu, const R* __restrict__ f,
+                               const R* __restrict__ a, int64_t i, double gamma) {
+    const double go = gamma * to_f64<O>(o[i]);
+    const double fi = to_f64<R>(f[i]);
+    const double ai = to_f64<R>(a[i]);
+    const double on = go + fi;
+    o[i] = from_f64<O>(on);
+    if constexpr (ONLINE) {
+        mu[i] = from_f64<M>(ai);
+        return 0.0;
+    } else {
+        const double mi = to_f64<M>(mu[i]);
+        const bool nz = on != 0.0;
+        const double den = nz ? on : 1.0;
+        const double merged = (go * mi + fi * ai) / den;
+        const double mn = nz ? merged : ai;
+        mu[i] = from_f64<M>(mn);
+        const double dm = mi - mn;
+        const double da = ai - mn;
+        return go * (dm * dm) + fi * (da * da);
+    }
+}
+
+template <class O, class M, class R, bool ONLINE>
+double consolidate_chunk(O* __restrict__ o, M* __restrict__ mu, const R* __restrict__ f, const R* __restrict__ a,
+                         int64_t n, double gamma) {
+    constexpr int L = 8;
+    double acc[L] = {};
+    const int64_t nb = n - n % L;
+    for (int64_t b = 0; b < nb; b += L) {
+#pragma omp simd
+        for (int l = 0; l < L; ++l) acc[l] += consolidate_elem<O, M, R, ONLINE>(o, mu, f, a, b + l, gamma);
+    }
+    double tail = 0.0;
+    for (int64_t i = nb; i < n; ++i) tail += consolidate_elem<O, M, R, ONLINE>(o, mu, f, a, i, gamma);
+    return fold_lanes(acc) + tail;
+}
+
+template <class O, class M, class R>
+double consolidate_run(const Ptrs& o, const Ptrs& mu, const Ptrs& f, const Ptrs& a, const std::vector<Chunk>& chunks,
+                       double gamma, bool online, int nthreads) {
+    std::vector<double> part(chunks.size(), 0.0);
+    parallel_chunks(chunks, nthreads, [&](int64_t c, const Chunk& ch) {
+        const size_t t = size_t(ch.tensor);
+        O* op = as_ptr<O>(o[t]) + ch.begin;
+        M* mp = as_ptr<M>(mu[t]) + ch.begin;
+        const R* fp = as_ptr<const R>(f[t]) + ch.begin;
+        const R* ap = as_ptr<const R>(a[t]) + ch.begin;
+        part[size_t(c)] = online ? consolidate_chunk<O, M, R, true>(op, mp, fp, ap, ch.len, gamma)
+                                 : consolidate_chunk<O, M, R, false>(op, mp, fp, ap, ch.len, gamma);
+    });
+    double s = 0.0;
+    for (double x : part) s += x;
+    return s;
+}
+
+// fisher and anchor share one dtype code (the Python side casts mixed pairs to float64, which is
+// exact and leaves the fp64 arithmetic unchanged)
+double consolidate(const Ptrs& omega, const Ptrs& mu, const Ptrs& fisher, const Ptrs& anchor, const Numels& numels,
+                   int o_dt, int m_dt, int r_dt, double gamma, bool online, int nthreads) {
+    check_sizes("consolidate", numels, {&omega, &mu, &fisher, &anchor});
+    const std::vector<Chunk> chunks = plan_chunks(numels);
+    double result = 0.0;
+    py::gil_scoped_release nogil;
+    dispatch_state(o_dt, [&](auto ot) {
+        dispatch_state(m_dt, [&](auto mt) {
+            dispatch_param(r_dt, [&](auto rt) {
+                using O = typename decltype(ot)::type;
+                using M = typename decltype(mt)::type;
+                using R = typename decltype(rt)::type;
+                result = consolidate_run<O, M, R>(omega, mu, fisher, anchor, chunks, gamma, online, nthreads);
+            });
+        });
+    });
+    return result;
+}
+
+// ------------------------------------------------------------------------------ si_accumulate
+// omega_path -= float(g) * (float(theta) - float(prev)) (the product in fp32, the subtraction in the
+// state dtype); prev <- theta (cast to prev's dtype).
+template <class S, class Q, class R>
+void si_accumulate_chunk(S* __restrict__ w, const R* __restrict__ g, const R* __restrict__ p, Q* __restrict__ q,
+                         int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float prod = to_f32<R>(g[i]) * (to_f32<R>(p[i]) - to_f32<Q>(q[i]));
+        w[i] = w[i] - S(prod);
+        q[i] = cast_value<Q, R>(p[i]);
+    }
+}
+
+// grads and params share a dtype code R; R is either prev's dtype or float64 (mixed groups are cast
+// to float64 on the Python side, which is exact and keeps the fp32 arithmetic unchanged)
+void si_accumulate(const Ptrs& omega_path, const Ptrs& grads, const Ptrs& params, const Ptrs& prev, const Numels& numels,
+                   int s_dt, int q_dt, int r_dt, int nthreads) {
+    check_sizes("si_accumulate", numels, {&omega_path, &grads, &params, &prev});
+    if (r_dt != q_dt && r_dt != F64)
+        throw std::invalid_argument("si_accumulate: grads/params dtype must equal prev_params dtype or be float64");
+    const std::vector<Chunk> chunks = plan_chunks(numels);
+    py::gil_scoped_release nogil;
+    dispatch_state(s_dt, [&](auto st) {
+        dispatch_param(q_dt, [&](auto qt) {
+            using S = typename decltype(st)::type;
+            using Q = typename decltype(qt)::type;
+            auto run = [&](auto rt) {
+                using R = typename decltype(rt)::type;
+                parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
+                    const size_t t = size_t(ch.tensor);
+                    si_accumulate_chunk<S, Q, R>(as_ptr<S>(omega_path[t]) + ch.begin,
+                                                 as_ptr<const R>(grads[t]) + ch.begin,
+                                                 as_ptr<const R>(params[t]) + ch.begin,
+                                                 as_ptr<Q>(prev[t]) + ch.begin, ch.len);
+                });
+            };
+            if (r_dt == q_dt) run(type_tag<Q>{}); else run(type_tag<double>{});
+        });
+    });
+}
+
+// ----------------------------------------------------------------------------- si_consolidate
+// fp32: out = float(out) + float(w) / ((float(theta) - float(start))^2 + xi), max(., 0) if clip;
+// w <- 0; start <- theta.
+template <class S, class U, class Q, class R, bool CLIP>
+void si_consolidate_chunk(S* __restrict__ w, const R* __restrict__ p, Q* __restrict__ st, U* __restrict__ out,
+                          int64_t n, float xi) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float delta = to_f32<R>(p[i]) - to_f32<Q>(st[i]);
+        float val = to_f32<U>(out[i]) + to_f32<S>(w[i]) / (delta * delta + xi);
+        if constexpr (CLIP) val = val < 0.0f ? 0.0f : val;  // NaN stays NaN, as torch's clamp_min
+        out[i] = from_f32<U>(val);
+        w[i] = S(0);
+        st[i] = cast_value<Q, R>(p[i]);
+    }
+}
+
+void si_consolidate(const Ptrs& omega_path, const Ptrs& params, const Ptrs& start, const Ptrs& out, const Numels& numels,
+                    int s_dt, int u_dt, int q_dt, int r_dt, double xi, bool clip, int nthreads) {
+    check_sizes("si_consolidate", numels, {&omega_path, &params, &start, &out});
+    if (r_dt != q_dt && r_dt != F64)
+        throw std::invalid_argument("si_consolidate: params dtype must equal start_params dtype or be float64");
+    const std::vector<Chunk> chunks = plan_chunks(numels);
+    const float xif = float(xi);
+    py::gil_scoped_release nogil;
+    dispatch_state(s_dt, [&](auto st) {
+        dispatch_state(u_dt, [&](auto ut) {
+            dispatch_param(q_dt, [&](auto qt) {
+                using S = typename decltype(st)::type;
+                using U = typename decltype(ut)::type;
+                using Q = typename decltype(qt)::type;
+                auto run = [&](auto rt) {
+                    using R = typename decltype(rt)::type;
+                    parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
+                        const size_t t = size_t(ch.tensor);
+                        S* wp = as_ptr<S>(omega_path[t]) + ch.begin;
+                        const R* pp = as_ptr<const R>(params[t]) + ch.begin;
+                        Q* sp = as_ptr<Q>(start[t]) + ch.begin;
+                        U* op = as_ptr<U>(out[t]) + ch.begin;
+                        if (clip) si_consolidate_chunk<S, U, Q, R, true>(wp, pp, sp, op, ch.len, xif);
+                        else si_consolidate_chunk<S, U, Q, R, false>(wp, pp, sp, op, ch.len, xif);
+                    });
+                };
+                if (r_dt == q_dt) run(type_tag<Q>{}); else run(type_tag<double>{});
+            });
+        });
+    });
+}
+
+// ------------------------------------------------------------------------------ wva_attenuate
+// fp32: theta <- old + (theta - old) / (1 + lam*A), stored in the param dtype.
+template <class P, class R, class A>
+void wva_chunk(P* __restrict__ p, const R* __restrict__ old, const A* __restrict__ acc, int64_t n, float lam) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float q = to_f32<R>(old[i]);
+        const float v = q + (to_f32<P>(p[i]) - q) / (1.0f + lam * to_f32<A>(acc[i]));
+        p[i] = from_f32<P>(v);
+    }
+}
+
+// old_params has params' dtype or float64 (mixed groups cast to float64 on the Python side: exact)
+void wva_attenuate(const Ptrs& params, const Ptrs& old, const Ptrs& accum, const Numels& numels, int p_dt, int r_dt,
+                   int a_dt, double lam, int nthreads) {
+    check_sizes("wva_attenuate", numels, {&params, &old, &accum});
+    if (r_dt != p_dt && r_dt != F64)
+        throw std::invalid_argument("wva_attenuate: old_params dtype must equal params dtype or be float64");
+    const std::vector<Chunk> chunks = plan_chunks(numels);
+    const float lamf = float(lam);
+    py::gil_scoped_release nogil;
+    dispatch_param(p_dt, [&](auto pt) {
+        dispatch_state(a_dt, [&](auto at) {
+            using P = typename decltype(pt)::type;
+            using A = typename decltype(at)::type;
+            auto run = [&](auto rt) {
+                using R = typename decltype(rt)::type;
+                parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
+                    const size_t t = size_t(ch.tensor);
+                    wva_chunk<P, R, A>(as_ptr<P>(params[t]) + ch.begin, as_ptr<const R>(old[t]) + ch.begin,
+                                       as_ptr<const A>(accum[t]) + ch.begin, ch.len, lamf);
+                });
+            };
+            if (r_dt == p_dt) run(type_tag<P>{}); else run(type_tag<double>{});
+        });
+    });
+}
+
+// Round-trip helpers exposed for tests of the conversions.
+std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
+    std::vector<uint16_t> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_bf16(v[i]);
+    return r;
+}
+std::vector<uint16_t> to_f16_bits(const std::vector<float>& v) {
+    std::vector<uint16_t> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = f32_to_f16(v[i]);
+    return r;
+}
+std::vector<float> from_f16_bits(const std::vector<uint16_t>& v) {
+    std::vector<float> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = f16_to_f32(v[i]);
+    return r;
+}
+
+}  // namespace
+
+void init_consolidation(py::module_& m) {
+    using namespace py::literals;
+    m.def("penalty_apply", &penalty_apply,
+          "grad += grad_scale*lam*W*(theta-mu) in place; returns sum W*(theta-mu)^2 (fp32 per chunk, fp64 across)",
+          "grads"_a, "params"_a, "omega"_a, "mu"_a, "numels"_a, "param_dtype"_a, "omega_dtype"_a, "mu_dtype"_a,
+          "lam"_a, "alpha"_a, "grad_scale"_a, "nthreads"_a);
+    m.def("consolidate", &consolidate,
+          "merge (fisher, anchor) into (omega, mu) in place, fp64; returns the c increment",
+          "omega"_a, "mu"_a, "fisher"_a, "anchor"_a, "numels"_a, "omega_dtype"_a, "mu_dtype"_a, "input_dtype"_a,
+          "gamma"_a, "online"_a, "nthreads"_a);
+    m.def("si_accumulate", &si_accumulate, "omega_path -= g*(theta-prev); prev <- theta",
+          "omega_path"_a, "grads"_a, "params"_a, "prev_params"_a, "numels"_a, "state_dtype"_a, "prev_dtype"_a,
+          "input_dtype"_a, "nthreads"_a);
+    m.def("si_consolidate", &si_consolidate,
+          "out += omega_path/((theta-start)^2+xi) (clip at 0); omega_path <- 0; start <- theta",
+          "omega_path"_a, "params"_a, "start_params"_a, "out"_a, "numels"_a, "state_dtype"_a, "out_dtype"_a,
+          "start_dtype"_a, "param_dtype"_a, "xi"_a, "clip"_a, "nthreads"_a);
+    m.def("wva_attenuate", &wva_attenuate, "theta <- old + (theta-old)/(1+lam*A)",
+          "params"_a, "old_params"_a, "accum"_a, "numels"_a, "param_dtype"_a, "old_dtype"_a, "accum_dtype"_a,
+          "lam"_a, "nthreads"_a);
+    m.def("_f32_to_bf16_bits", &to_bf16_bits, "test hook: float -> bf16 bit patterns (RNE)");
+    m.def("_f32_to_f16_bits", &to_f16_bits, "test hook: float -> fp16 bit patterns (RNE)");
+    m.def("_f16_bits_to_f32", &from_f16_bits, "test hook: fp16 bit patterns -> float");
+}
+
 }  // namespace ewcf

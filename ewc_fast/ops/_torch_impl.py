@@ -49,8 +49,11 @@ def consolidate(omega, mu, fisher, anchor, gamma, online):
         if online:
             m_new = a64
         else:
-            safe = torch.where(o_new > 0, o_new, torch.ones_like(o_new))
-            m_new = torch.where(o_new > 0, (go * m64 + f64 * a64) / safe, a64)
+            # anchor only where Omega' == 0 (contract): with signed importances (e.g. unclipped SI)
+            # a negative Omega' still merges exactly, while mu' = anchor there would change the penalty
+            nz = o_new != 0
+            safe = torch.where(nz, o_new, torch.ones_like(o_new))
+            m_new = torch.where(nz, (go * m64 + f64 * a64) / safe, a64)
             total += (go * (m64 - m_new) ** 2 + f64 * (a64 - m_new) ** 2).sum()
         o.copy_(o_new)
         m.copy_(m_new)

@@ -51,6 +51,7 @@ def _penalty_apply_op(grads: list[Tensor], params: list[Tensor], omega: list[Ten
 @_penalty_apply_op.register_fake
 def _(grads, params, omega, mu, lam, alpha, c, grad_scale, backend):
     device = params[0].device if params else torch.device("cpu")
+    resolve_backend(backend, device)  # meta tensors dispatch here: still reject unknown/unavailable backends
     return torch.empty((), dtype=torch.float64, device=device)
 
 
@@ -94,6 +95,7 @@ def _consolidate_op(omega: list[Tensor], mu: list[Tensor], fisher: list[Tensor],
 @_consolidate_op.register_fake
 def _(omega, mu, fisher, anchor, gamma, online, backend):
     device = omega[0].device if omega else torch.device("cpu")
+    resolve_backend(backend, device)
     return torch.empty((), dtype=torch.float64, device=device)
 
 
@@ -130,6 +132,7 @@ def _si_accumulate_op(omega_path: list[Tensor], grads: list[Tensor], params: lis
 
 @_si_accumulate_op.register_fake
 def _(omega_path, grads, params, prev_params, backend):
+    resolve_backend(backend, params[0].device if params else torch.device("cpu"))
     return None
 
 
@@ -157,6 +160,7 @@ def _si_consolidate_op(omega_path: list[Tensor], params: list[Tensor], start_par
 
 @_si_consolidate_op.register_fake
 def _(omega_path, params, start_params, out, xi, clip, backend):
+    resolve_backend(backend, params[0].device if params else torch.device("cpu"))
     return None
 
 
@@ -188,6 +192,7 @@ def _wva_attenuate_op(params: list[Tensor], old_params: list[Tensor], accum: lis
 
 @_wva_attenuate_op.register_fake
 def _(params, old_params, accum, lam, backend):
+    resolve_backend(backend, params[0].device if params else torch.device("cpu"))
     return None
 
 
