@@ -1,9 +1,11 @@
 // ewc_fast._C: pybind11 entry point. Each op's kernels live in their own .cpp file and register
 // themselves through the init_* functions declared in common.h.
 #include "common.h"
+#include "persample.h"
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "ewc_fast C++ CPU kernels (OpenMP). Buffers arrive as raw pointers; the Python side validates.";
     m.def("openmp_max_threads", &ewcf::openmp_max_threads, "omp_get_max_threads() of this build (1 without OpenMP)");
     ewcf::init_consolidation(m);
+    ewcf::init_persample(m);
 }

@@ -5,5 +5,6 @@ entry per parameter, so one call serves a whole model.
 """
 from .consolidation import (consolidate_, penalty_apply_, si_accumulate_, si_consolidate_,
                             wva_attenuate_)
+from .persample import persample_sq_
 
-__all__ = ["penalty_apply_", "consolidate_", "si_accumulate_", "si_consolidate_", "wva_attenuate_"]
+__all__ = ["penalty_apply_", "consolidate_", "si_accumulate_", "si_consolidate_", "wva_attenuate_", "persample_sq_"]

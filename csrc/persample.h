@@ -1,0 +1,10 @@
+// Per-sample squared / absolute Linear weight-gradient statistics (persample_sq_), C++ CPU kernel.
+#pragma once
+#include "common.h"
+
+namespace ewcf {
+
+// Registers ewc_fast._C.persample_sq (see csrc/persample.cpp for the argument list).
+void init_persample(py::module_& m);
+
+}  // namespace ewcf
