@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import (PARAM_DTYPES, STATE_DTYPES, check_group, check_lists, common_device,
+from ._common import (run_op, PARAM_DTYPES, STATE_DTYPES, check_group, check_lists, common_device,
                       contiguous_in, contiguous_inout, impl_module, resolve_backend)
 
 _P = PARAM_DTYPES
@@ -37,8 +37,7 @@ def _finite_scalar(op: str, name: str, value: float, *, min_value: float | None 
 
 
 # ----------------------------------------------------------------------------------- penalty_apply_
-@torch.library.custom_op("ewc_fast::penalty_apply_", mutates_args=("grads",))
-def _penalty_apply_op(grads: list[Tensor], params: list[Tensor], omega: list[Tensor], mu: list[Tensor],
+def _penalty_apply_eager(grads: list[Tensor], params: list[Tensor], omega: list[Tensor], mu: list[Tensor],
                       lam: float, alpha: Optional[float], c: float, grad_scale: float, backend: str) -> Tensor:
     device = common_device("penalty_apply_", params)
     impl = impl_module(resolve_backend(backend, device))
@@ -46,6 +45,9 @@ def _penalty_apply_op(grads: list[Tensor], params: list[Tensor], omega: list[Ten
         s = impl.penalty_apply(g, contiguous_in(params), contiguous_in(omega), contiguous_in(mu),
                                lam, alpha, grad_scale)
     return (0.5 * lam) * (s.to(device=device, dtype=torch.float64) + c)
+
+
+_penalty_apply_op = torch.library.custom_op("ewc_fast::penalty_apply_", mutates_args=("grads",))(_penalty_apply_eager)
 
 
 @_penalty_apply_op.register_fake
@@ -78,18 +80,20 @@ def penalty_apply_(grads: list[Tensor], params: list[Tensor], omega: list[Tensor
         if grads[i].dtype != params[i].dtype:
             raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
     common_device(op, params)
-    return _penalty_apply_op(list(grads), list(params), list(omega), list(mu), lam, alpha, c, grad_scale, backend)
+    return run_op(_penalty_apply_op, _penalty_apply_eager, list(grads), list(params), list(omega), list(mu), lam, alpha, c, grad_scale, backend)
 
 
 # ------------------------------------------------------------------------------------- consolidate_
-@torch.library.custom_op("ewc_fast::consolidate_", mutates_args=("omega", "mu"))
-def _consolidate_op(omega: list[Tensor], mu: list[Tensor], fisher: list[Tensor], anchor: list[Tensor],
+def _consolidate_eager(omega: list[Tensor], mu: list[Tensor], fisher: list[Tensor], anchor: list[Tensor],
                     gamma: float, online: bool, backend: str) -> Tensor:
     device = common_device("consolidate_", omega)
     impl = impl_module(resolve_backend(backend, device))
     with contiguous_inout(omega) as o, contiguous_inout(mu) as m:
         s = impl.consolidate(o, m, contiguous_in(fisher), contiguous_in(anchor), gamma, online)
     return s.to(device=device, dtype=torch.float64)
+
+
+_consolidate_op = torch.library.custom_op("ewc_fast::consolidate_", mutates_args=("omega", "mu"))(_consolidate_eager)
 
 
 @_consolidate_op.register_fake
@@ -117,17 +121,19 @@ def consolidate_(omega: list[Tensor], mu: list[Tensor], fisher: list[Tensor], an
         check_group(op, i, {"omega": _S, "mu": _S, "fisher": _P, "anchor": _P},
                     omega=omega[i], mu=mu[i], fisher=fisher[i], anchor=anchor[i])
     common_device(op, omega)
-    return _consolidate_op(list(omega), list(mu), list(fisher), list(anchor), gamma, bool(online), backend)
+    return run_op(_consolidate_op, _consolidate_eager, list(omega), list(mu), list(fisher), list(anchor), gamma, bool(online), backend)
 
 
 # ----------------------------------------------------------------------------------- si_accumulate_
-@torch.library.custom_op("ewc_fast::si_accumulate_", mutates_args=("omega_path", "prev_params"))
-def _si_accumulate_op(omega_path: list[Tensor], grads: list[Tensor], params: list[Tensor],
+def _si_accumulate_eager(omega_path: list[Tensor], grads: list[Tensor], params: list[Tensor],
                       prev_params: list[Tensor], backend: str) -> None:
     device = common_device("si_accumulate_", params)
     impl = impl_module(resolve_backend(backend, device))
     with contiguous_inout(omega_path) as w, contiguous_inout(prev_params) as q:
         impl.si_accumulate(w, contiguous_in(grads), contiguous_in(params), q)
+
+
+_si_accumulate_op = torch.library.custom_op("ewc_fast::si_accumulate_", mutates_args=("omega_path", "prev_params"))(_si_accumulate_eager)
 
 
 @_si_accumulate_op.register_fake
@@ -145,17 +151,19 @@ def si_accumulate_(omega_path: list[Tensor], grads: list[Tensor], params: list[T
         check_group(op, i, {"omega_path": _S, "grads": _P, "params": _P, "prev_params": _P},
                     omega_path=omega_path[i], grads=grads[i], params=params[i], prev_params=prev_params[i])
     common_device(op, params)
-    _si_accumulate_op(list(omega_path), list(grads), list(params), list(prev_params), backend)
+    run_op(_si_accumulate_op, _si_accumulate_eager, list(omega_path), list(grads), list(params), list(prev_params), backend)
 
 
 # ---------------------------------------------------------------------------------- si_consolidate_
-@torch.library.custom_op("ewc_fast::si_consolidate_", mutates_args=("omega_path", "start_params", "out"))
-def _si_consolidate_op(omega_path: list[Tensor], params: list[Tensor], start_params: list[Tensor],
+def _si_consolidate_eager(omega_path: list[Tensor], params: list[Tensor], start_params: list[Tensor],
                        out: list[Tensor], xi: float, clip: bool, backend: str) -> None:
     device = common_device("si_consolidate_", params)
     impl = impl_module(resolve_backend(backend, device))
     with contiguous_inout(omega_path) as w, contiguous_inout(start_params) as s, contiguous_inout(out) as o:
         impl.si_consolidate(w, contiguous_in(params), s, o, xi, clip)
+
+
+_si_consolidate_op = torch.library.custom_op("ewc_fast::si_consolidate_", mutates_args=("omega_path", "start_params", "out"))(_si_consolidate_eager)
 
 
 @_si_consolidate_op.register_fake
@@ -177,17 +185,19 @@ def si_consolidate_(omega_path: list[Tensor], params: list[Tensor], start_params
         check_group(op, i, {"omega_path": _S, "params": _P, "start_params": _P, "out": _S},
                     omega_path=omega_path[i], params=params[i], start_params=start_params[i], out=out[i])
     common_device(op, params)
-    _si_consolidate_op(list(omega_path), list(params), list(start_params), list(out), xi, bool(clip), backend)
+    run_op(_si_consolidate_op, _si_consolidate_eager, list(omega_path), list(params), list(start_params), list(out), xi, bool(clip), backend)
 
 
 # ----------------------------------------------------------------------------------- wva_attenuate_
-@torch.library.custom_op("ewc_fast::wva_attenuate_", mutates_args=("params",))
-def _wva_attenuate_op(params: list[Tensor], old_params: list[Tensor], accum: list[Tensor], lam: float,
+def _wva_attenuate_eager(params: list[Tensor], old_params: list[Tensor], accum: list[Tensor], lam: float,
                       backend: str) -> None:
     device = common_device("wva_attenuate_", params)
     impl = impl_module(resolve_backend(backend, device))
     with contiguous_inout(params) as p:
         impl.wva_attenuate(p, contiguous_in(old_params), contiguous_in(accum), lam)
+
+
+_wva_attenuate_op = torch.library.custom_op("ewc_fast::wva_attenuate_", mutates_args=("params",))(_wva_attenuate_eager)
 
 
 @_wva_attenuate_op.register_fake
@@ -206,4 +216,4 @@ def wva_attenuate_(params: list[Tensor], old_params: list[Tensor], accum: list[T
         check_group(op, i, {"params": _P, "old_params": _P, "accum": _S},
                     params=params[i], old_params=old_params[i], accum=accum[i])
     common_device(op, params)
-    _wva_attenuate_op(list(params), list(old_params), list(accum), lam, backend)
+    run_op(_wva_attenuate_op, _wva_attenuate_eager, list(params), list(old_params), list(accum), lam, backend)

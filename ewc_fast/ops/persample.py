@@ -18,13 +18,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import PARAM_DTYPES, STATE_DTYPES, contiguous_inout, impl_module, resolve_backend
+from ._common import run_op, PARAM_DTYPES, STATE_DTYPES, contiguous_inout, impl_module, resolve_backend
 
 _OP = "persample_sq_"
 
 
-@torch.library.custom_op("ewc_fast::persample_sq_", mutates_args=("sq_out", "abs_out"))
-def _persample_sq_op(sq_out: Optional[Tensor], abs_out: Optional[Tensor], grad_out: Tensor, inputs: Tensor,
+def _persample_sq_eager(sq_out: Optional[Tensor], abs_out: Optional[Tensor], grad_out: Tensor, inputs: Tensor,
                      backend: str) -> None:
     N, T, _ = grad_out.shape
     if N == 0 or T == 0 or grad_out.shape[2] == 0 or inputs.shape[2] == 0:
@@ -36,6 +35,9 @@ def _persample_sq_op(sq_out: Optional[Tensor], abs_out: Optional[Tensor], grad_o
         sq = next(it) if sq_out is not None else None
         ab = next(it) if abs_out is not None else None
         impl.persample_sq(sq, ab, grad_out, inputs)
+
+
+_persample_sq_op = torch.library.custom_op("ewc_fast::persample_sq_", mutates_args=("sq_out", "abs_out"))(_persample_sq_eager)
 
 
 @_persample_sq_op.register_fake
@@ -95,4 +97,4 @@ def persample_sq_(sq_out: Tensor | None, abs_out: Tensor | None, grad_out: Tenso
             raise ValueError(f"{_OP}: {name} on {t.device} but grad_out on {grad_out.device}")
     if sq_out is not None and abs_out is not None and _share_memory(sq_out, abs_out):
         raise ValueError(f"{_OP}: sq_out and abs_out share memory; give two separate tensors")
-    _persample_sq_op(sq_out, abs_out, grad_out, inputs, backend)
+    run_op(_persample_sq_op, _persample_sq_eager, sq_out, abs_out, grad_out, inputs, backend)
