@@ -8,7 +8,7 @@ import os
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 
 extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]  # lets gcc vectorise the selects
 extra_link = ["-fopenmp"]
@@ -30,7 +30,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=["ewc_fast", "ewc_fast.ops", "ewc_fast.kernels"],
+    packages=find_packages(include=["ewc_fast", "ewc_fast.*"]) + ["ewc_fast.kernels"],
     package_dir={"ewc_fast": "ewc_fast", "ewc_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
