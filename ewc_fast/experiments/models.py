@@ -1,0 +1,138 @@
+"""Models of the seeds' experiments (all take flattened images ``(N, 784)`` and return logits).
+
+* ``mlp`` — Kutalev's FC 784-300-150-10 with leaky-ReLU (seeds 000/001; torch's default negative
+  slope 0.01). Parameters: ``fc1``, ``fc2``, ``out``.
+* ``cnn`` — the Keras network of seed 002's appendix: Dropout(0.2) → Conv 64@3×3 'same' + ReLU →
+  MaxPool 2×2 → Flatten → Dense 1024 + ReLU → Dropout(0.5) → Dense 1024 + ReLU → Dropout(0.5) →
+  Dense 10 (the softmax lives in the loss). 13.9 M parameters (the 12544×1024 ``fc1`` dominates):
+  a GPU model.
+* ``small-mlp`` — 784-100-10 leaky-ReLU (tests, quick runs).
+* ``small-cnn`` — Conv 8@5×5/2 → ReLU → Conv 16@3×3/2 → ReLU → Linear 784→10 (tests of conv paths
+  and per-filter pruning).
+
+Every model is an ``nn.Sequential`` with named children and explicit activation modules, so the
+parameter names (``fc1.weight`` …) are readable in tables and each layer's activation is a module.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "SeedCNN", "SmallCNN", "build_model", "MODEL_NAMES", "weight_layers",
+           "sig_activations"]
+
+MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
+
+
+class MLP(nn.Sequential):
+    """Fully connected net ``n_in → hidden… → n_out`` with leaky-ReLU between layers."""
+
+    def __init__(self, n_in: int = 784, hidden=(300, 150), n_out: int = 10,
+                 negative_slope: float = 0.01):
+        layers: list[tuple[str, nn.Module]] = []
+        width = n_in
+        for i, h in enumerate(hidden, start=1):
+            layers.append((f"fc{i}", nn.Linear(width, h)))
+            layers.append((f"act{i}", nn.LeakyReLU(negative_slope)))
+            width = h
+        layers.append(("out", nn.Linear(width, n_out)))
+        super().__init__(OrderedDict(layers))
+
+
+class SeedCNN(nn.Sequential):
+    """Seed 002's Keras CNN (dropouts, one 64-filter conv, two 1024-unit dense layers)."""
+
+    def __init__(self, image_size: int = 28, n_out: int = 10):
+        if image_size % 2:
+            raise ValueError("SeedCNN needs an even image size")
+        flat = 64 * (image_size // 2) ** 2
+        super().__init__(OrderedDict([
+            ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
+            ("drop0", nn.Dropout(0.2)),
+            ("conv1", nn.Conv2d(1, 64, 3, padding=1)),
+            ("act1", nn.ReLU()),
+            ("pool1", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(flat, 1024)),
+            ("act2", nn.ReLU()),
+            ("drop1", nn.Dropout(0.5)),
+            ("fc2", nn.Linear(1024, 1024)),
+            ("act3", nn.ReLU()),
+            ("drop2", nn.Dropout(0.5)),
+            ("out", nn.Linear(1024, n_out)),
+        ]))
+
+
+class SmallCNN(nn.Sequential):
+    """Two strided convs and a linear head: cheap, exercises conv code paths."""
+
+    def __init__(self, image_size: int = 28, n_out: int = 10):
+        s1 = (image_size + 2 * 2 - 5) // 2 + 1
+        s2 = (s1 + 2 * 1 - 3) // 2 + 1
+        super().__init__(OrderedDict([
+            ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
+            ("conv1", nn.Conv2d(1, 8, 5, stride=2, padding=2)),
+            ("act1", nn.ReLU()),
+            ("conv2", nn.Conv2d(8, 16, 3, stride=2, padding=1)),
+            ("act2", nn.ReLU()),
+            ("flatten", nn.Flatten()),
+            ("out", nn.Linear(16 * s2 * s2, n_out)),
+        ]))
+
+
+def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Module:
+    """Build a model by name (see :data:`MODEL_NAMES`); CNNs need a square image of ``n_in``."""
+    if name == "mlp":
+        return MLP(n_in, (300, 150), n_out)
+    if name == "small-mlp":
+        return MLP(n_in, (100,), n_out)
+    if name in ("cnn", "small-cnn"):
+        side = int(round(n_in ** 0.5))
+        if side * side != n_in:
+            raise ValueError(f"{name} needs square images, got {n_in} features")
+        return SeedCNN(side, n_out) if name == "cnn" else SmallCNN(side, n_out)
+    raise ValueError(f"unknown model {name!r}: choose from {MODEL_NAMES}")
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Linear/Conv layers in forward order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softmax)
+
+
+def sig_activations(model: nn.Module) -> dict:
+    """``{layer name: activation}`` for SIG's bias statistic (|post-activation output|).
+
+    In an ``nn.Sequential`` (all models here), a Linear/Conv layer directly followed by an
+    activation module gets that module; the last Linear/Conv layer, whose activation is the softmax
+    inside the cross-entropy, gets ``softmax`` over classes (Kutalev's networks end in a Softmax
+    layer). Other models: ``{}`` (the estimator then uses the raw layer output).
+    """
+    if not isinstance(model, nn.Sequential):
+        return {}
+    children = list(model.named_children())
+    out = {}
+    last = None
+    for k, (name, mod) in enumerate(children):
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            last = name
+            nxt = children[k + 1][1] if k + 1 < len(children) else None
+            if isinstance(nxt, _ACTIVATIONS):
+                out[name] = nxt
+    if last is not None and last not in out:
+        out[last] = _softmax_classes
+    return out
+
+
+def _softmax_classes(y: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(y, dim=-1)
+
+
+@torch.no_grad()
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

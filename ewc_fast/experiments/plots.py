@@ -1,0 +1,187 @@
+"""Matplotlib figures for the experiments (headless ``Agg`` backend).
+
+matplotlib is optional (``pip install ewc_fast[plots]``): without it every function returns
+``None`` and writes nothing; :func:`available` tells which.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["available", "accuracy_heatmaps", "task_curves", "lam_grid", "correlation_surfaces",
+           "prune_curves", "overlap_curves"]
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        if "MPLBACKEND" not in os.environ:
+            matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def available() -> bool:
+    return _plt() is not None
+
+
+def _save(fig, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)
+
+
+def accuracy_heatmaps(matrices: dict, path, *, title: str = "accuracy matrix R[i, j]"):
+    """One heatmap per label: rows = after training task i, columns = test task j."""
+    plt = _plt()
+    if plt is None or not matrices:
+        return None
+    n = len(matrices)
+    T = max(np.asarray(R).shape[1] for R in matrices.values())
+    size = max(3.2, 0.45 * T + 1.8)
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.6 * (n - 1), size), squeeze=False)
+    fig.subplots_adjust(wspace=0.45)
+    for ax, (label, R) in zip(axes[0], matrices.items()):
+        R = np.asarray(R, dtype=float)
+        im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(f"{label}\nfinal mean {R[-1].mean():.3f}", fontsize=9)
+        ax.set_xlabel("test task j")
+        ax.set_ylabel("after training task i")
+        ax.set_xticks(range(R.shape[1]))
+        ax.set_yticks(range(R.shape[0]))
+        if R.shape[1] <= 10:
+            for i in range(R.shape[0]):
+                for j in range(R.shape[1]):
+                    ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if R[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def task_curves(curves: dict, n_tasks: int, epochs: int, path, *,
+                title: str = "test accuracy of each task during sequential training"):
+    """Per label a panel: x = tasks trained so far (fractional within a task), one line per task."""
+    plt = _plt()
+    if plt is None or not curves:
+        return None
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(5.0 * n, 3.6), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("tab10" if n_tasks <= 10 else "tab20")
+    for ax, (label, curve) in zip(axes[0], curves.items()):
+        xs = [c["stage"] + c["epoch"] / max(epochs, 1) for c in curve]
+        acc = np.asarray([c["acc"] for c in curve], dtype=float)
+        for j in range(acc.shape[1]):
+            start = j  # a task's curve starts when its training starts
+            mask = np.asarray(xs) > start
+            ax.plot(np.asarray(xs)[mask], acc[mask, j], marker=".", ms=3, color=cmap(j % 20),
+                    label=f"task {j}")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("tasks trained")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower left", ncol=2)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def lam_grid(grid: dict, path, *, title: str = "final mean accuracy vs λ"):
+    """``grid[method] = {λ: (mean, std)}`` → one line per method on a log-λ axis."""
+    plt = _plt()
+    if plt is None or not grid:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, points in grid.items():
+        lams = sorted(points)
+        if not lams:
+            continue
+        means = [points[l][0] for l in lams]
+        stds = [points[l][1] for l in lams]
+        ax.errorbar([max(l, 1e-12) for l in lams], means, yerr=stds, marker="o", capsize=3,
+                    label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (ewc_fast convention, (λ/2)ΣΩ(θ−μ)²)")
+    ax.set_ylabel("mean accuracy over tasks, after the last")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *,
+                         kind: str = "pearson"):
+    """``values[pair] = array (n_tasks, n_layers)`` → one 3-D surface per pair (layer × task)."""
+    plt = _plt()
+    if plt is None or not values:
+        return None
+    n = len(values)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig = plt.figure(figsize=(4.2 * cols, 3.8 * rows))
+    L, Tk = np.meshgrid(np.arange(len(layers)), np.arange(1, n_tasks + 1))
+    for k, (pair, Z) in enumerate(values.items()):
+        Z = np.asarray(Z, dtype=float)
+        ax = fig.add_subplot(rows, cols, k + 1, projection="3d")
+        if Z.shape[0] >= 2 and Z.shape[1] >= 2:
+            ax.plot_surface(L, Tk, np.nan_to_num(Z), cmap="coolwarm", vmin=-1, vmax=1,
+                            edgecolor="k", linewidth=0.3)
+        else:
+            ax.scatter(L.ravel(), Tk.ravel(), np.nan_to_num(Z).ravel(), c="C0")
+        ax.set_zlim(-1, 1)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, fontsize=6)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.set_ylabel("tasks learned", fontsize=8)
+        ax.set_title(f"{pair} ({kind})", fontsize=9)
+    return _save(fig, path)
+
+
+def prune_curves(curves: dict, fractions, path, *, title: str = "importance-ordered pruning"):
+    """``curves[label] = {"acc": [...], "loss": [...]}`` over ``fractions`` → acc and loss panels."""
+    plt = _plt()
+    if plt is None or not curves:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(wspace=0.3)
+    for label, c in curves.items():
+        a1.plot(fractions, c["acc"], marker=".", label=label)
+        a2.plot(fractions, c["loss"], marker=".", label=label)
+    a1.set_xlabel("fraction pruned")
+    a1.set_ylabel("test accuracy")
+    a2.set_xlabel("fraction pruned")
+    a2.set_ylabel("test loss")
+    a2.set_yscale("log")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def overlap_curves(fractions, overlaps: dict, path, *,
+                   title: str = "Fisher overlap between task A and a partly permuted task B"):
+    """``overlaps[layer] = [overlap at each fraction]``."""
+    plt = _plt()
+    if plt is None or not overlaps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, vals in overlaps.items():
+        ax.plot(fractions, vals, marker="o", label=label,
+                lw=2.5 if label == "all" else 1.2, color="k" if label == "all" else None)
+    ax.set_xlabel("fraction of pixels permuted")
+    ax.set_ylabel("Fisher overlap Σ√(f̂₁f̂₂)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
