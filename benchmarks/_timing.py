@@ -44,3 +44,23 @@ def measure(fn, *, repeats: int = 5, warmup: int = 1, device=None, setup=None) -
         _sync(device)
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+def measure_interleaved(fns: dict, *, repeats: int = 5, warmup: int = 1, device=None, setup=None) -> dict:
+    """Median times of several contenders measured round-robin (one run of each per round).
+
+    Interleaving makes ratios robust to load that changes during the run: every contender sees the
+    same machine state on average. ``setup(name)`` (untimed) runs before each call.
+    """
+    times = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup(name)
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: Timing(statistics.median(t), min(t), max(t), len(t)) for name, t in times.items()}

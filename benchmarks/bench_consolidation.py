@@ -22,7 +22,13 @@ import torch
 import ewc_fast
 from ewc_fast import ops
 
-from ._timing import measure
+from ._timing import Timing, measure, measure_interleaved
+
+
+def _summary(ts: list[float]) -> Timing:
+    import statistics
+
+    return Timing(statistics.median(ts), min(ts), max(ts), len(ts))
 
 PENALTY_BYTES_PER_PARAM = 4 + 4 + 4 + 8 + 4  # grad, theta, Omega (fp32), mu (fp64) read; grad written
 COPY_BYTES_PER_PARAM = 4 + 4  # fp32 read + write
@@ -53,18 +59,6 @@ def bench_penalty(total: int, n_tasks: int, repeats: int, device: str, lam: floa
 
     src = torch.empty(total, device=device)
     dst = torch.empty_like(src)
-    t_copy = measure(lambda: dst.copy_(src), repeats=repeats, device=device)
-    copy_gbs = COPY_BYTES_PER_PARAM * total / t_copy.median_s / 1e9
-    rows = {"copy": {"time": t_copy, "gbs": copy_gbs}}
-
-    backends = [b for b in ("triton", "cpp", "torch") if b in ewc_fast.available_backends(device)]
-    if torch.device(device).type == "cpu":  # Triton on CPU is the interpreter: not a benchmark
-        backends = [b for b in backends if b != "triton"]
-    for b in backends:
-        t = measure(lambda: ops.penalty_apply_(grads, params, omega, mu, lam, c=c, backend=b),
-                    repeats=repeats, device=device)
-        rows[f"fused[{b}]"] = {"time": t, "gbs": PENALTY_BYTES_PER_PARAM * total / t.median_s / 1e9}
-
     leaf = [p.clone().requires_grad_(True) for p in params]
 
     def per_task_loop():
@@ -74,12 +68,24 @@ def bench_penalty(total: int, n_tasks: int, repeats: int, device: str, lam: floa
                 penalty = penalty + (f * (p - a).pow(2)).sum()
         (0.5 * lam * penalty).backward()
 
-    def reset():
-        for p in leaf:
-            p.grad = None
+    def reset(name):
+        if name == "per-task autograd loop":
+            for p in leaf:
+                p.grad = None
 
-    t_loop = measure(per_task_loop, repeats=max(1, min(repeats, 3)), device=device, setup=reset)
-    rows["per-task autograd loop"] = {"time": t_loop, "gbs": None}
+    backends = [b for b in ("triton", "cpp", "torch") if b in ewc_fast.available_backends(device)]
+    if torch.device(device).type == "cpu":  # Triton on CPU is the interpreter: not a benchmark
+        backends = [b for b in backends if b != "triton"]
+    fns = {"copy": lambda: dst.copy_(src)}
+    for b in backends:
+        fns[f"fused[{b}]"] = (lambda b=b: ops.penalty_apply_(grads, params, omega, mu, lam, c=c, backend=b))
+    fns["per-task autograd loop"] = per_task_loop
+    times = measure_interleaved(fns, repeats=repeats, device=device, setup=reset)
+    rows = {"copy": {"time": times["copy"], "gbs": COPY_BYTES_PER_PARAM * total / times["copy"].median_s / 1e9}}
+    for b in backends:
+        t = times[f"fused[{b}]"]
+        rows[f"fused[{b}]"] = {"time": t, "gbs": PENALTY_BYTES_PER_PARAM * total / t.median_s / 1e9}
+    rows["per-task autograd loop"] = {"time": times["per-task autograd loop"], "gbs": None}
     return {"params": total, "tasks": n_tasks, "rows": rows}
 
 
@@ -106,13 +112,23 @@ def bench_si(width: int, depth: int, batch: int, repeats: int, device: str) -> d
 
     fwd_bwd()
     out = {"params": n_params, "batch": batch}
-    out["step"] = measure(opt.step, repeats=repeats, device=device)
-    out["train_step"] = measure(train_step, repeats=repeats, device=device)
     si = ewc_fast.SynapticIntelligence(model)
-    si.attach(opt)
-    out["step+si"] = measure(opt.step, repeats=repeats, device=device)
-    out["train_step+si"] = measure(train_step, repeats=repeats, device=device)
-    si.detach()
+    # Round-robin: each round times the plain step and the step with SI attached, so both see the
+    # same machine load. Attaching/detaching is outside the timed region.
+    plain = {"step": opt.step, "train_step": train_step}
+    for name, fn in plain.items():
+        ts_plain, ts_si = [], []
+        for r in range(repeats + 1):
+            for mode in ("plain", "si"):
+                if mode == "si":
+                    si.attach(opt)
+                t = measure(fn, repeats=1, warmup=0, device=device)
+                if mode == "si":
+                    si.detach()
+                if r > 0:
+                    (ts_si if mode == "si" else ts_plain).append(t.median_s)
+        out[name] = _summary(ts_plain)
+        out[name + "+si"] = _summary(ts_si)
     return out
 
 
