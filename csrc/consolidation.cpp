@@ -27,7 +27,13 @@ namespace {
 using Ptrs = std::vector<uintptr_t>;
 using Numels = std::vector<int64_t>;
 
-template <class P> using grad_acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+// Arithmetic type of the elementwise ops on a parameter of storage type P: double for fp64
+// parameters (rounding them through fp32 would lose their precision at every call), else float.
+template <class P> using arith_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+// double if either type is double, else float (torch's promotion of two floating dtypes, restricted
+// to the pairs that occur: a parameter-like type and a state type)
+template <class X, class Y>
+using promote_t = std::conditional_t<std::is_same_v<X, double> || std::is_same_v<Y, double>, double, float>;
 
 void check_sizes(const char* op, const Numels& numels, std::initializer_list<const Ptrs*> lists) {
     for (const Ptrs* l : lists)
@@ -43,54 +49,58 @@ template <class A, int L> inline A fold_lanes(A (&acc)[L]) {
 }
 
 // ------------------------------------------------------------------------------ penalty_apply
-// W = omega (or omega / (1 + alpha*lam*omega)); d = float(theta - mu) with the difference taken in
-// mu's dtype; grad += (grad_scale*lam) * (W*d) in promote(grad dtype, fp32); returns sum W*d*d.
+// A = arith_t<P> (the grad has the param's dtype). W = A(omega) (or W / (1 + alpha*lam*W));
+// d = A(theta - mu) with the difference taken in promote(param, mu); grad += (grad_scale*lam) * (W*d)
+// in A; returns W*d*d in A.
 template <class P, class O, class M, bool STAB>
-inline float penalty_elem(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
-                          const M* __restrict__ mu, int64_t i, float scale, float al) {
-    using GA = grad_acc_t<P>;
-    float w = to_f32<O>(o[i]);
-    if constexpr (STAB) w = w / (1.0f + al * w);
-    const M diff = load_as<M>(p[i]) - mu[i];
-    const float d = float(diff);
-    const float wd = w * d;
-    const float step = scale * wd;
-    g[i] = store_from<P>(load_as<GA>(g[i]) + GA(step));
+inline arith_t<P> penalty_elem(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
+                               const M* __restrict__ mu, int64_t i, arith_t<P> scale, arith_t<P> al) {
+    using A = arith_t<P>;
+    using D = promote_t<P, M>;
+    A w = load_as<A>(o[i]);
+    if constexpr (STAB) w = w / (A(1) + al * w);
+    const D diff = load_as<D>(p[i]) - load_as<D>(mu[i]);
+    const A d = A(diff);
+    const A wd = w * d;
+    const A step = scale * wd;
+    g[i] = store_from<P>(load_as<A>(g[i]) + step);
     return wd * d;
 }
 
-// fp32 partial sum of one chunk: 16 independent lane accumulators (vectorised, and shorter
-// accumulation chains than one running sum), folded pairwise, plus the scalar tail.
+// Partial sum of one chunk in A (fp32, or fp64 for fp64 params): 16 independent lane accumulators
+// (vectorised, and shorter accumulation chains than one running sum), folded pairwise, plus the
+// scalar tail.
 template <class P, class O, class M, bool STAB>
-float penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
-                    const M* __restrict__ mu, int64_t n, float scale, float al) {
+arith_t<P> penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
+                         const M* __restrict__ mu, int64_t n, arith_t<P> scale, arith_t<P> al) {
+    using A = arith_t<P>;
     constexpr int L = 16;
-    float acc[L] = {};
+    A acc[L] = {};
     const int64_t nb = n - n % L;
     for (int64_t b = 0; b < nb; b += L) {
 #pragma omp simd
         for (int l = 0; l < L; ++l) acc[l] += penalty_elem<P, O, M, STAB>(g, p, o, mu, b + l, scale, al);
     }
-    float tail = 0.0f;
+    A tail = A(0);
     for (int64_t i = nb; i < n; ++i) tail += penalty_elem<P, O, M, STAB>(g, p, o, mu, i, scale, al);
     return fold_lanes(acc) + tail;
 }
 
 template <class P, class O, class M>
 double penalty_run(const Ptrs& g, const Ptrs& p, const Ptrs& o, const Ptrs& mu, const std::vector<Chunk>& chunks,
-                   float scale, bool stab, float al, int nthreads) {
-    std::vector<float> part(chunks.size(), 0.0f);
+                   arith_t<P> scale, bool stab, arith_t<P> al, int nthreads) {
+    std::vector<double> part(chunks.size(), 0.0);
     parallel_chunks(chunks, nthreads, [&](int64_t c, const Chunk& ch) {
         const size_t t = size_t(ch.tensor);
         P* gp = as_ptr<P>(g[t]) + ch.begin;
         const P* pp = as_ptr<const P>(p[t]) + ch.begin;
         const O* op = as_ptr<const O>(o[t]) + ch.begin;
         const M* mp = as_ptr<const M>(mu[t]) + ch.begin;
-        part[size_t(c)] = stab ? penalty_chunk<P, O, M, true>(gp, pp, op, mp, ch.len, scale, al)
-                               : penalty_chunk<P, O, M, false>(gp, pp, op, mp, ch.len, scale, al);
+        part[size_t(c)] = double(stab ? penalty_chunk<P, O, M, true>(gp, pp, op, mp, ch.len, scale, al)
+                                      : penalty_chunk<P, O, M, false>(gp, pp, op, mp, ch.len, scale, al));
     });
     double s = 0.0;
-    for (float x : part) s += double(x);  // fp64, in chunk order
+    for (double x : part) s += x;  // fp64, in chunk order
     return s;
 }
 
@@ -99,10 +109,11 @@ double penalty_apply(const Ptrs& grads, const Ptrs& params, const Ptrs& omega, c
                      int nthreads) {
     check_sizes("penalty_apply", numels, {&grads, &params, &omega, &mu});
     const std::vector<Chunk> chunks = plan_chunks(numels);
-    // scalars enter the fp32 arithmetic as fp32, as Python scalars do in torch's fp32 kernels
-    const float scale = float(grad_scale * lam);
+    // scalars enter the arithmetic in its type (fp32 scalars in fp32 arithmetic, as Python scalars do
+    // in torch's fp32 kernels)
+    const double scale = grad_scale * lam;
     const bool stab = alpha.has_value();
-    const float al = stab ? float(*alpha * lam) : 0.0f;
+    const double al = stab ? *alpha * lam : 0.0;
     double result = 0.0;
     py::gil_scoped_release nogil;
     dispatch_param(p_dt, [&](auto pt) {
@@ -111,7 +122,8 @@ double penalty_apply(const Ptrs& grads, const Ptrs& params, const Ptrs& omega, c
                 using P = typename decltype(pt)::type;
                 using O = typename decltype(ot)::type;
                 using M = typename decltype(mt)::type;
-                result = penalty_run<P, O, M>(grads, params, omega, mu, chunks, scale, stab, al, nthreads);
+                using A = arith_t<P>;
+                result = penalty_run<P, O, M>(grads, params, omega, mu, chunks, A(scale), stab, A(al), nthreads);
             });
         });
     });
@@ -200,71 +212,82 @@ double consolidate(const Ptrs& omega, const Ptrs& mu, const Ptrs& fisher, const 
 }
 
 // ------------------------------------------------------------------------------ si_accumulate
-// omega_path -= float(g) * (float(theta) - float(prev)) (the product in fp32, the subtraction in the
-// state dtype); prev <- theta (cast to prev's dtype).
-template <class S, class Q, class R>
+// omega_path -= A(g) * (A(theta) - A(prev)) (the product in the arithmetic type A: fp64 for fp64
+// params, else fp32; the subtraction in promote(state, A), rounded once to the state type);
+// prev <- theta (cast to prev's dtype).
+template <class S, class Q, class R, class A>
 void si_accumulate_chunk(S* __restrict__ w, const R* __restrict__ g, const R* __restrict__ p, Q* __restrict__ q,
                          int64_t n) {
+    using W = promote_t<S, A>;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        const float prod = to_f32<R>(g[i]) * (to_f32<R>(p[i]) - to_f32<Q>(q[i]));
-        w[i] = w[i] - S(prod);
+        const A prod = load_as<A>(g[i]) * (load_as<A>(p[i]) - load_as<A>(q[i]));
+        w[i] = S(W(w[i]) - W(prod));
         q[i] = cast_value<Q, R>(p[i]);
     }
 }
 
 // grads and params share a dtype code R; R is either prev's dtype or float64 (mixed groups are cast
-// to float64 on the Python side, which is exact and keeps the fp32 arithmetic unchanged)
+// to float64 on the Python side, which is exact). Since R no longer tells the params' own dtype,
+// fp64_math says whether they are fp64 (then R is float64 too): the arithmetic is fp64 then, else fp32.
 void si_accumulate(const Ptrs& omega_path, const Ptrs& grads, const Ptrs& params, const Ptrs& prev, const Numels& numels,
-                   int s_dt, int q_dt, int r_dt, int nthreads) {
+                   int s_dt, int q_dt, int r_dt, bool fp64_math, int nthreads) {
     check_sizes("si_accumulate", numels, {&omega_path, &grads, &params, &prev});
     if (r_dt != q_dt && r_dt != F64)
         throw std::invalid_argument("si_accumulate: grads/params dtype must equal prev_params dtype or be float64");
+    if (fp64_math && r_dt != F64)
+        throw std::invalid_argument("si_accumulate: fp64_math needs float64 grads/params");
     const std::vector<Chunk> chunks = plan_chunks(numels);
     py::gil_scoped_release nogil;
     dispatch_state(s_dt, [&](auto st) {
         dispatch_param(q_dt, [&](auto qt) {
             using S = typename decltype(st)::type;
             using Q = typename decltype(qt)::type;
-            auto run = [&](auto rt) {
+            auto run = [&](auto rt, auto at) {
                 using R = typename decltype(rt)::type;
+                using A = typename decltype(at)::type;
                 parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                     const size_t t = size_t(ch.tensor);
-                    si_accumulate_chunk<S, Q, R>(as_ptr<S>(omega_path[t]) + ch.begin,
-                                                 as_ptr<const R>(grads[t]) + ch.begin,
-                                                 as_ptr<const R>(params[t]) + ch.begin,
-                                                 as_ptr<Q>(prev[t]) + ch.begin, ch.len);
+                    si_accumulate_chunk<S, Q, R, A>(as_ptr<S>(omega_path[t]) + ch.begin,
+                                                    as_ptr<const R>(grads[t]) + ch.begin,
+                                                    as_ptr<const R>(params[t]) + ch.begin,
+                                                    as_ptr<Q>(prev[t]) + ch.begin, ch.len);
                 });
             };
-            if (r_dt == q_dt) run(type_tag<Q>{}); else run(type_tag<double>{});
+            if (fp64_math) run(type_tag<double>{}, type_tag<double>{});
+            else if (r_dt == q_dt) run(type_tag<Q>{}, type_tag<float>{});
+            else run(type_tag<double>{}, type_tag<float>{});
         });
     });
 }
 
 // ----------------------------------------------------------------------------- si_consolidate
-// fp32: out = float(out) + float(w) / ((float(theta) - float(start))^2 + xi), max(., 0) if clip;
-// w <- 0; start <- theta.
-template <class S, class U, class Q, class R, bool CLIP>
+// In the arithmetic type A (fp64 for fp64 params, else fp32):
+// out = A(out) + A(w) / ((A(theta) - A(start))^2 + xi), max(., 0) if clip; w <- 0; start <- theta.
+template <class S, class U, class Q, class R, class A, bool CLIP>
 void si_consolidate_chunk(S* __restrict__ w, const R* __restrict__ p, Q* __restrict__ st, U* __restrict__ out,
-                          int64_t n, float xi) {
+                          int64_t n, A xi) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        const float delta = to_f32<R>(p[i]) - to_f32<Q>(st[i]);
-        float val = to_f32<U>(out[i]) + to_f32<S>(w[i]) / (delta * delta + xi);
-        if constexpr (CLIP) val = val < 0.0f ? 0.0f : val;  // NaN stays NaN, as torch's clamp_min
-        out[i] = from_f32<U>(val);
+        const A delta = load_as<A>(p[i]) - load_as<A>(st[i]);
+        A val = load_as<A>(out[i]) + load_as<A>(w[i]) / (delta * delta + xi);
+        if constexpr (CLIP) val = val < A(0) ? A(0) : val;  // NaN stays NaN, as torch's clamp_min
+        out[i] = store_from<U>(val);
         w[i] = S(0);
         st[i] = cast_value<Q, R>(p[i]);
     }
 }
 
+// params have dtype code R: start's dtype, or float64 (mixed groups cast on the Python side, exact);
+// fp64_math says whether the params themselves are fp64 (then R is float64): fp64 arithmetic, else fp32.
 void si_consolidate(const Ptrs& omega_path, const Ptrs& params, const Ptrs& start, const Ptrs& out, const Numels& numels,
-                    int s_dt, int u_dt, int q_dt, int r_dt, double xi, bool clip, int nthreads) {
+                    int s_dt, int u_dt, int q_dt, int r_dt, double xi, bool clip, bool fp64_math, int nthreads) {
     check_sizes("si_consolidate", numels, {&omega_path, &params, &start, &out});
     if (r_dt != q_dt && r_dt != F64)
         throw std::invalid_argument("si_consolidate: params dtype must equal start_params dtype or be float64");
+    if (fp64_math && r_dt != F64)
+        throw std::invalid_argument("si_consolidate: fp64_math needs float64 params");
     const std::vector<Chunk> chunks = plan_chunks(numels);
-    const float xif = float(xi);
     py::gil_scoped_release nogil;
     dispatch_state(s_dt, [&](auto st) {
         dispatch_state(u_dt, [&](auto ut) {
@@ -272,33 +295,41 @@ void si_consolidate(const Ptrs& omega_path, const Ptrs& params, const Ptrs& star
                 using S = typename decltype(st)::type;
                 using U = typename decltype(ut)::type;
                 using Q = typename decltype(qt)::type;
-                auto run = [&](auto rt) {
+                auto run = [&](auto rt, auto at) {
                     using R = typename decltype(rt)::type;
+                    using A = typename decltype(at)::type;
+                    const A xia = A(xi);  // fp32 in fp32 arithmetic, as torch rounds a Python scalar
                     parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                         const size_t t = size_t(ch.tensor);
                         S* wp = as_ptr<S>(omega_path[t]) + ch.begin;
                         const R* pp = as_ptr<const R>(params[t]) + ch.begin;
                         Q* sp = as_ptr<Q>(start[t]) + ch.begin;
                         U* op = as_ptr<U>(out[t]) + ch.begin;
-                        if (clip) si_consolidate_chunk<S, U, Q, R, true>(wp, pp, sp, op, ch.len, xif);
-                        else si_consolidate_chunk<S, U, Q, R, false>(wp, pp, sp, op, ch.len, xif);
+                        if (clip) si_consolidate_chunk<S, U, Q, R, A, true>(wp, pp, sp, op, ch.len, xia);
+                        else si_consolidate_chunk<S, U, Q, R, A, false>(wp, pp, sp, op, ch.len, xia);
                     });
                 };
-                if (r_dt == q_dt) run(type_tag<Q>{}); else run(type_tag<double>{});
+                if (fp64_math) run(type_tag<double>{}, type_tag<double>{});
+                else if (r_dt == q_dt) run(type_tag<Q>{}, type_tag<float>{});
+                else run(type_tag<double>{}, type_tag<float>{});
             });
         });
     });
 }
 
 // ------------------------------------------------------------------------------ wva_attenuate
-// fp32: theta <- old + (theta - old) / (1 + lam*A), stored in the param dtype.
-template <class P, class R, class A>
-void wva_chunk(P* __restrict__ p, const R* __restrict__ old, const A* __restrict__ acc, int64_t n, float lam) {
+// theta <- old + (theta - old) / (1 + lam*A) in arith_t<P> (fp64 for fp64 params, else fp32), stored
+// in the param dtype. (An fp64 parameter must not pass through fp32: that would round it at every
+// step, even where A = 0.)
+template <class P, class R, class AC>
+void wva_chunk(P* __restrict__ p, const R* __restrict__ old, const AC* __restrict__ acc, int64_t n,
+               arith_t<P> lam) {
+    using A = arith_t<P>;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        const float q = to_f32<R>(old[i]);
-        const float v = q + (to_f32<P>(p[i]) - q) / (1.0f + lam * to_f32<A>(acc[i]));
-        p[i] = from_f32<P>(v);
+        const A q = load_as<A>(old[i]);
+        const A v = q + (load_as<A>(p[i]) - q) / (A(1) + lam * load_as<A>(acc[i]));
+        p[i] = store_from<P>(v);
     }
 }
 
@@ -309,18 +340,18 @@ void wva_attenuate(const Ptrs& params, const Ptrs& old, const Ptrs& accum, const
     if (r_dt != p_dt && r_dt != F64)
         throw std::invalid_argument("wva_attenuate: old_params dtype must equal params dtype or be float64");
     const std::vector<Chunk> chunks = plan_chunks(numels);
-    const float lamf = float(lam);
     py::gil_scoped_release nogil;
     dispatch_param(p_dt, [&](auto pt) {
         dispatch_state(a_dt, [&](auto at) {
             using P = typename decltype(pt)::type;
-            using A = typename decltype(at)::type;
+            using AC = typename decltype(at)::type;
+            const arith_t<P> lama = arith_t<P>(lam);  // fp32 in fp32 arithmetic, as torch rounds a Python scalar
             auto run = [&](auto rt) {
                 using R = typename decltype(rt)::type;
                 parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                     const size_t t = size_t(ch.tensor);
-                    wva_chunk<P, R, A>(as_ptr<P>(params[t]) + ch.begin, as_ptr<const R>(old[t]) + ch.begin,
-                                       as_ptr<const A>(accum[t]) + ch.begin, ch.len, lamf);
+                    wva_chunk<P, R, AC>(as_ptr<P>(params[t]) + ch.begin, as_ptr<const R>(old[t]) + ch.begin,
+                                        as_ptr<const AC>(accum[t]) + ch.begin, ch.len, lama);
                 });
             };
             if (r_dt == p_dt) run(type_tag<P>{}); else run(type_tag<double>{});
@@ -350,7 +381,8 @@ std::vector<float> from_f16_bits(const std::vector<uint16_t>& v) {
 void init_consolidation(py::module_& m) {
     using namespace py::literals;
     m.def("penalty_apply", &penalty_apply,
-          "grad += grad_scale*lam*W*(theta-mu) in place; returns sum W*(theta-mu)^2 (fp32 per chunk, fp64 across)",
+          "grad += grad_scale*lam*W*(theta-mu) in place; returns sum W*(theta-mu)^2 (per chunk in the "
+          "arithmetic type: fp64 for fp64 params, else fp32; fp64 across chunks)",
           "grads"_a, "params"_a, "omega"_a, "mu"_a, "numels"_a, "param_dtype"_a, "omega_dtype"_a, "mu_dtype"_a,
           "lam"_a, "alpha"_a, "grad_scale"_a, "nthreads"_a);
     m.def("consolidate", &consolidate,
@@ -359,11 +391,11 @@ void init_consolidation(py::module_& m) {
           "gamma"_a, "online"_a, "nthreads"_a);
     m.def("si_accumulate", &si_accumulate, "omega_path -= g*(theta-prev); prev <- theta",
           "omega_path"_a, "grads"_a, "params"_a, "prev_params"_a, "numels"_a, "state_dtype"_a, "prev_dtype"_a,
-          "input_dtype"_a, "nthreads"_a);
+          "input_dtype"_a, "fp64_math"_a, "nthreads"_a);
     m.def("si_consolidate", &si_consolidate,
           "out += omega_path/((theta-start)^2+xi) (clip at 0); omega_path <- 0; start <- theta",
           "omega_path"_a, "params"_a, "start_params"_a, "out"_a, "numels"_a, "state_dtype"_a, "out_dtype"_a,
-          "start_dtype"_a, "param_dtype"_a, "xi"_a, "clip"_a, "nthreads"_a);
+          "start_dtype"_a, "param_dtype"_a, "xi"_a, "clip"_a, "fp64_math"_a, "nthreads"_a);
     m.def("wva_attenuate", &wva_attenuate, "theta <- old + (theta-old)/(1+lam*A)",
           "params"_a, "old_params"_a, "accum"_a, "numels"_a, "param_dtype"_a, "old_dtype"_a, "accum_dtype"_a,
           "lam"_a, "nthreads"_a);

@@ -8,7 +8,9 @@ chunks and runs them on ``torch.get_num_threads()`` OpenMP threads). Zero-elemen
 Read-only inputs whose dtypes do not match the combinations compiled in C++ (e.g. a float32 fisher
 with a bfloat16 anchor) are cast to float64 for the call: every supported dtype converts to float64
 exactly, and the kernels' own arithmetic (fp32 or fp64) then sees the same values, so results are
-unchanged.
+unchanged. The arithmetic is chosen by the parameters' own dtype (fp64 for fp64 parameters, else
+fp32); where the parameters themselves may have been cast (``si_accumulate``, ``si_consolidate``),
+that choice is passed explicitly (``fp64_math``).
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def consolidate(omega, mu, fisher, anchor, gamma, online):
 
 
 def si_accumulate(omega_path, grads, params, prev_params):
-    """omega_path -= g*(theta - theta_prev); theta_prev <- theta (fp32 arithmetic)."""
+    """omega_path -= g*(theta - theta_prev); theta_prev <- theta (fp64 arithmetic for fp64 params, else fp32)."""
     C, nt = ext(), num_threads()
     live = _nonempty(params)
     groups = _groups(len(live), lambda j: (omega_path[live[j]].dtype, prev_params[live[j]].dtype,
@@ -90,7 +92,7 @@ def si_accumulate(omega_path, grads, params, prev_params):
         if not (gd == pd == qd):  # kernels take grads/params in prev's dtype or in float64
             g, p = _f64(g), _f64(p)
         C.si_accumulate(ptrs(w), ptrs(g), ptrs(p), ptrs(q), _numels(w),
-                        dtype_code(w[0]), dtype_code(q[0]), dtype_code(p[0]), nt)
+                        dtype_code(w[0]), dtype_code(q[0]), dtype_code(p[0]), pd == torch.float64, nt)
 
 
 def si_consolidate(omega_path, params, start_params, out, xi, clip):
@@ -106,11 +108,11 @@ def si_consolidate(omega_path, params, start_params, out, xi, clip):
             p = _f64(p)
         C.si_consolidate(ptrs(w), ptrs(p), ptrs(s), ptrs(o), _numels(w),
                          dtype_code(w[0]), dtype_code(o[0]), dtype_code(s[0]), dtype_code(p[0]),
-                         float(xi), bool(clip), nt)
+                         float(xi), bool(clip), pd == torch.float64, nt)
 
 
 def wva_attenuate(params, old_params, accum, lam):
-    """theta <- theta_old + (theta - theta_old)/(1 + lam*A) (fp32 arithmetic)."""
+    """theta <- theta_old + (theta - theta_old)/(1 + lam*A) (fp64 arithmetic for fp64 params, else fp32)."""
     C, nt = ext(), num_threads()
     live = _nonempty(params)
     groups = _groups(len(live), lambda j: (params[live[j]].dtype, old_params[live[j]].dtype,

@@ -25,11 +25,41 @@ def _check_stabilize_lr(value):
     return check_finite_scalar("EWC", "stabilize_lr", value, low=0.0)
 
 
+_NOT_TWICE = ("EWC.penalty() is differentiable only once: its gradient lam*W*(theta - mu) comes from the "
+              "penalty_apply_ kernel, outside autograd, so a gradient taken with create_graph=True cannot be "
+              "differentiated again (Hessian-vector products, gradient penalties, meta-learning). For second "
+              "order, write the penalty with torch ops from EWC.omega / EWC.mu, e.g. "
+              "(lam/2) * sum(W * (p - mu)**2), or keep it out of the create_graph=True gradient.")
+
+
+class _GradientOnce(torch.autograd.Function):
+    """``grad_out * g`` for the penalty gradients ``g`` computed in the forward, as a node whose
+    backward raises :data:`_NOT_TWICE`; used when the penalty's backward runs with ``create_graph=True``.
+
+    This is ``torch.autograd.function.once_differentiable``, made to hold here. The decorator marks
+    the returned gradients only when ``grad_out`` requires grad, and links them to ``grad_out`` alone.
+    But the gradient depends on theta, through state autograd does not see: in the common case
+    ``autograd.grad(task_loss + penalty, params, create_graph=True)`` (``grad_out`` a plain 1) a
+    second derivative would silently miss the penalty's ``lam*W``. So the node takes ``grad_out`` and
+    the parameters as inputs: every path of a second derivative to them passes through it.
+    """
+
+    @staticmethod
+    def forward(ctx, grads, grad_out, *params):
+        return tuple(g * grad_out for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        raise RuntimeError(_NOT_TWICE)
+
+
 class _PenaltyFunction(torch.autograd.Function):
     """value = (lam/2)(sum W (theta-mu)^2 + c); d value / d theta = lam W (theta - mu).
 
     The forward runs ``penalty_apply_`` into zero buffers, which then hold the gradient; the
-    backward scales them by ``grad_out`` and reports them to linked Zenke SI trackers.
+    backward scales them by ``grad_out`` and reports them to linked Zenke SI trackers. It is
+    differentiable once: under ``create_graph=True`` the gradients it returns raise
+    :data:`_NOT_TWICE` when differentiated (see :class:`_GradientOnce`).
     """
 
     @staticmethod
@@ -39,16 +69,25 @@ class _PenaltyFunction(torch.autograd.Function):
                                    c=ewc._c, backend=ewc._backend)
         ctx.grads = grads
         ctx.links = links
+        ctx.save_for_backward(*params)  # read only under create_graph=True (_GradientOnce's inputs)
         return value.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         needs = ctx.needs_input_grad[3:]
-        grads = [g * grad_out if need else None for g, need in zip(ctx.grads, needs)]
+        live = [i for i, need in enumerate(needs) if need]
+        saved = [ctx.grads[i] for i in live]
+        if saved and torch.is_grad_enabled():  # autograd enables grad mode in backward iff create_graph=True
+            out = _GradientOnce.apply(saved, grad_out, *ctx.saved_tensors)
+        else:
+            out = [g * grad_out for g in saved]
+        grads = [None] * len(needs)
+        for i, g in zip(live, out):
+            grads[i] = g
         for tracker, idx, tidx in ctx.links:
             pairs = [(j, grads[i]) for i, j in zip(idx, tidx) if grads[i] is not None]
-            if pairs:
-                tracker._exclude_record([j for j, _ in pairs], [g for _, g in pairs])
+            if pairs:  # detached: the trackers' buffers must not join a create_graph graph
+                tracker._exclude_record([j for j, _ in pairs], [g.detach() for _, g in pairs])
         return (None, None, None, *grads)
 
 
@@ -88,10 +127,13 @@ class EWC:
     consolidation ``theta`` sits exactly at (or very near) the anchor; ``mu`` is a weighted mean of
     fp32 anchors that is generally not representable in fp32, so an fp32 ``mu`` would be off by up to
     ``ulp(theta)/2`` and the gradient off by a relative ``~ulp(theta)/|theta - mu|`` -- 100 % at the
-    anchor. ``theta - mu`` is formed in fp64 by the kernels, exact for fp32/bf16 parameters. The
-    alternative of keeping the latest fp32 anchor plus an fp32 offset ``mu - anchor`` needs two fp32
-    tensors besides ``Omega`` -- the same 12 B/param -- and is exact only while the offset fits fp32,
-    so it buys nothing. ``c`` is a Python float (fp64).
+    anchor. The kernels form ``theta - mu`` as one fp64 subtraction (``theta`` converted to fp64
+    exactly): the difference is correctly rounded, not exact, and is then rounded once more to fp32
+    for fp32/bf16/fp16 parameters (fp64 parameters use it as is), so it keeps the arithmetic's
+    relative accuracy however close ``theta`` is to ``mu``. The alternative of keeping the latest
+    fp32 anchor plus an fp32 offset ``mu - anchor`` needs two fp32 tensors besides ``Omega`` -- the
+    same 12 B/param -- and is exact only while the offset fits fp32, so it buys nothing. ``c`` is a
+    Python float (fp64).
 
     **Parameters.** Only parameters with ``requires_grad`` at :meth:`consolidate` time are consolidated;
     importance entries for frozen parameters are accepted and ignored, and an already-penalised
@@ -303,7 +345,11 @@ class EWC:
         ``W = Omega`` or the stabilised weight. The dtype is the parameters' (promoted) dtype. Its
         backward yields ``grad_out * lam * W * (theta - mu)`` for every penalised trainable parameter
         (computed by ``penalty_apply_`` in the forward and kept until backward: one parameter-sized
-        buffer). Returns a zero (not requiring grad) before the first consolidation. Zenke-variant
+        buffer). The penalty is differentiable once: a gradient taken with ``create_graph=True``
+        raises ``RuntimeError`` when differentiated again, instead of silently treating
+        ``lam * W * (theta - mu)`` as a constant (for second-order methods write the penalty with torch
+        ops from :attr:`omega` / :attr:`mu`). Returns a zero (not requiring grad) before the first
+        consolidation. Zenke-variant
         :class:`ewc_fast.SynapticIntelligence` trackers attached to the same parameters are told, in
         the backward, which gradient came from this penalty.
         """

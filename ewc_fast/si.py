@@ -307,32 +307,50 @@ class SynapticIntelligence:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` output; the tracked parameter names and shapes must match."""
+        """Restore :meth:`state_dict` output; the tracked parameter names and shapes must match.
+
+        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the tracker
+        (settings, tensors and counters) is exactly as before."""
         owner = "SynapticIntelligence.load_state_dict"
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
             raise ValueError(f"{owner}: not a SynapticIntelligence state dict of version {_VERSION}")
+        missing = [k for k in ("names", "variant", "xi", "clip", "omega", "start", "prev", "cumulative", "steps",
+                               "cum_steps", "n_tasks") if k not in state]
+        if missing:
+            raise ValueError(f"{owner}: missing keys {missing}")
         if list(state["names"]) != self._names:
             raise ValueError(f"{owner}: tracked parameter names differ from the state dict's")
         if state["variant"] != self._variant:
             raise ValueError(f"{owner}: state is for variant {state['variant']!r}, this tracker is {self._variant!r}")
         xi = check_finite_scalar(owner, "xi", state["xi"], low=0.0, low_open=True)
+        clip = state["clip"]
+        if not isinstance(clip, bool):
+            raise TypeError(f"{owner}: clip must be a bool, got {clip!r}")
+        counters = []
+        for key in ("steps", "cum_steps", "n_tasks"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{owner}: {key} must be an int >= 0, got {v!r}")
+            counters.append(v)
         groups = {}
         for key in ("omega", "start", "prev", "cumulative"):
             sd = state[key]
             if sd is None and key == "cumulative":
                 groups[key] = None
                 continue
+            if not isinstance(sd, Mapping):
+                raise ValueError(f"{owner}: {key} must be a dict name -> tensor")
             ts = []
             for n, p in zip(self._names, self._params):
-                t = sd[n]
+                t = sd.get(n)
                 if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{owner}: {key}[{n!r}] missing or of the wrong shape")
                 ref = self._omega if key in ("omega", "cumulative") else self._start
                 ts.append(t.to(device=p.device, dtype=ref[len(ts)].dtype, copy=True))
             groups[key] = ts
-        self._xi, self._clip = xi, bool(state["clip"])
+        # Commit (everything is validated: nothing below can fail).
+        self._xi, self._clip = xi, clip
         self._omega, self._start, self._prev, self._cum = (groups["omega"], groups["start"], groups["prev"],
                                                            groups["cumulative"])
-        self._steps, self._cum_steps, self._n_tasks = (int(state["steps"]), int(state["cum_steps"]),
-                                                         int(state["n_tasks"]))
+        self._steps, self._cum_steps, self._n_tasks = counters
         self.clear_exclusions()

@@ -159,22 +159,39 @@ class WVA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore :meth:`state_dict` output (names must be parameters of the model with those shapes)."""
+        """Restore :meth:`state_dict` output (names must be parameters of the model with those shapes).
+
+        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the state
+        (``lam``, ``A``, names, task count) is exactly as before."""
         owner = "WVA.load_state_dict"
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
             raise ValueError(f"{owner}: not a WVA state dict of version {_VERSION}")
+        missing = [k for k in ("lam", "n_tasks", "names", "accum") if k not in state]
+        if missing:
+            raise ValueError(f"{owner}: missing keys {missing}")
         lam = check_finite_scalar(owner, "lam", state["lam"], low=0.0)
+        n_tasks = state["n_tasks"]
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
+            raise ValueError(f"{owner}: n_tasks must be an int >= 0, got {n_tasks!r}")
+        names, accum_sd = list(state["names"]), state["accum"]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{owner}: names must be unique strings")
+        if not isinstance(accum_sd, Mapping) or set(accum_sd) != set(names):
+            raise ValueError(f"{owner}: accum entries do not match names")
         named = dict(self._model.named_parameters())
-        names, params, accum = list(state["names"]), [], []
+        params, accum = [], []
         for n in names:
-            p, a = named.get(n), state["accum"].get(n)
+            p, a = named.get(n), accum_sd[n]
             if p is None or not isinstance(a, Tensor) or tuple(a.shape) != tuple(p.shape):
                 raise ValueError(f"{owner}: {n!r} is not a parameter of the model or its state has the wrong shape")
             if a.dtype != self._state_dtype:
                 raise TypeError(f"{owner}: A[{n!r}] has dtype {a.dtype}, expected {self._state_dtype}")
+            if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+                raise ValueError(f"{owner}: A[{n!r}] holds NaN/Inf or negative values")
             params.append(p)
             accum.append(a.to(p.device, copy=True))
-        self._lam, self._n_tasks = lam, int(state["n_tasks"])
+        # Commit (everything is validated: nothing below can fail).
+        self._lam, self._n_tasks = lam, n_tasks
         self._names, self._params, self._accum = names, params, accum
         self._pos = {n: i for i, n in enumerate(names)}
         self._old = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]

@@ -22,18 +22,22 @@ flags (``alpha is None``, ``online``, ``clip`` are ``tl.constexpr``: no runtime 
 addresses and scalars are runtime values (``part_base`` is exempt from integer specialisation), so
 models of any size reuse the same binaries.
 
-*Reductions.* ``penalty_apply`` and ``consolidate`` write one partial sum per chunk (fp32 and fp64
-respectively) into a buffer and sum it with ``torch.sum(dtype=float64)``: deterministic (no atomics).
+*Reductions.* ``penalty_apply`` and ``consolidate`` write one partial sum per chunk (in the
+arithmetic type, stored as fp64) into a buffer and sum it with ``torch.sum(dtype=float64)``:
+deterministic (no atomics).
 
-*Numerics.* The arithmetic follows the torch twin operation by operation: scalars are rounded to
-fp32 where the torch twin multiplies them into fp32 tensors; ``theta - mu`` is formed in mu's dtype;
-``consolidate`` works in fp64 (``gamma`` is read from a one-element fp64 tensor so that it is exact
-both compiled and interpreted); updates are computed in fp32 (fp64 for fp64 destinations) and
-rounded once to the destination dtype (fp32 -> bf16 by an integer round-to-nearest-even, because the
+*Numerics.* The arithmetic follows the torch twin operation by operation. ``consolidate`` works in
+fp64. The four other ops compute in the *arithmetic type* of the group's parameter dtype
+(``C_TY``, a constexpr derived from it, so no extra compiled variants): fp64 for fp64 parameters,
+fp32 for fp32/bf16/fp16 parameters. Python scalars reach a kernel as fp32 arguments, which is what
+the torch twin does with them in fp32 arithmetic; where an exact fp64 scalar is needed (``gamma``,
+and the scalars of fp64 groups) it is read from a small fp64 tensor, exact both compiled and
+interpreted. ``theta - mu`` is formed in the promoted dtype of theta and mu. Results are rounded
+once to the destination dtype (fp32 -> bf16 by an integer round-to-nearest-even, because the
 interpreter's own cast truncates). fp32 divisions use ``tl.div_rn`` (Triton's ``/`` on fp32 is the
 approximate ``div.full.f32`` on NVIDIA GPUs; fp64 ``/`` is already ``div.rn.f64``), and CUDA launches use
 ``enable_fp_fusion=False`` so no FMA contraction changes the rounding: the kernels reproduce the torch
-twin bit for bit (verified under the interpreter), except the order of the fp32 partial sums.
+twin bit for bit (verified under the interpreter), except the order of the partial sums.
 
 *Configuration.* ``BLOCK`` / ``num_warps`` are fixed per op (``CUDA_CONFIG``), not autotuned:
 autotuning would re-run in-place kernels (``grad +=``, ``omega -=``) whose destinations are
@@ -92,6 +96,26 @@ def _config(op: str) -> tuple[int, int]:
 def _f32(x: float) -> float:
     """``x`` rounded to the nearest fp32, as torch does when it multiplies a Python scalar into an fp32 tensor."""
     return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def _arith(p_ty):
+    """Arithmetic type (``C_TY``) of a group whose parameter operand has triton dtype ``p_ty``: fp64
+    for fp64 parameters (rounding them through fp32 would lose their precision at every call), else fp32."""
+    return tl.float64 if p_ty == tl.float64 else tl.float32
+
+
+def _scalars64(plan, p_index: int, values, device):
+    """The op's scalars as an exact fp64 device tensor when some group has fp64 parameters (operand
+    ``p_index``), else None. Only fp64 groups read it, so fp32-only calls pay no host-to-device copy."""
+    if not any(grp.tl_dtypes[p_index] == tl.float64 for grp in plan.groups):
+        return None
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).to(device)
+
+
+def _scal_arg(scal, grp, p_index: int):
+    """Pointer argument for a group's fp64 scalars: ``scal`` for fp64 groups; for the others (which
+    never load it: the branch is compiled out) any pointer of a fixed type, the group's own table."""
+    return scal if grp.tl_dtypes[p_index] == tl.float64 else grp.meta
 
 
 # --------------------------------------------------------------------------------- jit helpers
@@ -153,6 +177,17 @@ def _to(x, TY: tl.constexpr):
 
 
 @triton.jit
+def _div(x, y, C_TY: tl.constexpr):
+    """x / y correctly rounded in C_TY: ``tl.div_rn`` for fp32 (``/`` is approximate there on NVIDIA
+    GPUs), ``/`` (``div.rn.f64``) for fp64."""
+    if C_TY == tl.float64:
+        r = x / y
+    else:
+        r = tl.div_rn(x, y)
+    return r
+
+
+@triton.jit
 def _chunk(meta, K: tl.constexpr, BLOCK: tl.constexpr):
     """(record offset, first element, elements left in the tensor from there) of this program's chunk."""
     pid = tl.program_id(0)
@@ -165,49 +200,55 @@ def _chunk(meta, K: tl.constexpr, BLOCK: tl.constexpr):
 # ------------------------------------------------------------------------------- penalty_apply
 @triton.jit
 def _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al,
-                   G_TY: tl.constexpr, M_TY: tl.constexpr, STAB: tl.constexpr, MASKED: tl.constexpr):
+                   G_TY: tl.constexpr, P_TY: tl.constexpr, M_TY: tl.constexpr, C_TY: tl.constexpr,
+                   STAB: tl.constexpr, MASKED: tl.constexpr):
     g = _ld(g_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
     o = _ld(o_ptr, offs, rem, MASKED)
     m = _ld(m_ptr, offs, rem, MASKED)
-    d = (_to(p, M_TY) - m).to(tl.float32)
-    w = o.to(tl.float32)
+    if P_TY == tl.float64 or M_TY == tl.float64:  # theta - mu in promote(param, mu)
+        d = (_to(p, tl.float64) - m.to(tl.float64)).to(C_TY)
+    else:
+        d = _to(p, tl.float32) - m
+    w = o.to(C_TY)
     if STAB:
-        w = tl.div_rn(w, 1.0 + al * w)
+        w = _div(w, 1.0 + al * w, C_TY)
     wd = w * d
     inc = c * wd
-    if G_TY == tl.float64:
-        gn = g + inc.to(tl.float64)
-    else:
-        gn = _to(g, tl.float32) + inc
+    gn = _to(g, C_TY) + inc
     _st(g_ptr, offs, rem, _to(gn, G_TY), MASKED)
     return tl.sum(wd * d, axis=0)
 
 
 @triton.jit(do_not_specialize=["part_base"])
-def _penalty_kernel(meta, partials, part_base, c, al,
+def _penalty_kernel(meta, partials, part_base, c, al, scal,
                     G_TY: tl.constexpr, P_TY: tl.constexpr, O_TY: tl.constexpr, M_TY: tl.constexpr,
-                    STAB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                    C_TY: tl.constexpr, STAB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     g_ptr = _operand(meta, rec, 0, G_TY, ALIGNED, start)
     p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
     o_ptr = _operand(meta, rec, 2, O_TY, ALIGNED, start)
     m_ptr = _operand(meta, rec, 3, M_TY, ALIGNED, start)
-    c = tl.cast(c, tl.float32)
-    al = tl.cast(al, tl.float32)
+    if C_TY == tl.float64:  # exact fp64 scalars (c, al) from the device tensor
+        c = tl.load(scal)
+        al = tl.load(scal + 1)
+    else:
+        c = tl.cast(c, tl.float32)
+        al = tl.cast(al, tl.float32)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
-        s = _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al, G_TY, M_TY, STAB, False)
+        s = _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al, G_TY, P_TY, M_TY, C_TY, STAB, False)
     else:
-        s = _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al, G_TY, M_TY, STAB, True)
-    tl.store(partials + part_base + tl.program_id(0), s)
+        s = _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al, G_TY, P_TY, M_TY, C_TY, STAB, True)
+    tl.store(partials + part_base + tl.program_id(0), s.to(tl.float64))
 
 
 def penalty_apply(grads, params, omega, mu, lam, alpha, grad_scale):
     """grad += grad_scale*lam*W*(theta-mu); returns sum(W*(theta-mu)^2) as a 0-dim fp64 tensor.
 
     W = omega, or omega/(1+alpha*lam*omega) when stabilised (alpha is not None). The sum is taken
-    in fp32 within each chunk of BLOCK elements and in fp64 across chunks.
+    in the arithmetic type (fp64 for fp64 params, else fp32) within each chunk of BLOCK elements and
+    in fp64 across chunks.
     """
     device = params[0].device if params else torch.device("cpu")
     if not params:
@@ -216,14 +257,16 @@ def penalty_apply(grads, params, omega, mu, lam, alpha, grad_scale):
     plan = build_plan([grads, params, omega, mu], block, device, tag="penalty_apply")
     if plan.n_chunks == 0:
         return torch.zeros((), dtype=torch.float64, device=device)
-    partials = torch.empty(plan.n_chunks, dtype=torch.float32, device=device)
-    c = _f32(grad_scale * lam)
-    al = _f32(alpha * lam) if alpha is not None else 0.0
+    partials = torch.empty(plan.n_chunks, dtype=torch.float64, device=device)
+    c64 = grad_scale * lam
+    al64 = alpha * lam if alpha is not None else 0.0
+    c, al = _f32(c64), _f32(al64)
+    scal = _scalars64(plan, 1, (c64, al64), device)
     with device_guard(device):
         for grp in plan.groups:
             g_ty, p_ty, o_ty, m_ty = grp.tl_dtypes
-            _penalty_kernel[(grp.n_chunks,)](grp.meta, partials, grp.chunk_base, c, al,
-                                             G_TY=g_ty, P_TY=p_ty, O_TY=o_ty, M_TY=m_ty,
+            _penalty_kernel[(grp.n_chunks,)](grp.meta, partials, grp.chunk_base, c, al, _scal_arg(scal, grp, 1),
+                                             G_TY=g_ty, P_TY=p_ty, O_TY=o_ty, M_TY=m_ty, C_TY=_arith(p_ty),
                                              STAB=alpha is not None, ALIGNED=grp.aligned, BLOCK=block,
                                              **launch_options(warps))
     return partials.sum(dtype=torch.float64)
@@ -304,19 +347,23 @@ def consolidate(omega, mu, fisher, anchor, gamma, online):
 # ------------------------------------------------------------------------------- si_accumulate
 @triton.jit
 def _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem,
-                         W_TY: tl.constexpr, Q_TY: tl.constexpr, MASKED: tl.constexpr):
+                         W_TY: tl.constexpr, Q_TY: tl.constexpr, C_TY: tl.constexpr, MASKED: tl.constexpr):
     w = _ld(w_ptr, offs, rem, MASKED)
     g = _ld(g_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
     q = _ld(q_ptr, offs, rem, MASKED)
-    prod = _to(g, tl.float32) * (_to(p, tl.float32) - _to(q, tl.float32))
-    _st(w_ptr, offs, rem, (w - prod.to(W_TY)).to(W_TY), MASKED)
+    prod = _to(g, C_TY) * (_to(p, C_TY) - _to(q, C_TY))
+    if C_TY == tl.float64:  # subtract in promote(state, fp64) = fp64, round once to the state dtype
+        wn = (w.to(tl.float64) - prod).to(W_TY)
+    else:
+        wn = (w - prod.to(W_TY)).to(W_TY)
+    _st(w_ptr, offs, rem, wn, MASKED)
     _st(q_ptr, offs, rem, _to(p, Q_TY), MASKED)
 
 
 @triton.jit
 def _si_accumulate_kernel(meta, W_TY: tl.constexpr, G_TY: tl.constexpr, P_TY: tl.constexpr,
-                          Q_TY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                          Q_TY: tl.constexpr, C_TY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
     g_ptr = _operand(meta, rec, 1, G_TY, ALIGNED, start)
@@ -324,13 +371,13 @@ def _si_accumulate_kernel(meta, W_TY: tl.constexpr, G_TY: tl.constexpr, P_TY: tl
     q_ptr = _operand(meta, rec, 3, Q_TY, ALIGNED, start)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
-        _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem, W_TY, Q_TY, False)
+        _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem, W_TY, Q_TY, C_TY, False)
     else:
-        _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem, W_TY, Q_TY, True)
+        _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem, W_TY, Q_TY, C_TY, True)
 
 
 def si_accumulate(omega_path, grads, params, prev_params):
-    """omega_path -= g*(theta - theta_prev); theta_prev <- theta (fp32 arithmetic)."""
+    """omega_path -= g*(theta - theta_prev); theta_prev <- theta (fp64 arithmetic for fp64 params, else fp32)."""
     if not params:
         return None
     device = params[0].device
@@ -340,21 +387,22 @@ def si_accumulate(omega_path, grads, params, prev_params):
         for grp in plan.groups:
             w_ty, g_ty, p_ty, q_ty = grp.tl_dtypes
             _si_accumulate_kernel[(grp.n_chunks,)](grp.meta, W_TY=w_ty, G_TY=g_ty, P_TY=p_ty, Q_TY=q_ty,
-                                                   ALIGNED=grp.aligned, BLOCK=block, **launch_options(warps))
+                                                   C_TY=_arith(p_ty), ALIGNED=grp.aligned, BLOCK=block,
+                                                   **launch_options(warps))
     return None
 
 
 # ------------------------------------------------------------------------------ si_consolidate
 @triton.jit
 def _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi,
-                          W_TY: tl.constexpr, S_TY: tl.constexpr, O_TY: tl.constexpr,
+                          W_TY: tl.constexpr, S_TY: tl.constexpr, O_TY: tl.constexpr, C_TY: tl.constexpr,
                           CLIP: tl.constexpr, MASKED: tl.constexpr):
     w = _ld(w_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
     s = _ld(s_ptr, offs, rem, MASKED)
     o = _ld(o_ptr, offs, rem, MASKED)
-    delta = _to(p, tl.float32) - _to(s, tl.float32)
-    val = o.to(tl.float32) + tl.div_rn(w.to(tl.float32), delta * delta + xi)
+    delta = _to(p, C_TY) - _to(s, C_TY)
+    val = o.to(C_TY) + _div(w.to(C_TY), delta * delta + xi, C_TY)
     if CLIP:
         val = tl.where(val < 0.0, 0.0, val)  # keeps NaN like torch.clamp_min
     _st(o_ptr, offs, rem, val.to(O_TY), MASKED)
@@ -363,34 +411,41 @@ def _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi,
 
 
 @triton.jit
-def _si_consolidate_kernel(meta, xi, W_TY: tl.constexpr, P_TY: tl.constexpr, S_TY: tl.constexpr,
-                           O_TY: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
+def _si_consolidate_kernel(meta, xi, scal, W_TY: tl.constexpr, P_TY: tl.constexpr, S_TY: tl.constexpr,
+                           O_TY: tl.constexpr, C_TY: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
                            BLOCK: tl.constexpr):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
     p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
     s_ptr = _operand(meta, rec, 2, S_TY, ALIGNED, start)
     o_ptr = _operand(meta, rec, 3, O_TY, ALIGNED, start)
-    xi = tl.cast(xi, tl.float32)
+    if C_TY == tl.float64:  # exact fp64 xi from the device tensor
+        xi = tl.load(scal)
+    else:
+        xi = tl.cast(xi, tl.float32)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
-        _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi, W_TY, S_TY, O_TY, CLIP, False)
+        _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi, W_TY, S_TY, O_TY, C_TY, CLIP, False)
     else:
-        _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi, W_TY, S_TY, O_TY, CLIP, True)
+        _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi, W_TY, S_TY, O_TY, C_TY, CLIP, True)
 
 
 def si_consolidate(omega_path, params, start_params, out, xi, clip):
-    """out += omega_path/((theta-theta_start)^2 + xi), clipped at 0 if ``clip``; omega_path <- 0; theta_start <- theta."""
+    """out += omega_path/((theta-theta_start)^2 + xi), clipped at 0 if ``clip``; omega_path <- 0; theta_start <- theta.
+
+    Arithmetic: fp64 for fp64 params, else fp32."""
     if not params:
         return None
     device = params[0].device
     block, warps = _config("si_consolidate")
     plan = build_plan([omega_path, params, start_params, out], block, device, tag="si_consolidate")
     xi32 = _f32(xi)
+    scal = _scalars64(plan, 1, (xi,), device)
     with device_guard(device):
         for grp in plan.groups:
             w_ty, p_ty, s_ty, o_ty = grp.tl_dtypes
-            _si_consolidate_kernel[(grp.n_chunks,)](grp.meta, xi32, W_TY=w_ty, P_TY=p_ty, S_TY=s_ty, O_TY=o_ty,
+            _si_consolidate_kernel[(grp.n_chunks,)](grp.meta, xi32, _scal_arg(scal, grp, 1),
+                                                    W_TY=w_ty, P_TY=p_ty, S_TY=s_ty, O_TY=o_ty, C_TY=_arith(p_ty),
                                                     CLIP=bool(clip), ALIGNED=grp.aligned, BLOCK=block,
                                                     **launch_options(warps))
     return None
@@ -398,40 +453,45 @@ def si_consolidate(omega_path, params, start_params, out, xi, clip):
 
 # ------------------------------------------------------------------------------- wva_attenuate
 @triton.jit
-def _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY: tl.constexpr, MASKED: tl.constexpr):
+def _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY: tl.constexpr, C_TY: tl.constexpr, MASKED: tl.constexpr):
     p = _ld(p_ptr, offs, rem, MASKED)
-    q = _to(_ld(q_ptr, offs, rem, MASKED), tl.float32)
+    q = _to(_ld(q_ptr, offs, rem, MASKED), C_TY)
     a = _ld(a_ptr, offs, rem, MASKED)
-    pn = q + tl.div_rn(_to(p, tl.float32) - q, 1.0 + lam * a.to(tl.float32))
+    pn = q + _div(_to(p, C_TY) - q, 1.0 + lam * a.to(C_TY), C_TY)
     _st(p_ptr, offs, rem, _to(pn, P_TY), MASKED)
 
 
 @triton.jit
-def _wva_kernel(meta, lam, P_TY: tl.constexpr, Q_TY: tl.constexpr, A_TY: tl.constexpr,
+def _wva_kernel(meta, lam, scal, P_TY: tl.constexpr, Q_TY: tl.constexpr, A_TY: tl.constexpr, C_TY: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     rec, start, rem = _chunk(meta, 3, BLOCK)
     p_ptr = _operand(meta, rec, 0, P_TY, ALIGNED, start)
     q_ptr = _operand(meta, rec, 1, Q_TY, ALIGNED, start)
     a_ptr = _operand(meta, rec, 2, A_TY, ALIGNED, start)
-    lam = tl.cast(lam, tl.float32)
+    if C_TY == tl.float64:  # exact fp64 lam from the device tensor
+        lam = tl.load(scal)
+    else:
+        lam = tl.cast(lam, tl.float32)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
-        _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY, False)
+        _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY, C_TY, False)
     else:
-        _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY, True)
+        _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY, C_TY, True)
 
 
 def wva_attenuate(params, old_params, accum, lam):
-    """theta <- theta_old + (theta - theta_old)/(1 + lam*A) (fp32 arithmetic)."""
+    """theta <- theta_old + (theta - theta_old)/(1 + lam*A) (fp64 arithmetic for fp64 params, else fp32)."""
     if not params:
         return None
     device = params[0].device
     block, warps = _config("wva_attenuate")
     plan = build_plan([params, old_params, accum], block, device, tag="wva_attenuate")
     lam32 = _f32(lam)
+    scal = _scalars64(plan, 0, (lam,), device)
     with device_guard(device):
         for grp in plan.groups:
             p_ty, q_ty, a_ty = grp.tl_dtypes
-            _wva_kernel[(grp.n_chunks,)](grp.meta, lam32, P_TY=p_ty, Q_TY=q_ty, A_TY=a_ty,
-                                         ALIGNED=grp.aligned, BLOCK=block, **launch_options(warps))
+            _wva_kernel[(grp.n_chunks,)](grp.meta, lam32, _scal_arg(scal, grp, 0), P_TY=p_ty, Q_TY=q_ty, A_TY=a_ty,
+                                         C_TY=_arith(p_ty), ALIGNED=grp.aligned, BLOCK=block,
+                                         **launch_options(warps))
     return None

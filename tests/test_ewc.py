@@ -187,6 +187,32 @@ def test_autograd_scaling_and_composition():
         torch.testing.assert_close(g_total[n], g_task[n] + 3.0 * g1[n], rtol=1e-6, atol=1e-6)
 
 
+def test_penalty_is_once_differentiable_with_clear_error():
+    """First-order gradients with create_graph=True are unchanged; differentiating them again raises a
+    clear RuntimeError -- also next to a twice-differentiable task loss, where a second derivative
+    used to come out silently without the penalty's lam*W term."""
+    model = _model()
+    ewc = EWC(model, 1.5, backend="torch")
+    _run_tasks(model, ewc, 2)
+    params = list(model.parameters())
+    plain = torch.autograd.grad(ewc.penalty(), params)
+    graph = torch.autograd.grad(ewc.penalty(), params, create_graph=True)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(plain, graph))
+    with pytest.raises(RuntimeError, match="differentiable only once"):
+        torch.autograd.grad(sum(g.sum() for g in graph), params)
+
+    x = torch.randn(4, 5)
+    gs = torch.autograd.grad(model(x).pow(2).sum() + ewc.penalty(), params, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable only once"):
+        torch.autograd.grad(sum(g.pow(2).sum() for g in gs), params)
+    # the task loss alone is still twice differentiable, and plain backward is unaffected
+    gs = torch.autograd.grad(model(x).pow(2).sum(), params, create_graph=True)
+    torch.autograd.grad(sum(g.pow(2).sum() for g in gs), params)
+    model.zero_grad(set_to_none=True)
+    ewc.penalty().backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, plain))
+
+
 def test_bf16_params(backend):
     model = _model(torch.bfloat16)
     lam = 2.0

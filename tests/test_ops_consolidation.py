@@ -309,6 +309,75 @@ def test_wva_attenuate(backend, pd, sd):
     assert_unchanged(accum, keep[1], "accum")
 
 
+# ============================================================ fp64 parameters: fp64 arithmetic
+# The four elementwise ops compute in fp64 for fp64 parameters (consolidate_ always does). Against
+# the fp64 oracle this leaves a few fp64 roundings per element (TOL_FP64); the penalty value is
+# then an fp64 sum of <= 20011 positive terms (per-chunk partials, fp64 across chunks), whose
+# relative error is bounded by terms * 2^-53 ~ 2e-12 and is far smaller for the lane / tree /
+# cascade orders the backends use; 1e-12 still fails for any term or partial sum taken in fp32.
+TOL_SUM64 = 1e-12
+
+
+@pytest.mark.parametrize("sd", STATE_DTYPES, ids=["s32", "s64"])
+@pytest.mark.parametrize("alpha", [None, 0.3], ids=["plain", "stabilised"])
+def test_penalty_apply_fp64_params(backend, sd, alpha):
+    """fp64 params: gradient and value in fp64, and theta - mu formed in fp64 even for an fp32 mu
+    (the params are never rounded to fp32)."""
+    need(backend, "penalty_apply")
+    mk = Maker(11)
+    specs = specs_for(backend)
+    grads = [mk(s, F64) for s in specs]
+    params = [mk(s, F64) for s in specs]
+    omega = [mk(s, sd, "pos", zero_frac=0.1, scale=2.0) for s in specs]
+    mu = [mk(s, sd) for s in specs]
+    ref_g, ref_v = reference.penalty_apply(grads, params, omega, mu, 0.7, alpha=alpha, c=1.25, grad_scale=0.5)
+    value = ops.penalty_apply_(grads, params, omega, mu, 0.7, alpha=alpha, c=1.25, grad_scale=0.5, backend=backend)
+    assert_rel(value, ref_v, TOL_SUM64, "value")
+    assert_all_rel(grads, ref_g, TOL_FP64, "grads")
+
+
+def test_si_ops_fp64_params(backend):
+    """fp64 params (and fp64 state): the SI path integral and its consolidation in fp64. A step far
+    below fp32 resolution (1e-9 on weights of order 1) must still be seen."""
+    need(backend, "si_accumulate")
+    need(backend, "si_consolidate")
+    mk = Maker(12)
+    specs = specs_for(backend)
+    w = [mk(s, F64) for s in specs]
+    grads = [mk(s, F64) for s in specs]
+    params = [mk(s, F64) for s in specs]
+    prev = [p - 1e-9 * mk(s, F64) for p, s in zip(params, specs)]
+    ref_w, _ = reference.si_accumulate(w, grads, params, prev)
+    ops.si_accumulate_(w, grads, params, prev, backend=backend)
+    assert_all_rel(w, ref_w, TOL_FP64, "omega_path")
+
+    start = [mk(s, F64) for s in specs]
+    out = [mk(s, F64, scale=0.3) for s in specs]
+    ref_w, _, ref_out = reference.si_consolidate(w, params, start, out, 0.1, clip=False)
+    ops.si_consolidate_(w, params, start, out, 0.1, clip=False, backend=backend)
+    assert_all_rel(out, ref_out, TOL_FP64, "out")
+
+
+@pytest.mark.parametrize("sd", STATE_DTYPES, ids=["s32", "s64"])
+def test_wva_attenuate_fp64_params(backend, sd):
+    """fp64 params are attenuated in fp64: where A = 0 and theta == theta_old they stay bit for bit
+    (fp32 arithmetic turned 0.1 into 0.10000000149), elsewhere they match the fp64 oracle."""
+    need(backend, "wva_attenuate")
+    mk = Maker(13)
+    specs = specs_for(backend)
+    params = [mk(s, F64) for s in specs]
+    old = [mk(s, F64) for s in specs]
+    accum = [mk(s, sd, "pos", zero_frac=0.3, scale=3.0) for s in specs]
+    ref_p = reference.wva_attenuate(params, old, accum, 0.8)
+    ops.wva_attenuate_(params, old, accum, 0.8, backend=backend)
+    assert_all_rel(params, ref_p, TOL_FP64, "params")
+
+    p = [torch.tensor([0.1, -1.0 / 3.0, 1e-300, 2.0 ** 0.5], dtype=F64)]
+    keep = clones(p)
+    ops.wva_attenuate_(p, clones(p), [torch.zeros(4, dtype=sd)], 0.8, backend=backend)
+    assert torch.equal(p[0], keep[0]), p[0].tolist()
+
+
 # ====================================================================== mixed dtypes in one call
 def test_mixed_dtypes_one_call(backend):
     """Several dtype groups (and mismatched dtypes inside one parameter) in a single call of each op,

@@ -228,3 +228,49 @@ def test_state_dict_round_trip():
     si.detach()
     with pytest.raises(ValueError):
         SynapticIntelligence(model, variant="kutalev").load_state_dict(a)
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        if isinstance(a[k], dict):
+            if a[k].keys() != b[k].keys() or not all(torch.equal(a[k][n], b[k][n]) for n in a[k]):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("corrupt", ["no_steps", "no_n_tasks", "bad_cum_steps", "bad_clip", "bad_prev"])
+def test_load_state_dict_validates_before_changing(corrupt):
+    """A bad state dict raises ValueError/TypeError and leaves every part of the tracker as it was
+    (the tensors used to be replaced before the counters were read)."""
+    model = _model()
+    src = SynapticIntelligence(model, xi=0.05, backend="torch")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    src.attach(opt)
+    for x, y in _batches(0, 3):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    src.consolidate()
+    src.detach()
+    bad = dict(src.state_dict())
+    if corrupt == "no_steps":
+        del bad["steps"]
+    elif corrupt == "no_n_tasks":
+        del bad["n_tasks"]
+    elif corrupt == "bad_cum_steps":
+        bad["cum_steps"] = "three"
+    elif corrupt == "bad_clip":
+        bad["clip"] = "yes"
+    else:  # the last tensor group, last entry of the wrong shape
+        bad["prev"] = {**bad["prev"], src.names[-1]: torch.zeros(7)}
+    target = SynapticIntelligence(model, xi=0.1, backend="torch")
+    before = target.state_dict()
+    with pytest.raises((ValueError, TypeError)):
+        target.load_state_dict(bad)
+    assert _same_state(target.state_dict(), before)
+    target.load_state_dict(src.state_dict())  # the intact dict still loads
+    assert _same_state(target.state_dict(), src.state_dict())

@@ -124,3 +124,49 @@ def test_frozen_parameter_and_state_dict():
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert other.lam == 1.5 and other.names == wva.names and other.n_tasks == 1
     assert all(torch.equal(wva.accum[n], other.accum[n]) for n in wva.names)
+
+
+def test_load_state_dict_validates_before_changing():
+    """Bad state dicts raise ValueError/TypeError and leave lam, A, names and the task count as they were."""
+    model = _model()
+    src = WVA(model, 1.5, backend="torch").consolidate(_imp(model, 0)).consolidate(_imp(model, 1))
+    good = src.state_dict()
+    first = next(iter(good["accum"]))
+    bad_cases = [
+        ({k: v for k, v in good.items() if k != "n_tasks"}, ValueError),
+        (dict(good, n_tasks=-1), ValueError),
+        (dict(good, n_tasks="2"), ValueError),
+        (dict(good, names=good["names"] + [good["names"][0]]), ValueError),
+        (dict(good, accum={**good["accum"], "extra": torch.zeros(1)}), ValueError),
+        (dict(good, accum={**good["accum"], first: -good["accum"][first]}), ValueError),
+        (dict(good, accum={**good["accum"], first: good["accum"][first].double()}), TypeError),
+    ]
+    target = WVA(model, 0.5, backend="torch").consolidate(_imp(model, 2))
+    before = (target.lam, target.n_tasks, target.names, {n: t.clone() for n, t in target.accum.items()})
+    for bad, exc in bad_cases:
+        with pytest.raises(exc):
+            target.load_state_dict(bad)
+        assert (target.lam, target.n_tasks, target.names) == before[:3]
+        assert all(torch.equal(before[3][n], t) for n, t in target.accum.items())
+    target.load_state_dict(good)
+    assert target.lam == 1.5 and target.n_tasks == 2
+
+
+def test_float64_model_not_rounded_through_float32(backend):
+    """fp64 parameters are attenuated in fp64: a step that does not move them (lr = 0) leaves them bit
+    for bit, and A = 0 leaves the optimizer's own step (fp32 arithmetic rounded every weight to fp32)."""
+    model = _model().double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.1
+    wva = WVA(model, 2.0, backend=backend)
+    zero = Importance({n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()},
+                      method="mas", n_samples=1)
+    wva.consolidate(zero)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    wva.attach(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert model[0].weight[0, 0].item() == 0.1
+    wva.detach()

@@ -352,8 +352,9 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
           ``batch_first=False`` is handled by its fallback resolver); a rule module whose input's
           leading size is not the batch size raises.
         * SIG falls back to |w| for parameters without a SIG rule (fallback modules such as
-          ``nn.MultiheadAttention``) or whose module never ran; ``meta["sig_magnitude_fallback"]``
-          lists them.
+          ``nn.MultiheadAttention``) or whose module never ran (on any rank: the choice is made
+          collectively, so every rank returns what a single process on all shards would);
+          ``meta["sig_magnitude_fallback"]`` lists them.
         * Which rule serves which parameter is decided on the first batch (models whose parameter
           use depends on the data are not supported).
     """
@@ -479,13 +480,16 @@ def _run(model, data, methods, trainable, device, backend, group, *, loss_fn, n_
         if bar is not None:
             bar.close()
         state.restore()
-    counts = [float(n_total), float(n_batches)]
     names = [k for k, _ in trainable]
+    # SIG's per-parameter flags travel with the counts (same collective): the rule must be the same
+    # on every rank, so it is decided on the reduced flags, not on this rank's own
+    counts = [float(n_total), float(n_batches)] + (_sig_flags(names, times_w) if "sig" in methods else [])
     flat = [sums[m][k] for m in methods for k in names]
     reduced, counts = distributed.all_reduce_sums(flat, counts, group)
     n_total, n_batches = int(round(counts[0])), int(round(counts[1]))
     if n_total == 0:
         raise ValueError("data yielded no samples (empty iterable or empty batches)")
+    sig_rule = _sig_decide(names, counts[2:]) if "sig" in methods else {}
     it = iter(reduced)
     out = {}
     for m in methods:
@@ -493,17 +497,43 @@ def _run(model, data, methods, trainable, device, backend, group, *, loss_fn, n_
         res = {}
         for k, p in trainable:
             t = next(it).div_(div) if group is None else (next(it) / div).float()
-            if m == "sig" and k not in times_w:
-                t = p.detach().abs()  # no SIG rule / module never ran: |w|
-            elif m == "sig" and times_w[k]:
+            if m == "sig" and sig_rule[k] is None:
+                t = p.detach().abs()  # no SIG rule / module never ran on any rank: |w|
+            elif m == "sig" and sig_rule[k]:
                 t = t * p.detach().abs()
             res[k] = t.float()
         out[m] = res
     batched_meta = {"approximate": True, "batch_size_dependent": True, "batch_size": batch_size,
                     "note": "square of the batch-mean gradient averaged over batches (Avalanche-style); "
                             "biased, not the empirical Fisher"}
-    sig_meta = {"sig_activation": sorted(activations), "sig_magnitude_fallback": sorted(k for k, _ in trainable if k not in times_w)}
+    sig_meta = {"sig_activation": sorted(activations),
+                "sig_magnitude_fallback": sorted(k for k, v in sig_rule.items() if v is None)}
     return out, n_total, n_batches, batched_meta, sig_meta
+
+
+def _sig_flags(names: list[str], times_w: dict[str, bool]) -> list[float]:
+    """This rank's SIG flags, to be SUM-reduced over the ranks: per parameter, 1 if a factor arrived
+    here, then per parameter, 1 if that factor is multiplied by |w|."""
+    return [1.0 if k in times_w else 0.0 for k in names] + [1.0 if times_w.get(k) else 0.0 for k in names]
+
+
+def _sig_decide(names: list[str], flags: list[float]) -> dict[str, bool | None]:
+    """SIG's rule per parameter from the flags of :func:`_sig_flags` summed over all ranks: None -> |w|
+    (no rank got a factor: no SIG rule, or its module never ran anywhere), else whether the factor
+    sum is multiplied by |w|. Ranks that got no factor contribute zero sums and follow the others,
+    so the result equals a single process on the union of the shards."""
+    n = len(names)
+    out = {}
+    for i, k in enumerate(names):
+        have, times_w = flags[i], flags[n + i]
+        if have == 0:
+            out[k] = None
+        elif times_w in (0, have):
+            out[k] = times_w > 0
+        else:
+            raise RuntimeError(f"SIG: ranks disagree on whether |w| multiplies the factor of {k!r} "
+                               "(different sig_activation or rules per rank?)")
+    return out
 
 
 def _call_grads(calls, gmap, per_leaf: bool):

@@ -64,8 +64,9 @@ def penalty_apply_(grads: list[Tensor], params: list[Tensor], omega: list[Tensor
 
     For each parameter: ``grad += grad_scale * lam * W * (theta - mu)`` with ``W = omega`` or, when
     ``alpha`` (the SGD step size of stabilised EWC) is given, ``W = omega / (1 + alpha*lam*omega)``.
-    Returns ``(lam/2) * (sum W*(theta-mu)^2 + c)`` as a 0-dim float64 tensor on the params' device
-    (summed in fp32 per block and fp64 across blocks). ``theta - mu`` is formed in mu's dtype.
+    Returns ``(lam/2) * (sum W*(theta-mu)^2 + c)`` as a 0-dim float64 tensor on the params' device.
+    Arithmetic (and the per-block partial sums, added in fp64 across blocks) in fp64 for fp64
+    params, in fp32 otherwise; ``theta - mu`` is formed in the promoted dtype of params and mu.
     """
     op = "penalty_apply_"
     n = check_lists(op, grads=grads, params=params, omega=omega, mu=mu)
@@ -144,7 +145,9 @@ def _(omega_path, grads, params, prev_params, backend):
 
 def si_accumulate_(omega_path: list[Tensor], grads: list[Tensor], params: list[Tensor],
                    prev_params: list[Tensor], *, backend: str = "auto") -> None:
-    """SI path integral step: ``omega_path -= g*(theta - theta_prev)``; then ``theta_prev <- theta``."""
+    """SI path integral step: ``omega_path -= g*(theta - theta_prev)``; then ``theta_prev <- theta``.
+
+    The product is computed in fp64 for fp64 params, in fp32 otherwise."""
     op = "si_accumulate_"
     n = check_lists(op, omega_path=omega_path, grads=grads, params=params, prev_params=prev_params)
     for i in range(n):
@@ -175,7 +178,8 @@ def _(omega_path, params, start_params, out, xi, clip, backend):
 def si_consolidate_(omega_path: list[Tensor], params: list[Tensor], start_params: list[Tensor],
                     out: list[Tensor], xi: float, *, clip: bool = True, backend: str = "auto") -> None:
     """SI end of task: ``out += omega_path/((theta-theta_start)^2 + xi)``, then ``out = max(out, 0)`` if
-    ``clip``; finally ``omega_path <- 0`` and ``theta_start <- theta`` (the next task starts here)."""
+    ``clip``; finally ``omega_path <- 0`` and ``theta_start <- theta`` (the next task starts here).
+    Arithmetic in fp64 for fp64 params, in fp32 otherwise."""
     op = "si_consolidate_"
     n = check_lists(op, omega_path=omega_path, params=params, start_params=start_params, out=out)
     xi = _finite_scalar(op, "xi", xi)
@@ -208,7 +212,10 @@ def _(params, old_params, accum, lam, backend):
 
 def wva_attenuate_(params: list[Tensor], old_params: list[Tensor], accum: list[Tensor], lam: float, *,
                    backend: str = "auto") -> None:
-    """Weight-velocity attenuation after an optimizer step: ``theta <- theta_old + (theta-theta_old)/(1+lam*A)``."""
+    """Weight-velocity attenuation after an optimizer step: ``theta <- theta_old + (theta-theta_old)/(1+lam*A)``.
+
+    Arithmetic in fp64 for fp64 params (which are therefore not rounded through fp32), in fp32
+    otherwise; the result is stored in the params' dtype."""
     op = "wva_attenuate_"
     n = check_lists(op, params=params, old_params=old_params, accum=accum)
     lam = _finite_scalar(op, "lam", lam, min_value=0.0)
