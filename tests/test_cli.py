@@ -136,7 +136,8 @@ def test_lam_resolution_and_conversion(capsys):
     assert lams == {"none": [0.0], "fisher": [82.0], "wva": [41.0]}  # WVA has no ½: unconverted
     assert "λ'=41" in capsys.readouterr().out
     args = build_parser().parse_args(["permuted-mnist", "--methods", "fisher,si", "--stabilize"])
-    assert _resolve_lams(args, args.methods) == {"fisher": [170.0], "si": [1.28]}
+    # their stabilised scripts already carry the ½: 85 / 0.64 are ewc_fast's λ as they stand
+    assert _resolve_lams(args, args.methods) == {"fisher": [85.0], "si": [0.64]}
 
 
 def test_missing_data_source_is_a_clear_error(tmp_path, capsys):

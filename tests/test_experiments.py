@@ -38,7 +38,7 @@ def test_lam_conventions():
     assert C.from_ewc_lam(82) == 41
     lam, src = C.default_lam("fisher")
     assert lam == 82 and "41" in src
-    assert C.default_lam("mas", stabilize=True)[0] == pytest.approx(17.0)
+    assert C.default_lam("mas", stabilize=True)[0] == pytest.approx(8.5)  # ½ already in their code
     assert C.default_lam("si")[0] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         C.to_ewc_lam(1, "other")

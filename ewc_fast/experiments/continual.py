@@ -84,6 +84,9 @@ LAM_CONVENTIONS = ("ewc", "kutalev")
 
 # Kutalev & Lapina 2021's tuned λ' (no-½ convention), FC net on permuted MNIST (NOTES §4).
 _KUTALEV_LAM = {"fisher": 41.0, "fisher_mc": 41.0, "fisher_exact": 41.0, "mas": 4.5, "si": 0.25}
+# Stabilised λs: their stabilised scripts (aakutalev/ewc-features, section3/*-stabilized.py) use
+# regularizer = Ω·λ·0.5/(Ω·λ·lr + 1) in λ'·Σ reg·(θ−θ*)², i.e. the penalty already carries the ½:
+# these values are in ewc_fast's convention as they stand (no doubling).
 _KUTALEV_LAM_STABILIZED = {"fisher": 85.0, "fisher_mc": 85.0, "fisher_exact": 85.0, "mas": 8.5,
                            "si": 0.64}
 # Not from a paper: picked on the embedded set (3 permuted tasks, 3 epochs; ewc_fast convention).
@@ -111,10 +114,13 @@ def from_ewc_lam(lam: float, convention: str = "kutalev") -> float:
 
 def default_lam(method: str, *, stabilize: bool = False) -> tuple[float, str]:
     """Default λ (ewc_fast convention) and where it comes from."""
-    table = _KUTALEV_LAM_STABILIZED if stabilize else _KUTALEV_LAM
-    if method in table:
-        return to_ewc_lam(table[method], "kutalev"), (
-            f"Kutalev & Lapina 2021 λ'={table[method]:g} (no-½) → λ={2 * table[method]:g}")
+    if stabilize and method in _KUTALEV_LAM_STABILIZED:
+        lam = _KUTALEV_LAM_STABILIZED[method]
+        return lam, (f"Kutalev & Lapina 2021 stabilised λ={lam:g} (their stabilised code already "
+                     f"has the ½) → λ={lam:g}")
+    if method in _KUTALEV_LAM:
+        return to_ewc_lam(_KUTALEV_LAM[method], "kutalev"), (
+            f"Kutalev & Lapina 2021 λ'={_KUTALEV_LAM[method]:g} (no-½) → λ={2 * _KUTALEV_LAM[method]:g}")
     if method == "wva":
         return _UNTUNED_LAM["wva"], "untuned default (WVA attenuation strength)"
     return _UNTUNED_LAM.get(method, 1.0), "untuned default; tune with --lam-grid"
