@@ -310,8 +310,9 @@ def _resolve_lams(args, methods) -> dict:
             out[m] = [0.0]
             continue
         grid = getattr(args, "lam_grid", None)
-        # WVA's λ sits in 1/(1 + λA): no ½ anywhere, so no conversion
-        c = "ewc" if m == "wva" else conv
+        # WVA's λ sits in 1/(1 + λA): no ½ anywhere, so no conversion. Kutalev's *stabilised*
+        # scripts already write λ·0.5·Ω/(1 + lr·λ·Ω): their λ is ours, so no conversion either.
+        c = "ewc" if (m == "wva" or getattr(args, "stabilize", False)) else conv
         if grid:
             lams = [to_ewc_lam(v, c) for v in grid]
             src = f"--lam-grid ({conv} convention)"

@@ -138,6 +138,13 @@ def test_lam_resolution_and_conversion(capsys):
     args = build_parser().parse_args(["permuted-mnist", "--methods", "fisher,si", "--stabilize"])
     # their stabilised scripts already carry the ½: 85 / 0.64 are ewc_fast's λ as they stand
     assert _resolve_lams(args, args.methods) == {"fisher": [85.0], "si": [0.64]}
+    # ... so a λ given in Kutalev's convention together with --stabilize is not doubled either
+    args = build_parser().parse_args(["permuted-mnist", "--methods", "fisher", "--stabilize",
+                                      "--lam", "85", "--lam-convention", "kutalev"])
+    assert _resolve_lams(args, args.methods) == {"fisher": [85.0]}
+    args = build_parser().parse_args(["permuted-mnist", "--methods", "fisher",
+                                      "--lam", "41", "--lam-convention", "kutalev"])
+    assert _resolve_lams(args, args.methods) == {"fisher": [82.0]}
 
 
 def test_missing_data_source_is_a_clear_error(tmp_path, capsys):
