@@ -89,18 +89,27 @@ def bench_penalty(total: int, n_tasks: int, repeats: int, device: str, lam: floa
     return {"params": total, "tasks": n_tasks, "rows": rows}
 
 
-def bench_si(width: int, depth: int, batch: int, repeats: int, device: str) -> dict:
+def si_workload(width: int, depth: int, batch: int, device: str):
+    """The SI benchmark's seeded MLP 784-(width x depth)-10, one batch, Adam and the loss.
+
+    Returns ``(model, x, y, optimizer, loss_fn)``; shared by every SI contender so they measure the
+    same model and optimizer.
+    """
     torch.manual_seed(0)
     layers, d = [], 784
     for _ in range(depth):
         layers += [torch.nn.Linear(d, width), torch.nn.ReLU()]
         d = width
     model = torch.nn.Sequential(*layers, torch.nn.Linear(d, 10)).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     x = torch.randn(batch, 784, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    return model, x, y, opt, torch.nn.CrossEntropyLoss()
+
+
+def bench_si(width: int, depth: int, batch: int, repeats: int, device: str) -> dict:
+    model, x, y, opt, loss_fn = si_workload(width, depth, batch, device)
+    n_params = sum(p.numel() for p in model.parameters())
 
     def fwd_bwd():
         opt.zero_grad(set_to_none=False)

@@ -599,16 +599,8 @@ def bench_si_avalanche(width: int, depth: int, batch: int, repeats: int, device:
     trajectory, one parameter at a time. (The plugin's per-step penalty term is not included.)
     """
     from ._timing import measure
-    torch.manual_seed(0)
-    layers, d = [], 784
-    for _ in range(depth):
-        layers += [torch.nn.Linear(d, width), torch.nn.ReLU()]
-        d = width
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(d, 10)).to(device)
-    x = torch.randn(batch, 784, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    from .bench_consolidation import si_workload
+    model, x, y, opt, loss_fn = si_workload(width, depth, batch, device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     buf = {k: {n: torch.zeros(p.numel(), dtype=p.dtype) for n, p in named}
            for k in ("old", "new", "grad", "trajectory")}

@@ -19,13 +19,7 @@ ALL = ("fisher", "fisher_mc", "fisher_exact", "mas", "sig", "magnitude", "random
 TOKEN = ("fisher", "fisher_mc", "mas", "sig", "fisher_batched")  # (N, T, C) outputs: no fisher_exact
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster (and steadier on a shared machine) than a pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(res, ref, tol=TOL, what=""):

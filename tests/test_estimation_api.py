@@ -16,13 +16,7 @@ from ewc_fast.estimation.rules import RULES
 from ewc_fast.reference_importance import reference_importance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster (and steadier on a shared machine) than a pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(n_in=6, n_out=3, seed=0):
