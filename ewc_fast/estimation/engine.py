@@ -1,12 +1,17 @@
 """``estimate_importance``: one forward per batch, one backward per seed, per-layer rules.
 
 Per batch: (1) one forward with forward hooks capturing every needed module's (args, kwargs,
-output) — activations are shared by all methods; (2) for each seed (:mod:`.methods`) one
-``torch.autograd.grad(seed, [captured outputs], retain_graph=True)`` — gradients w.r.t. module
-outputs only, so autograd skips every weight-gradient GEMM; (3) the rules (:mod:`.rules`), the
-tied-parameter path and the ``torch.func`` fallback (:mod:`.fallback`) turn (inputs, output
-gradients) into sums of g^2 / |g|; SIG uses the captured activations only. At the end the sums are
-all-reduced across ranks (:mod:`.distributed`) and divided by the sample count.
+output) — activations are shared by all methods; SIG uses them only and is computed right away;
+(2) for each seed (:mod:`.methods`) one backward that stops at the captured module outputs
+(``torch.autograd.grad`` w.r.t. the *frontier*: the captured outputs below which no other one lies),
+so autograd skips every weight-gradient GEMM; (3) tensor hooks on the captured outputs receive
+each output gradient G as the backward produces it, and as soon as all of a module's gradients
+have arrived its rule (:mod:`.rules`) or the ``torch.func`` fallback (:mod:`.fallback`) turns
+(inputs, G) into sums of g^2 / |g| (:class:`_Stream`). G is dropped right after, and on the last
+seed (no ``retain_graph``) so are the module's captured inputs: peak memory stays near a plain
+forward+backward's instead of holding every layer's G until the backward ends. Tied parameters
+(per-sample gradients of several modules summed before squaring) are done after the backward. At
+the end the sums are all-reduced across ranks (:mod:`.distributed`) and divided by the sample count.
 
 Which path serves a trainable parameter is decided once, on the first batch, by watching which
 module's ``forward`` is innermost whenever the parameter enters a torch function (a
@@ -198,11 +203,14 @@ def _build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], use
             if p is not None and id(p) in ids:
                 owners.setdefault(id(p), []).append((m, local))
     handled: dict[int, tuple[Rule, set]] = {}
-    for pid, lst in owners.items():
-        for m, _ in lst:
-            if id(m) not in handled:
-                rule = rule_for(m)
-                handled[id(m)] = (rule, set(rule.handles(m)) if rule is not None else set())
+    for m in mods.values():
+        rule = rule_for(m) if any(id(p) in ids for p in m.parameters()) else None
+        handled[id(m)] = (rule, set(rule.handles(m)) if rule is not None else set())
+        for local in handled[id(m)][1]:
+            if "." in local:  # a submodule's parameter used by this module's forward (MHA's out_proj)
+                p = m.get_parameter(local)
+                if id(p) in ids:
+                    owners.setdefault(id(p), []).append((m, local))
 
     def chain(m):
         out = [m]
@@ -348,11 +356,11 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
           before squaring (materialised chunk by chunk). Parameters reached only through the
           ``torch.func`` fallback (e.g. an ``nn.Parameter`` used in the root ``forward``) re-run the
           smallest enclosing module per sample, which can be slow when that module is the whole model.
-        * Per-layer rules need batch-first activations (``nn.MultiheadAttention`` with
-          ``batch_first=False`` is handled by its fallback resolver); a rule module whose input's
-          leading size is not the batch size raises.
-        * SIG falls back to |w| for parameters without a SIG rule (fallback modules such as
-          ``nn.MultiheadAttention``) or whose module never ran (on any rank: the choice is made
+        * Per-layer rules need batch-first activations (the ``nn.MultiheadAttention`` rule also
+          takes ``batch_first=False``); a rule module whose input's leading size is not the batch
+          size raises.
+        * SIG falls back to |w| for parameters without a SIG rule (``nn.MultiheadAttention``,
+          fallback modules) or whose module never ran (on any rank: the choice is made
           collectively, so every rank returns what a single process on all shards would);
           ``meta["sig_magnitude_fallback"]`` lists them.
         * Which rule serves which parameter is decided on the first batch (models whose parameter
@@ -536,16 +544,163 @@ def _sig_decide(names: list[str], flags: list[float]) -> dict[str, bool | None]:
     return out
 
 
-def _call_grads(calls, gmap, per_leaf: bool):
-    """Output gradients of each call: a tensor (rules) or a list aligned with the output leaves (fallback)."""
+def _call_grads(calls, received, per_leaf: bool):
+    """Output gradients of each call from ``received`` ((call index, leaf index) -> gradient): a
+    tensor per call (rules) or a list aligned with the call's output leaves (fallback, per-leaf rules)."""
     out = []
-    for c in calls:
+    for ci, c in enumerate(calls):
         if per_leaf:
-            gs = [gmap.get(id(t)) if isinstance(t, Tensor) else None for t in tree_flatten(c.output)[0]]
+            leaves = tree_flatten(c.output)[0]
+            gs = [received.get((ci, li)) for li in range(len(leaves))]
             out.append(gs if any(g is not None for g in gs) else None)
         else:
-            out.append(gmap.get(id(c.output)) if isinstance(c.output, Tensor) else None)
+            out.append(received.get((ci, 0)) if isinstance(c.output, Tensor) else None)
     return out
+
+
+def _walk(root, edges: dict) -> tuple[set, list, list]:
+    """Autograd graph below ``root`` (a grad_fn): the (node, output_nr) edges some node reaches
+    (ids; the node objects are kept alive by the third returned list), the *frontier*: the captured edges
+    (keys of ``edges``: (id(node), nr) -> tensor) reachable from ``root`` below which no other
+    captured edge is reachable. Gradients w.r.t. the frontier make autograd run every node between
+    the seed and all captured outputs, and nothing below them."""
+    keep, referenced = [root], {(id(root), 0)}
+    below: dict[int, bool] = {}
+    stack = [(root, False)]
+    while stack:  # iterative post-order DFS: below[node] = a captured edge is reachable under node
+        node, done = stack.pop()
+        if done:
+            below[id(node)] = any((id(c), nr) in edges or below.get(id(c), False)
+                                  for c, nr in node.next_functions if c is not None)
+            continue
+        if id(node) in below:
+            continue
+        below[id(node)] = False  # visiting (a DAG: no cycles)
+        stack.append((node, True))
+        for c, nr in node.next_functions:
+            if c is None:
+                continue
+            referenced.add((id(c), nr))
+            if id(c) not in below:
+                keep.append(c)
+                stack.append((c, False))
+    frontier = [t for key, t in edges.items() if key in referenced and not below.get(key[0], False)]
+    return referenced, frontier, keep
+
+
+class _Stream:
+    """Consumes the captured outputs' gradients of one backward as they arrive (tensor hooks).
+
+    A module's statistics are computed as soon as every gradient its calls can receive (per the
+    graph walk) has arrived, so its output gradients and, on the last seed, its captured inputs
+    are freed during the backward instead of all being alive at its end. Modules serving tied
+    parameters keep their gradients until the backward ends (the tied sums need all uses)."""
+
+    def __init__(self, plan: _Plan, capture: _Capture, n: int, backend: str):
+        self.plan, self.capture, self.n, self.backend = plan, capture, n, backend
+        self.groups = {id(g.module): g for g in plan.groups}
+        self.fallbacks = {id(f.module): f for f in plan.fallbacks}
+        self.tied_modules = {id(m) for t in plan.tied for m, *_ in t.uses}
+        self.per_leaf = {id(g.module): g.rule.per_leaf for g in plan.groups}
+        self.where: dict[int, list] = {}   # id(tensor) -> [(module key, call index, leaf index)]
+        self.tensors: dict[int, Tensor] = {}
+        for m in plan.modules():
+            for ci, c in enumerate(capture.calls[id(m)]):
+                for li, t in enumerate(tree_flatten(c.output)[0]):
+                    if isinstance(t, Tensor) and t.requires_grad:
+                        self.where.setdefault(id(t), []).append((id(m), ci, li))
+                        self.tensors[id(t)] = t
+        self.handles = []
+        self.seed = None
+
+    def streamable(self) -> bool:
+        """Hooks need every captured output to have a grad_fn (a module returning a leaf: no streaming)."""
+        return all(t.grad_fn is not None for t in self.tensors.values())
+
+    def install(self) -> None:
+        for tid, t in self.tensors.items():
+            self.handles.append(t.register_hook(self._hook(tid)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, tid):
+        def hook(g):
+            if self.seed is not None:
+                self._arrive(tid, g)
+            return None
+        return hook
+
+    # ------------------------------------------------------------------------------------ one seed
+    def begin(self, seed, bufs: dict, last: bool) -> list[Tensor]:
+        """Start a seed; returns the frontier tensors to take gradients w.r.t."""
+        self.seed, self.bufs, self.last = seed, bufs, last
+        self.received = {key: {} for key in set(self.groups) | set(self.fallbacks) | self.tied_modules}
+        self.done: set[int] = set()
+        edges = {(id(t.grad_fn), t.output_nr): t for t in self.tensors.values()}
+        referenced, frontier, keep = _walk(seed.value.grad_fn, edges)
+        self.expected = {key: 0 for key in self.received}
+        for key, t in edges.items():
+            if key in referenced:
+                for mkey, _, _ in self.where[id(t)]:
+                    self.expected[mkey] += 1
+        for mkey, cnt in self.expected.items():  # nothing can arrive: done now (also frees on the last seed)
+            if cnt == 0 and mkey not in self.tied_modules:
+                self._process(mkey)
+        del keep
+        return frontier
+
+    def _arrive(self, tid: int, g: Tensor) -> None:
+        for mkey, ci, li in self.where[tid]:
+            if mkey in self.done:
+                raise RuntimeError("ewc_fast internal error: a module output gradient arrived after its module "
+                                   "was processed; please report this model")
+            self.received[mkey][(ci, li)] = g
+            if len(self.received[mkey]) >= self.expected[mkey] and mkey not in self.tied_modules:
+                self._process(mkey)
+
+    def _process(self, mkey: int) -> None:
+        """Statistics of the group / fallback parameters of one module from the gradients received."""
+        calls, got = self.capture.calls[mkey], self.received[mkey]
+        g = self.groups.get(mkey)
+        if g is not None:
+            g.rule.accumulate(g.module, calls, _call_grads(calls, got, g.rule.per_leaf),
+                              {local: self.bufs[full] for local, full in g.params.items()}, self.seed.mode, self.n,
+                              self.backend)
+        f = self.fallbacks.get(mkey)
+        if f is not None:
+            FunctionalFallback().accumulate(f.module, calls, _call_grads(calls, got, True),
+                                            {rel: self.bufs[full] for rel, full in f.params.items()},
+                                            self.seed.mode, self.n)
+        self.done.add(mkey)
+        got.clear()
+        if self.last and mkey not in self.tied_modules:
+            self.capture.calls[mkey] = []  # release the captured inputs/outputs during the backward
+
+    def finish(self) -> None:
+        """After the backward: modules still waiting (a gradient that never came), then the tied sums."""
+        for mkey in list(self.received):
+            if mkey not in self.done and mkey not in self.tied_modules:
+                self._process(mkey)
+        n = self.n
+        for t in self.plan.tied:
+            buf = self.bufs[t.full]
+            step = chunk_rows(n, 4 * buf.numel())
+            per_use = []
+            for m, _, rule, local in t.uses:
+                cs = self.capture.calls[id(m)]
+                per_use.append((m, rule, local, cs, _call_grads(cs, self.received[id(m)], rule.per_leaf)))
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                ps = sum(rule.per_sample(m, cs, gs, [local], lo, hi, n)[local] for m, rule, local, cs, gs in per_use)
+                reduce_into(buf, ps, self.seed.mode)
+        for mkey in self.tied_modules:
+            if mkey not in self.done:  # its group / fallback parameters, with the gradients kept
+                self._process(mkey)
+        self.seed = None
+        self.received = {}
 
 
 def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, methods, sums, params, trainable, backend,
@@ -560,58 +715,54 @@ def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, metho
             outputs = _forward(model, inputs)
     finally:
         capture.active = False
+    capture.versions.clear()
     check_outputs(outputs, methods, n, idx)
-    calls = capture.calls
-    targets_list, seen = [], set()
-    for m in plan.modules():
-        for c in calls[id(m)]:
-            for t in tree_leaves(c.output):
-                if isinstance(t, Tensor) and t.requires_grad and id(t) not in seen:
-                    seen.add(id(t))
-                    targets_list.append(t)
+    if "sig" in methods:  # activations only: before the backward frees the captured tensors
+        with torch.no_grad():
+            _sig(plan, capture.calls, sums["sig"], n, activations, times_w)
     grad_methods = [m for m in methods if m in GRADIENT_METHODS or m == "fisher_batched"]
     if grad_methods:
-        for seed in seeds(methods, outputs, targets, loss_fn, n=n, batch_idx=idx, mc_samples=mc_samples,
-                          mas_output=mas_output, generator=generator):
-            if not seed.value.requires_grad:
-                raise ValueError("the model output does not depend on any trainable parameter (no autograd graph)")
-            wrt = targets_list + (params if seed.batched else [])
-            if not wrt:
-                continue
-            gs = torch.autograd.grad(seed.value, wrt, retain_graph=True, allow_unused=True)
-            with torch.no_grad():
-                if seed.batched:
-                    for (k, _), g in zip(trainable, gs[len(targets_list):]):
-                        if g is not None:
-                            sums["fisher_batched"][k].add_((g.float() / n).square())
-                if seed.method is not None:
-                    gmap = {id(t): g for t, g in zip(targets_list, gs) if g is not None}
-                    _dispatch(plan, calls, gmap, {k: v for k, v in sums[seed.method].items()}, seed.mode, n, backend)
-            del gs
-    if "sig" in methods:
-        with torch.no_grad():
-            _sig(plan, calls, sums["sig"], n, activations, times_w)
+        stream = _Stream(plan, capture, n, backend)
+        if not stream.streamable():
+            raise ValueError("a planned module returned a tensor without grad_fn that requires grad (a leaf); "
+                             "per-layer rules cannot observe its gradient")
+        stream.install()
+        try:
+            it = iter(seeds(methods, outputs, targets, loss_fn, n=n, batch_idx=idx, mc_samples=mc_samples,
+                            mas_output=mas_output, generator=generator))
+            del outputs
+            seed = next(it, None)
+            while seed is not None:
+                nxt = next(it, None)
+                _backward(seed, stream, sums, params, trainable, n, last=nxt is None)
+                seed = nxt
+        finally:
+            stream.remove()
     capture.clear()
 
 
-def _dispatch(plan: _Plan, calls, gmap, bufs, mode, n, backend) -> None:
-    for g in plan.groups:
-        cs = calls[id(g.module)]
-        g.rule.accumulate(g.module, cs, _call_grads(cs, gmap, False),
-                          {local: bufs[full] for local, full in g.params.items()}, mode, n, backend)
-    for t in plan.tied:
-        buf = bufs[t.full]
-        step = chunk_rows(n, 4 * buf.numel())
-        per_use = [(m, rule, local, calls[id(m)], _call_grads(calls[id(m)], gmap, False)) for m, _, rule, local in t.uses]
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            ps = sum(rule.per_sample(m, cs, gs, [local], lo, hi, n)[local] for m, rule, local, cs, gs in per_use)
-            reduce_into(buf, ps, mode)
-    fb = FunctionalFallback()
-    for f in plan.fallbacks:
-        cs = calls[id(f.module)]
-        fb.accumulate(f.module, cs, _call_grads(cs, gmap, True), {rel: bufs[full] for rel, full in f.params.items()},
-                      mode, n)
+def _backward(seed, stream: _Stream, sums, params, trainable, n, last: bool) -> None:
+    """One seed's backward: statistics streamed per module, then fisher_batched from the weight grads."""
+    if not seed.value.requires_grad:
+        raise ValueError("the model output does not depend on any trainable parameter (no autograd graph)")
+    bufs = sums[seed.method] if seed.method is not None else {}
+    frontier = stream.begin(seed, bufs, last) if seed.method is not None else []
+    wrt = frontier + (params if seed.batched else [])
+    try:
+        if wrt:
+            gs = torch.autograd.grad(seed.value, wrt, retain_graph=not last, allow_unused=True)
+            del frontier
+            with torch.no_grad():
+                if seed.batched:
+                    for (k, _), g in zip(trainable, gs[len(wrt) - len(params):]):
+                        if g is not None:
+                            sums["fisher_batched"][k].add_((g.float() / n).square())
+            del gs
+        if seed.method is not None:
+            with torch.no_grad():
+                stream.finish()
+    finally:
+        stream.seed = None
 
 
 def _sig(plan: _Plan, calls, bufs, n, activations, times_w) -> None:

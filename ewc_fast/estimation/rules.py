@@ -84,10 +84,15 @@ class Rule:
 
     #: the direct parameters of the module this rule can handle
     param_names: tuple[str, ...] = ("weight", "bias")
+    #: False: ``grads[i]`` is the gradient of call i's (tensor) output; True: a list aligned with
+    #: ``torch.utils._pytree.tree_flatten(call.output)[0]`` (None where a leaf got no gradient)
+    per_leaf: bool = False
 
     def handles(self, module: nn.Module) -> tuple[str, ...]:
-        """Names of ``module``'s direct parameters this rule handles (raise ValueError if the
-        module's configuration makes per-sample statistics undefined)."""
+        """Names of the parameters this rule handles, relative to ``module``: direct ones (``"weight"``)
+        or a submodule's that ``module``'s own forward uses (``"out_proj.weight"``). Raise ValueError
+        if the module's configuration makes per-sample statistics undefined; return fewer names to
+        leave parameters to the ``torch.func`` fallback."""
         return tuple(n for n in self.param_names if getattr(module, n, None) is not None
                      and n in module._parameters)
 
