@@ -3,6 +3,7 @@
 * :mod:`.engine`      — the data pass (capture, seeds, dispatch, restore) and the public function.
 * :mod:`.methods`     — method names, per-sample losses, backward seeds (formulas in its docstring).
 * :mod:`.rules`       — per-layer rules (Linear, Conv, Embedding, norms) and the registry ``RULES``.
+* :mod:`.rules_attention` — the exact ``nn.MultiheadAttention`` rule (registered on import).
 * :mod:`.fallback`    — exact ``torch.func`` per-sample fallback for modules without a rule.
 * :mod:`.distributed` — all-reduce of sums and counts across ranks.
 """
@@ -10,5 +11,6 @@ from .engine import estimate_importance
 from .fallback import BATCH_DIMS
 from .methods import METHODS
 from .rules import RULES, Call, Rule, register_rule, rule_for
+from . import rules_attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 
 __all__ = ["estimate_importance", "METHODS", "RULES", "BATCH_DIMS", "Rule", "Call", "register_rule", "rule_for"]
