@@ -718,6 +718,12 @@ def format_markdown(report: dict) -> str:
     L.append("* error: ||result - oracle|| / ||oracle|| over all parameters (F = empirical Fisher, MAS, "
              "F_exact = exact Fisher); oracle: " + report.get("oracle", oracle_source()))
     L.append(f"* per-sample-gradient memory budget of materialising contenders: {_fmt_bytes(report['mem_budget_bytes'])}")
+    if m.get("command"):
+        L.append(f"* command: `{m['command']}`")
+    for run in report.get("runs", []):
+        L.append(f"* merged from `{run['source']}` ({run['date']}): {', '.join(run['workloads']) or '-'}"
+                 + ("; consolidation" if run["consolidation"] else "")
+                 + (f"; command `{run['command']}`" if run.get("command") else ""))
     L.append("")
     L.append("## Targets")
     L.append("")
@@ -765,6 +771,8 @@ def format_markdown(report: dict) -> str:
             L += cons["si_lines"]
         for e in cons["errors"]:
             L.append(f"\n* not measured: {e}")
+    if report.get("notes_md"):
+        L += ["", "## Analysis", "", report["notes_md"].strip()]
     return "\n".join(L) + "\n"
 
 
@@ -791,17 +799,61 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-time", type=float, default=None, help="cap on the timed repeats of one row (s)")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per row (memory not measured)")
     ap.add_argument("--no-consolidation", action="store_true", help="skip the penalty / SI section")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: combine the JSON reports of earlier runs (a later file's workloads "
+                         "replace an earlier one's; consolidation from the last that has it), re-check targets "
+                         "and write --out / --json")
+    ap.add_argument("--notes", default=None, metavar="MD",
+                    help="markdown file appended to the report as its 'Analysis' section (why a target is "
+                         "or is not met)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
+
+
+def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict:
+    """One report from several runs' JSON reports: workloads and their rows in first-seen order, a later
+    report's rows replacing an earlier one's for the same workload; targets re-evaluated."""
+    if not reports:
+        raise ValueError("merge_reports: no reports")
+    sizes = {r["size"] for r in reports}
+    if len(sizes) > 1:
+        raise ValueError(f"merge_reports: reports of different sizes {sorted(sizes)}")
+    devices = {r["meta"]["device"] for r in reports}
+    if len(devices) > 1:
+        raise ValueError(f"merge_reports: reports from different devices {sorted(devices)}")
+    out = {k: v for k, v in reports[0].items() if k not in ("rows", "workloads", "targets", "consolidation")}
+    out["workloads"], out["rows"] = {}, []
+    rows_by_wl: dict[str, list] = {}
+    for r in reports:
+        for wname, w in r["workloads"].items():
+            out["workloads"][wname] = w
+            rows_by_wl[wname] = [row for row in r["rows"] if row["workload"] == wname]
+        if r.get("consolidation"):
+            out["consolidation"] = r["consolidation"]
+    for wname in out["workloads"]:
+        out["rows"] += rows_by_wl[wname]
+    out["repeats"] = min(r["repeats"] for r in reports)
+    out["isolate"] = all(r["isolate"] for r in reports)
+    out["runs"] = [{"source": (sources[i] if sources else f"report {i}"), "date": r["meta"].get("date"),
+                    "command": r["meta"].get("command"), "workloads": list(r["workloads"]),
+                    "consolidation": bool(r.get("consolidation"))} for i, r in enumerate(reports)]
+    out["targets"] = evaluate_targets(out)
+    return out
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
         return _child_main(args.child)
-    report = run_suite(args.size, args.workloads, args.contenders, tuple(args.tasks), repeats=args.repeats,
-                       device=args.device, isolate=not args.in_process, timeout=args.timeout,
-                       max_time=args.max_time, threads=args.threads, consolidation=not args.no_consolidation)
+    if args.merge:
+        report = merge_reports([json.loads(Path(p).read_text()) for p in args.merge], list(args.merge))
+    else:
+        report = run_suite(args.size, args.workloads, args.contenders, tuple(args.tasks), repeats=args.repeats,
+                           device=args.device, isolate=not args.in_process, timeout=args.timeout,
+                           max_time=args.max_time, threads=args.threads, consolidation=not args.no_consolidation)
+        report["meta"]["command"] = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.notes:
+        report["notes_md"] = Path(args.notes).read_text()
     out = Path(args.out) if args.out else REPO_ROOT / DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     jpath = Path(args.json) if args.json else out.with_suffix(".json")

@@ -169,3 +169,34 @@ def test_cli_subprocess_rows_and_files(tmp_path):
     cons = rep["consolidation"]
     assert cons["penalty_lines"] or cons["errors"]
     assert MAS not in rows["avalanche-style"]["rel_error"]
+
+
+def test_merge_reports_and_notes(tiny_report, tmp_path):
+    """--merge combines runs (a later run's workload replaces the earlier one's), re-checks the targets
+    and appends --notes as the Analysis section; mixing sizes is refused."""
+    import copy
+    a = copy.deepcopy(tiny_report)
+    a["meta"]["command"] = "run A"
+    b = copy.deepcopy(tiny_report)
+    b["workloads"] = {"mlp-mnist": b["workloads"]["mlp-mnist"]}
+    b["rows"] = [dict(r, message="from B") for r in b["rows"] if r["workload"] == "mlp-mnist"]
+    b["meta"]["command"] = "run B"
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a, default=str))
+    pb.write_text(json.dumps(b, default=str))
+    notes = tmp_path / "notes.md"
+    notes.write_text("Why the MLP target is met.\n")
+    out = tmp_path / "M.md"
+    assert compare.main(["--merge", str(pa), str(pb), "--notes", str(notes), "--out", str(out)]) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert list(rep["workloads"]) == list(a["workloads"])  # order of first appearance
+    mlp = [r for r in rep["rows"] if r["workload"] == "mlp-mnist"]
+    assert mlp and all(r.get("message") == "from B" for r in mlp)
+    assert len(rep["rows"]) == len(a["rows"])
+    assert [r["command"] for r in rep["runs"]] == ["run A", "run B"]
+    md = out.read_text()
+    assert "merged from" in md and "## Analysis" in md and "Why the MLP target is met." in md
+    c = copy.deepcopy(b)
+    c["size"] = "full"
+    with pytest.raises(ValueError, match="sizes"):
+        compare.merge_reports([a, c])
