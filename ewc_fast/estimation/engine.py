@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
@@ -279,6 +280,16 @@ class _Capture:
             self.calls[key].append(Call(args, kwargs, output))
             return None
         return hook
+
+    def outputs_to_meta(self) -> None:
+        """Replace every captured output tensor by a storage-less ``meta`` tensor of its shape and dtype:
+        after SIG, rules and the fallback need only the outputs' structure and shapes, and holding the
+        real tensors would keep them alive through the whole backward."""
+        def meta(t):
+            return torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t
+        for lst in self.calls.values():
+            for i, c in enumerate(lst):
+                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output))
 
     def clear(self) -> None:
         for v in self.calls.values():
@@ -563,7 +574,7 @@ def _walk(root, edges: dict) -> tuple[set, list, list]:
     (ids; the node objects are kept alive by the third returned list), the *frontier*: the captured edges
     (keys of ``edges``: (id(node), nr) -> tensor) reachable from ``root`` below which no other
     captured edge is reachable. Gradients w.r.t. the frontier make autograd run every node between
-    the seed and all captured outputs, and nothing below them."""
+    the seed and all captured outputs, and nothing below them. Edges are keyed (id(node), output_nr)."""
     keep, referenced = [root], {(id(root), 0)}
     below: dict[int, bool] = {}
     stack = [(root, False)]
@@ -601,50 +612,49 @@ class _Stream:
         self.groups = {id(g.module): g for g in plan.groups}
         self.fallbacks = {id(f.module): f for f in plan.fallbacks}
         self.tied_modules = {id(m) for t in plan.tied for m, *_ in t.uses}
-        self.per_leaf = {id(g.module): g.rule.per_leaf for g in plan.groups}
-        self.where: dict[int, list] = {}   # id(tensor) -> [(module key, call index, leaf index)]
-        self.tensors: dict[int, Tensor] = {}
+        # (id(grad_fn), output_nr) of a captured output -> [(module key, call index, leaf index)]
+        self.where: dict[tuple, list] = {}
+        self.edges: dict[tuple, GradientEdge] = {}
+        self.leaf_output = False
+        self.handles = []
+        self.seed = None
         for m in plan.modules():
             for ci, c in enumerate(capture.calls[id(m)]):
                 for li, t in enumerate(tree_flatten(c.output)[0]):
-                    if isinstance(t, Tensor) and t.requires_grad:
-                        self.where.setdefault(id(t), []).append((id(m), ci, li))
-                        self.tensors[id(t)] = t
-        self.handles = []
-        self.seed = None
-
-    def streamable(self) -> bool:
-        """Hooks need every captured output to have a grad_fn (a module returning a leaf: no streaming)."""
-        return all(t.grad_fn is not None for t in self.tensors.values())
-
-    def install(self) -> None:
-        for tid, t in self.tensors.items():
-            self.handles.append(t.register_hook(self._hook(tid)))
+                    if not (isinstance(t, Tensor) and t.requires_grad):
+                        continue
+                    if t.grad_fn is None:
+                        self.leaf_output = True
+                        continue
+                    key = (id(t.grad_fn), t.output_nr)
+                    self.where.setdefault(key, []).append((id(m), ci, li))
+                    if key not in self.edges:
+                        self.edges[key] = get_gradient_edge(t)
+                        self.handles.append(t.register_hook(self._hook(key)))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
 
-    def _hook(self, tid):
+    def _hook(self, key):
         def hook(g):
             if self.seed is not None:
-                self._arrive(tid, g)
+                self._arrive(key, g)
             return None
         return hook
 
     # ------------------------------------------------------------------------------------ one seed
-    def begin(self, seed, bufs: dict, last: bool) -> list[Tensor]:
-        """Start a seed; returns the frontier tensors to take gradients w.r.t."""
+    def begin(self, seed, bufs: dict, last: bool) -> list[GradientEdge]:
+        """Start a seed; returns the frontier (gradient edges of captured outputs) to differentiate to."""
         self.seed, self.bufs, self.last = seed, bufs, last
         self.received = {key: {} for key in set(self.groups) | set(self.fallbacks) | self.tied_modules}
         self.done: set[int] = set()
-        edges = {(id(t.grad_fn), t.output_nr): t for t in self.tensors.values()}
-        referenced, frontier, keep = _walk(seed.value.grad_fn, edges)
+        referenced, frontier, keep = _walk(seed.value.grad_fn, self.edges)
         self.expected = {key: 0 for key in self.received}
-        for key, t in edges.items():
+        for key in self.edges:
             if key in referenced:
-                for mkey, _, _ in self.where[id(t)]:
+                for mkey, _, _ in self.where[key]:
                     self.expected[mkey] += 1
         for mkey, cnt in self.expected.items():  # nothing can arrive: done now (also frees on the last seed)
             if cnt == 0 and mkey not in self.tied_modules:
@@ -652,8 +662,8 @@ class _Stream:
         del keep
         return frontier
 
-    def _arrive(self, tid: int, g: Tensor) -> None:
-        for mkey, ci, li in self.where[tid]:
+    def _arrive(self, key: tuple, g: Tensor) -> None:
+        for mkey, ci, li in self.where[key]:
             if mkey in self.done:
                 raise RuntimeError("ewc_fast internal error: a module output gradient arrived after its module "
                                    "was processed; please report this model")
@@ -723,11 +733,11 @@ def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, metho
     grad_methods = [m for m in methods if m in GRADIENT_METHODS or m == "fisher_batched"]
     if grad_methods:
         stream = _Stream(plan, capture, n, backend)
-        if not stream.streamable():
-            raise ValueError("a planned module returned a tensor without grad_fn that requires grad (a leaf); "
-                             "per-layer rules cannot observe its gradient")
-        stream.install()
         try:
+            if stream.leaf_output:
+                raise ValueError("a planned module returned a tensor that requires grad but has no grad_fn (a "
+                                 "leaf, e.g. a parameter returned as is); per-layer rules cannot observe its gradient")
+            capture.outputs_to_meta()
             it = iter(seeds(methods, outputs, targets, loss_fn, n=n, batch_idx=idx, mc_samples=mc_samples,
                             mas_output=mas_output, generator=generator))
             del outputs
