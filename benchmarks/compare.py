@@ -380,10 +380,12 @@ def _select_contenders(names, device):
 def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, *, repeats: int = 5,
               warmup: int = 1, device: str = "cpu", isolate: bool = True, timeout: float | None = None,
               max_time: float | None = None, threads: int | None = None, consolidation: bool = True,
-              mem_limit_bytes: int | None = None, log=print) -> dict:
+              mem_limit_bytes: int | None = None, log=print, checkpoint=None) -> dict:
     """Measure every row, check errors against the oracle and the targets; returns the report dict.
 
     ``isolate=False`` measures in this process (faster; the memory column is then not reported).
+    ``checkpoint(report)`` is called after each workload with the report so far (``partial: True``),
+    so that a long run stopped midway keeps its finished workloads.
     """
     device = str(device)
     wl_names = list(workloads) if workloads else list(WORKLOADS)
@@ -437,6 +439,9 @@ def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, 
             if r.get("peak_extra_bytes") is not None and plain_peak is not None and r.get("param_bytes"):
                 r["copies_over_plain"] = (r["peak_extra_bytes"] - plain_peak) / r["param_bytes"]
         report["rows"] += wrows
+        if checkpoint is not None:
+            checkpoint(dict(report, partial=True, rows=[{k: v for k, v in r.items() if k != "_result_path"}
+                                                        for r in report["rows"]]))
     report["targets"] = evaluate_targets(report)
     if consolidation:
         report["consolidation"] = run_consolidation(size, device, repeats, log)
@@ -723,6 +728,7 @@ def format_markdown(report: dict) -> str:
     for run in report.get("runs", []):
         L.append(f"* merged from `{run['source']}` ({run['date']}): {', '.join(run['workloads']) or '-'}"
                  + ("; consolidation" if run["consolidation"] else "")
+                 + ("; a partial run (stopped midway: the workloads listed finished)" if run.get("partial") else "")
                  + (f"; command `{run['command']}`" if run.get("command") else ""))
     L.append("")
     L.append("## Targets")
@@ -836,7 +842,8 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
     out["isolate"] = all(r["isolate"] for r in reports)
     out["runs"] = [{"source": (sources[i] if sources else f"report {i}"), "date": r["meta"].get("date"),
                     "command": r["meta"].get("command"), "workloads": list(r["workloads"]),
-                    "consolidation": bool(r.get("consolidation"))} for i, r in enumerate(reports)]
+                    "consolidation": bool(r.get("consolidation")), "partial": bool(r.get("partial"))}
+                   for i, r in enumerate(reports)]
     out["targets"] = evaluate_targets(out)
     return out
 
@@ -845,19 +852,29 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
         return _child_main(args.child)
-    if args.merge:
-        report = merge_reports([json.loads(Path(p).read_text()) for p in args.merge], list(args.merge))
-    else:
-        report = run_suite(args.size, args.workloads, args.contenders, tuple(args.tasks), repeats=args.repeats,
-                           device=args.device, isolate=not args.in_process, timeout=args.timeout,
-                           max_time=args.max_time, threads=args.threads, consolidation=not args.no_consolidation)
-        report["meta"]["command"] = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.notes:
-        report["notes_md"] = Path(args.notes).read_text()
     out = Path(args.out) if args.out else REPO_ROOT / DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     jpath = Path(args.json) if args.json else out.with_suffix(".json")
     jpath.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        reports = [json.loads(Path(p).read_text()) for p in args.merge]
+        for p, r in zip(args.merge, reports):
+            if r.get("partial"):
+                print(f"[bench] note: {p} is a partial run (stopped midway); its finished workloads are merged")
+        report = merge_reports(reports, list(args.merge))
+    else:
+        def checkpoint(rep):
+            rep["meta"] = dict(rep["meta"], command=command)
+            jpath.write_text(json.dumps(rep, indent=1, default=_json_default))
+
+        report = run_suite(args.size, args.workloads, args.contenders, tuple(args.tasks), repeats=args.repeats,
+                           device=args.device, isolate=not args.in_process, timeout=args.timeout,
+                           max_time=args.max_time, threads=args.threads, consolidation=not args.no_consolidation,
+                           checkpoint=checkpoint)
+        report["meta"]["command"] = command
+    if args.notes:
+        report["notes_md"] = Path(args.notes).read_text()
     jpath.write_text(json.dumps(report, indent=1, default=_json_default))  # first: never lose the data
     out.write_text(format_markdown(report))
     print(f"[bench] wrote {out} and {jpath}")

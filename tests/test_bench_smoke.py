@@ -200,3 +200,18 @@ def test_merge_reports_and_notes(tiny_report, tmp_path):
     c["size"] = "full"
     with pytest.raises(ValueError, match="sizes"):
         compare.merge_reports([a, c])
+
+
+def test_checkpoint_after_each_workload():
+    """A long run stopped midway keeps its finished workloads: run_suite hands the report so far to
+    ``checkpoint`` after every workload, marked partial and without private fields."""
+    seen = []
+    compare.run_suite("tiny", workloads=["mlp-mnist", "embedding"], contenders=["ewc_fast[torch]"],
+                      tasks=("fisher",), repeats=0, isolate=False, consolidation=False, threads=1,
+                      log=lambda *a, **k: None, checkpoint=lambda rep: seen.append(json.loads(json.dumps(rep, default=str))))
+    assert [list(r["workloads"]) for r in seen] == [["mlp-mnist"], ["mlp-mnist", "embedding"]]
+    assert all(r["partial"] for r in seen)
+    assert {r["workload"] for r in seen[0]["rows"]} == {"mlp-mnist"}
+    assert not any("_result_path" in row for r in seen for row in r["rows"])
+    merged = compare.merge_reports([seen[0]])
+    assert merged["runs"][0]["partial"] and "partial run" in compare.format_markdown(merged)
