@@ -828,6 +828,8 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
     if len(devices) > 1:
         raise ValueError(f"merge_reports: reports from different devices {sorted(devices)}")
     out = {k: v for k, v in reports[0].items() if k not in ("rows", "workloads", "targets", "consolidation")}
+    out["meta"] = {k: v for k, v in reports[0]["meta"].items() if k != "command"}  # each run's is in "runs"
+    out["meta"]["date"] = "merged " + _dt.datetime.now().isoformat(timespec="seconds")
     out["workloads"], out["rows"] = {}, []
     rows_by_wl: dict[str, list] = {}
     for r in reports:
