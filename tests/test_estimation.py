@@ -278,16 +278,18 @@ CASES = ["linear", "linear_bias", "seqcls", "seqcls_bias", "seqtok", "conv1d", "
 _REF: dict = {}
 
 
-def reference(name):
-    if name not in _REF:
-        model, data, methods = make_case(name)
-        _REF[name] = reference_importance(model, data, methods, generator=torch.Generator().manual_seed(3),
-                                          mc_samples=2)
-    return _REF[name]
+def reference(name, make=None):
+    """Float64 oracle of case ``name`` built by ``make`` (default :func:`make_case`), cached."""
+    make = make or make_case
+    if (make, name) not in _REF:
+        model, data, methods = make(name)
+        _REF[make, name] = reference_importance(model, data, methods, generator=torch.Generator().manual_seed(3),
+                                                mc_samples=2)
+    return _REF[make, name]
 
 
-def run_case(name, backend, **kw):
-    model, data, methods = make_case(name)
+def run_case(name, backend, make=None, **kw):
+    model, data, methods = (make or make_case)(name)
     res = ewc_fast.estimate_importance(model, data, methods, backend=backend, progress=False,
                                        generator=torch.Generator().manual_seed(3), mc_samples=2, **kw)
     return res, methods

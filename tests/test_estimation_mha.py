@@ -15,6 +15,7 @@ import ewc_fast
 from ewc_fast.estimation import fallback as fallback_mod
 from ewc_fast.estimation.rules_attention import MultiheadAttentionRule
 from ewc_fast.reference_importance import reference_importance
+import test_estimation
 from test_estimation import _TRITON, ALL, assert_close, ragged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,21 +130,12 @@ def make_case(name):
     return model, ragged(x, y), ALL
 
 
-_REF: dict = {}
-
-
 def reference(name):
-    if name not in _REF:
-        model, data, methods = make_case(name)
-        _REF[name] = reference_importance(model, data, methods, generator=torch.Generator().manual_seed(3),
-                                          mc_samples=2)
-    return _REF[name]
+    return test_estimation.reference(name, make_case)
 
 
 def run_case(name, backend):
-    model, data, methods = make_case(name)
-    return ewc_fast.estimate_importance(model, data, methods, backend=backend, progress=False,
-                                        generator=torch.Generator().manual_seed(3), mc_samples=2)
+    return test_estimation.run_case(name, backend, make_case)[0]
 
 
 @pytest.fixture
