@@ -709,8 +709,7 @@ class _Stream:
         for mkey in self.tied_modules:
             if mkey not in self.done:  # its group / fallback parameters, with the gradients kept
                 self._process(mkey)
-        self.seed = None
-        self.received = {}
+        self.received = {}  # the seed is cleared by the caller (also when the backward raised)
 
 
 def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, methods, sums, params, trainable, backend,
@@ -761,7 +760,6 @@ def _backward(seed, stream: _Stream, sums, params, trainable, n, last: bool) -> 
     try:
         if wrt:
             gs = torch.autograd.grad(seed.value, wrt, retain_graph=not last, allow_unused=True)
-            del frontier
             with torch.no_grad():
                 if seed.batched:
                     for (k, _), g in zip(trainable, gs[len(wrt) - len(params):]):
