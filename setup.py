@@ -4,6 +4,7 @@
 sub-package ``ewc_fast.kernels`` through ``package_dir``; no top-level ``kernels`` module is created.
 The extension needs no torch headers: the Python side validates tensors and passes raw pointers.
 """
+
 import os
 import sys
 

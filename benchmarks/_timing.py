@@ -1,4 +1,5 @@
 """Timing helpers shared by the benchmarks: median of repeats after warm-up, with spread."""
+
 from __future__ import annotations
 
 import statistics

@@ -11,6 +11,7 @@ training step (forward + backward + step) with and without it.
 
 Run: ``python -m benchmarks.bench_consolidation [--sizes 10e6 100e6] [--tasks 1 10] [--repeats 5]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def _summary(ts: list[float]) -> Timing:
     import statistics
 
     return Timing(statistics.median(ts), min(ts), max(ts), len(ts))
+
 
 PENALTY_BYTES_PER_PARAM = 4 + 4 + 4 + 8 + 4  # grad, theta, Omega (fp32), mu (fp64) read; grad written
 COPY_BYTES_PER_PARAM = 4 + 4  # fp32 read + write
@@ -78,7 +80,7 @@ def bench_penalty(total: int, n_tasks: int, repeats: int, device: str, lam: floa
         backends = [b for b in backends if b != "triton"]
     fns = {"copy": lambda: dst.copy_(src)}
     for b in backends:
-        fns[f"fused[{b}]"] = (lambda b=b: ops.penalty_apply_(grads, params, omega, mu, lam, c=c, backend=b))
+        fns[f"fused[{b}]"] = lambda b=b: ops.penalty_apply_(grads, params, omega, mu, lam, c=c, backend=b)
     fns["per-task autograd loop"] = per_task_loop
     times = measure_interleaved(fns, repeats=repeats, device=device, setup=reset)
     rows = {"copy": {"time": times["copy"], "gbs": COPY_BYTES_PER_PARAM * total / times["copy"].median_s / 1e9}}
@@ -145,14 +147,18 @@ def format_penalty(res: dict) -> list[str]:
     rows = res["rows"]
     copy = rows["copy"]
     loop = rows["per-task autograd loop"]["time"].median_s
-    lines = [f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | memory copy | {copy['time']} | {copy['gbs']:.1f} | 100% | - |"]
+    lines = [
+        f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | memory copy | {copy['time']} | {copy['gbs']:.1f} | 100% | - |"
+    ]
     for name, r in rows.items():
         if name == "copy":
             continue
         gbs = f"{r['gbs']:.1f}" if r["gbs"] else "-"
         frac = f"{100 * r['gbs'] / copy['gbs']:.0f}%" if r["gbs"] else "-"
         speedup = f"{loop / r['time'].median_s:.1f}x"
-        lines.append(f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | {name} | {r['time']} | {gbs} | {frac} | {speedup} |")
+        lines.append(
+            f"| {res['params'] / 1e6:.0f}M | {res['tasks']} | {name} | {r['time']} | {gbs} | {frac} | {speedup} |"
+        )
     return lines
 
 
@@ -168,8 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write raw results here")
     args = ap.parse_args(argv)
 
-    print(f"# consolidation benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {args.device}")
+    print(
+        f"# consolidation benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, device {args.device}"
+    )
     print("| params | tasks | contender | median [min-max] | GB/s | of copy BW | vs per-task loop |")
     print("|---|---|---|---|---|---|---|")
     results = []
@@ -179,15 +187,20 @@ def main(argv=None) -> int:
             results.append(res)
             print("\n".join(format_penalty(res)), flush=True)
     si = bench_si(args.si_width, args.si_depth, args.si_batch, args.repeats, args.device)
-    print(f"\n# SI overhead, MLP 784-{args.si_width}x{args.si_depth}-10 ({si['params'] / 1e6:.1f}M params), Adam, batch {si['batch']}")
+    print(
+        f"\n# SI overhead, MLP 784-{args.si_width}x{args.si_depth}-10 ({si['params'] / 1e6:.1f}M params), "
+        f"Adam, batch {si['batch']}"
+    )
     print("| measured | plain | with SI | overhead |")
     print("|---|---|---|---|")
     for a, b in (("step", "step+si"), ("train_step", "train_step+si")):
         ov = si[b].median_s / si[a].median_s - 1
         print(f"| {a.replace('_', ' ')} | {si[a]} | {si[b]} | {100 * ov:+.1f}% |")
     if args.json:
+
         def enc(o):
             return o.__dict__
+
         with open(args.json, "w") as f:
             json.dump({"penalty": results, "si": si}, f, default=enc, indent=1)
     return 0

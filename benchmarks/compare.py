@@ -22,6 +22,7 @@ Run: ``python -m benchmarks.compare [--size tiny|full] [--workloads ...] [--cont
 [--repeats N] [--device cpu|cuda] [--out benchmarks/RESULTS.md] [--json benchmarks/RESULTS.json]``.
 Programmatic: :func:`main` (argv list) or :func:`run_suite`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,20 @@ from pathlib import Path
 
 import torch
 
-from .contenders import (FISHER, FISHER_EXACT, MAS, oracle_source, PlainFwdBwd, Unsupported, all_contenders, get_contender,
-                         mem_budget_bytes, oracle_importance, plain_fwd_bwd_fn, relative_error)
+from .contenders import (
+    FISHER,
+    FISHER_EXACT,
+    MAS,
+    PlainFwdBwd,
+    Unsupported,
+    all_contenders,
+    get_contender,
+    mem_budget_bytes,
+    oracle_importance,
+    oracle_source,
+    plain_fwd_bwd_fn,
+    relative_error,
+)
 from .workloads import SIZES, WORKLOADS, get_workload, param_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +91,7 @@ def _malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc), so that RSS tracks live memory."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except Exception:  # not glibc
         pass
@@ -152,8 +166,7 @@ def _timed(fn, device):
 
 
 def _summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times)}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -225,8 +238,9 @@ def _measure_row(spec: dict) -> dict:
         run = contender.prepare(wl, model, batches, device, methods)
         t_warm, result = _timed(run, device)
         if spec.get("result_path"):
-            torch.save({m: {k: v.detach().to("cpu") for k, v in d.items()} for m, d in result.items()},
-                       spec["result_path"])
+            torch.save(
+                {m: {k: v.detach().to("cpu") for k, v in d.items()} for m, d in result.items()}, spec["result_path"]
+            )
         del result
         max_time = spec.get("max_time")
         if not quick and max_time and t_warm * repeats > max_time:
@@ -308,8 +322,14 @@ def run_row_subprocess(spec: dict, timeout: float, workdir: str) -> dict:
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     base = {k: spec[k] for k in ("workload", "size", "contender", "task", "device")}
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--child", spec_path],
-                              cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.compare", "--child", spec_path],
+            cwd=str(REPO_ROOT),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return dict(base, status="timeout", message=f"no result within {timeout:.0f} s", notes=[])
     if proc.returncode != 0 or not os.path.exists(spec["row_path"]):
@@ -339,14 +359,23 @@ def machine_info(device) -> dict:
                     break
     except OSError:
         pass
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "memory_gib": round(_mem_total() / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "device": str(device)}
+    info = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(_mem_total() / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     versions = {}
     from importlib.metadata import PackageNotFoundError, version
+
     for dist in ("opacus", "backpack-for-pytorch", "nngeometry", "asdfghjkl"):
         try:
             versions[dist] = version(dist)
@@ -354,12 +383,14 @@ def machine_info(device) -> dict:
             versions[dist] = "not installed"
     try:
         import ewc_fast
+
         versions["ewc_fast"] = ewc_fast.__version__
         versions["ewc_fast backends"] = ", ".join(ewc_fast.available_backends(device))
     except Exception:  # pragma: no cover
         pass
     try:
         import triton
+
         versions["triton"] = triton.__version__
     except Exception:
         pass
@@ -377,10 +408,24 @@ def _select_contenders(names, device):
     return out
 
 
-def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, *, repeats: int = 5,
-              warmup: int = 1, device: str = "cpu", isolate: bool = True, timeout: float | None = None,
-              max_time: float | None = None, threads: int | None = None, consolidation: bool = True,
-              mem_limit_bytes: int | None = None, log=print, checkpoint=None) -> dict:
+def run_suite(
+    size: str = "tiny",
+    workloads=None,
+    contenders=None,
+    tasks=TASKS,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    isolate: bool = True,
+    timeout: float | None = None,
+    max_time: float | None = None,
+    threads: int | None = None,
+    consolidation: bool = True,
+    mem_limit_bytes: int | None = None,
+    log=print,
+    checkpoint=None,
+) -> dict:
     """Measure every row, check errors against the oracle and the targets; returns the report dict.
 
     ``isolate=False`` measures in this process (faster; the memory column is then not reported).
@@ -395,16 +440,30 @@ def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, 
         max_time = {"tiny": 30.0, "small": 120.0}.get(size, 300.0)
     if mem_limit_bytes is None and torch.device(device).type == "cpu" and _mem_total():
         mem_limit_bytes = int(0.8 * _mem_total())
-    report = {"meta": machine_info(device), "oracle": oracle_source(), "size": size, "repeats": repeats, "isolate": isolate,
-              "mem_budget_bytes": mem_budget_bytes(device), "workloads": {}, "rows": [], "targets": []}
+    report = {
+        "meta": machine_info(device),
+        "oracle": oracle_source(),
+        "size": size,
+        "repeats": repeats,
+        "isolate": isolate,
+        "mem_budget_bytes": mem_budget_bytes(device),
+        "workloads": {},
+        "rows": [],
+        "targets": [],
+    }
     if threads:
         report["meta"]["torch_threads"] = threads
     tmp = tempfile.mkdtemp(prefix="ewc_fast_bench_")
     for wname in wl_names:
         wl = get_workload(wname, size)
-        report["workloads"][wname] = {"title": wl.title, "description": wl.describe(), "kind": wl.kind,
-                                      "n_params": wl.n_params(), "n_samples": wl.n_samples,
-                                      "batch_size": wl.batch_size}
+        report["workloads"][wname] = {
+            "title": wl.title,
+            "description": wl.describe(),
+            "kind": wl.kind,
+            "n_params": wl.n_params(),
+            "n_samples": wl.n_samples,
+            "batch_size": wl.batch_size,
+        }
         log(f"[bench] {wname}: {wl.describe()}")
         plan = [(PlainFwdBwd(), "plain")]
         for c in cons:
@@ -413,10 +472,19 @@ def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, 
                     plan.append((c, t))
         wrows = []
         for c, t in plan:
-            spec = {"workload": wname, "size": size, "contender": c.name, "task": t, "device": device,
-                    "repeats": repeats, "warmup": warmup, "max_time": max_time, "threads": threads,
-                    "mem_limit_bytes": mem_limit_bytes,
-                    "result_path": os.path.join(tmp, f"{wname}__{c.name}__{t}.pt".replace("+", "_"))}
+            spec = {
+                "workload": wname,
+                "size": size,
+                "contender": c.name,
+                "task": t,
+                "device": device,
+                "repeats": repeats,
+                "warmup": warmup,
+                "max_time": max_time,
+                "threads": threads,
+                "mem_limit_bytes": mem_limit_bytes,
+                "result_path": os.path.join(tmp, f"{wname}__{c.name}__{t}.pt".replace("+", "_")),
+            }
             t0 = time.perf_counter()
             if isolate:
                 row = run_row_subprocess(spec, timeout, tmp)
@@ -440,8 +508,13 @@ def run_suite(size: str = "tiny", workloads=None, contenders=None, tasks=TASKS, 
                 r["copies_over_plain"] = (r["peak_extra_bytes"] - plain_peak) / r["param_bytes"]
         report["rows"] += wrows
         if checkpoint is not None:
-            checkpoint(dict(report, partial=True, rows=[{k: v for k, v in r.items() if k != "_result_path"}
-                                                        for r in report["rows"]]))
+            checkpoint(
+                dict(
+                    report,
+                    partial=True,
+                    rows=[{k: v for k, v in r.items() if k != "_result_path"} for r in report["rows"]],
+                )
+            )
     report["targets"] = evaluate_targets(report)
     if consolidation:
         report["consolidation"] = run_consolidation(size, device, repeats, log)
@@ -483,8 +556,15 @@ def _check_errors(wl, rows, device, log):
 
 # --------------------------------------------------------------------------------------- targets
 def _ok(rows, contender=None, task="fisher", pred=None):
-    out = [r for r in rows if r["status"] == "ok" and r["task"] == task and "time" in r
-           and (contender is None or r["contender"] == contender) and (pred is None or pred(r))]
+    out = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["task"] == task
+        and "time" in r
+        and (contender is None or r["contender"] == contender)
+        and (pred is None or pred(r))
+    ]
     return out
 
 
@@ -497,8 +577,15 @@ def evaluate_targets(report) -> list[dict]:
     out = []
 
     def add(workload, target, value, met, detail=""):
-        out.append({"workload": workload, "target": target, "value": value,
-                    "status": "n/a" if met is None else ("met" if met else "not met"), "detail": detail})
+        out.append(
+            {
+                "workload": workload,
+                "target": target,
+                "value": value,
+                "status": "n/a" if met is None else ("met" if met else "not met"),
+                "detail": detail,
+            }
+        )
 
     by_wl = {}
     for r in report["rows"]:
@@ -509,37 +596,77 @@ def evaluate_targets(report) -> list[dict]:
         efm = _best_ewc(rows, "fisher+mas")
         na = "ewc_fast did not produce a result"
         if kind == "mlp":
-            add(wname, "Fisher <= 1.2x plain fwd+bwd", ef and f"{ef['ratio_to_plain']:.2f}x",
-                ef and ef.get("ratio_to_plain", 9e9) <= 1.2, ef["contender"] if ef else na)
-            add(wname, "Fisher+MAS <= 1.7x plain fwd+bwd", efm and f"{efm['ratio_to_plain']:.2f}x",
-                efm and efm.get("ratio_to_plain", 9e9) <= 1.7, efm["contender"] if efm else na)
+            add(
+                wname,
+                "Fisher <= 1.2x plain fwd+bwd",
+                ef and f"{ef['ratio_to_plain']:.2f}x",
+                ef and ef.get("ratio_to_plain", 9e9) <= 1.2,
+                ef["contender"] if ef else na,
+            )
+            add(
+                wname,
+                "Fisher+MAS <= 1.7x plain fwd+bwd",
+                efm and f"{efm['ratio_to_plain']:.2f}x",
+                efm and efm.get("ratio_to_plain", 9e9) <= 1.7,
+                efm["contender"] if efm else na,
+            )
             bp = _ok(rows, "backpack")
             if ef and bp:
-                add(wname, "Fisher no slower than BackPACK", f"{bp[0]['time']['median_s'] / ef['time']['median_s']:.2f}x faster",
-                    ef["time"]["median_s"] <= bp[0]["time"]["median_s"], ef["contender"])
+                add(
+                    wname,
+                    "Fisher no slower than BackPACK",
+                    f"{bp[0]['time']['median_s'] / ef['time']['median_s']:.2f}x faster",
+                    ef["time"]["median_s"] <= bp[0]["time"]["median_s"],
+                    ef["contender"],
+                )
             else:
                 add(wname, "Fisher no slower than BackPACK", None, None, na if not ef else "BackPACK gave no result")
         elif kind == "transformer":
-            add(wname, "Fisher <= 2x plain fwd+bwd", ef and f"{ef['ratio_to_plain']:.2f}x",
-                ef and ef.get("ratio_to_plain", 9e9) <= 2.0, ef["contender"] if ef else na)
-            peers = _ok(rows, pred=lambda r: r["kind"] != "ewc_fast" and r.get("exact")
-                        and r["quantities"].get(FISHER, {}).get("oracle") == FISHER
-                        and r.get("within_tolerance", True))
+            add(
+                wname,
+                "Fisher <= 2x plain fwd+bwd",
+                ef and f"{ef['ratio_to_plain']:.2f}x",
+                ef and ef.get("ratio_to_plain", 9e9) <= 2.0,
+                ef["contender"] if ef else na,
+            )
+            peers = _ok(
+                rows,
+                pred=lambda r: (
+                    r["kind"] != "ewc_fast"
+                    and r.get("exact")
+                    and r["quantities"].get(FISHER, {}).get("oracle") == FISHER
+                    and r.get("within_tolerance", True)
+                ),
+            )
             if ef and peers:
                 fastest = min(peers, key=lambda r: r["time"]["median_s"])
                 sp = fastest["time"]["median_s"] / ef["time"]["median_s"]
-                add(wname, ">= 3x faster than the fastest exact peer", f"{sp:.2f}x vs {fastest['contender']}",
-                    sp >= 3.0, ef["contender"])
+                add(
+                    wname,
+                    ">= 3x faster than the fastest exact peer",
+                    f"{sp:.2f}x vs {fastest['contender']}",
+                    sp >= 3.0,
+                    ef["contender"],
+                )
             else:
-                add(wname, ">= 3x faster than the fastest exact peer", None, None,
-                    na if not ef else "no exact peer gave a result")
+                add(
+                    wname,
+                    ">= 3x faster than the fastest exact peer",
+                    None,
+                    None,
+                    na if not ef else "no exact peer gave a result",
+                )
             tgt = "extra peak memory beyond plain fwd+bwd <= 2 parameter copies"
             if ef and ef.get("copies_over_plain") is not None:
-                add(wname, tgt, f"{ef['copies_over_plain']:.2f} copies ({ef['param_copies']:.2f} in all)",
-                    ef["copies_over_plain"] <= 2.0, ef["contender"])
+                add(
+                    wname,
+                    tgt,
+                    f"{ef['copies_over_plain']:.2f} copies ({ef['param_copies']:.2f} in all)",
+                    ef["copies_over_plain"] <= 2.0,
+                    ef["contender"],
+                )
             else:
-                add(wname, tgt, None, None,
-                    na if not ef else "memory not measured (in-process run)")
+                add(wname, tgt, None, None, na if not ef else "memory not measured (in-process run)")
         elif kind == "cnn":
             for peer in ("backpack", "opacus"):
                 pr = _ok(rows, peer)
@@ -555,6 +682,7 @@ def evaluate_targets(report) -> list[dict]:
 def run_consolidation(size: str, device: str, repeats: int, log=print) -> dict:
     """Penalty and SI rows from ``benchmarks/bench_consolidation.py`` (its functions, imported)."""
     from . import bench_consolidation as bc
+
     if size == "tiny":
         sizes, tasks, si = [1e5], [1, 3], dict(width=64, depth=2, batch=16)
     elif size == "small":
@@ -574,8 +702,9 @@ def run_consolidation(size: str, device: str, repeats: int, log=print) -> dict:
     try:
         res = bc.bench_si(si["width"], si["depth"], si["batch"], repeats, device)
         out["si"] = _jsonable(res)
-        out["si_title"] = (f"MLP 784-{si['width']}x{si['depth']}-10 ({res['params'] / 1e6:.2f}M params), "
-                           f"Adam, batch {res['batch']}")
+        out["si_title"] = (
+            f"MLP 784-{si['width']}x{si['depth']}-10 ({res['params'] / 1e6:.2f}M params), Adam, batch {res['batch']}"
+        )
         for a, b in (("step", "step+si"), ("train_step", "train_step+si")):
             ov = res[b].median_s / res[a].median_s - 1
             out["si_lines"].append(f"| {a.replace('_', ' ')} | {res[a]} | {res[b]} | {100 * ov:+.1f}% |")
@@ -585,8 +714,10 @@ def run_consolidation(size: str, device: str, repeats: int, log=print) -> dict:
         res = bench_si_avalanche(si["width"], si["depth"], si["batch"], repeats, device)
         out["si_avalanche"] = _jsonable(res)
         ov = res["train_step+si"].median_s / res["train_step"].median_s - 1
-        out["si_lines"].append(f"| train step, Avalanche-style SI (reproduced) | {res['train_step']} | "
-                               f"{res['train_step+si']} | {100 * ov:+.1f}% |")
+        out["si_lines"].append(
+            f"| train step, Avalanche-style SI (reproduced) | {res['train_step']} | "
+            f"{res['train_step+si']} | {100 * ov:+.1f}% |"
+        )
     except Exception as exc:
         out["errors"].append(f"Avalanche-style SI: {type(exc).__name__}: {exc}")
     out["errors"] = [e.splitlines()[0][:400] for e in out["errors"]]
@@ -605,10 +736,12 @@ def bench_si_avalanche(width: int, depth: int, batch: int, repeats: int, device:
     """
     from ._timing import measure
     from .bench_consolidation import si_workload
+
     model, x, y, opt, loss_fn = si_workload(width, depth, batch, device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    buf = {k: {n: torch.zeros(p.numel(), dtype=p.dtype) for n, p in named}
-           for k in ("old", "new", "grad", "trajectory")}
+    buf = {
+        k: {n: torch.zeros(p.numel(), dtype=p.dtype) for n, p in named} for k in ("old", "new", "grad", "trajectory")
+    }
 
     def train_step():
         opt.zero_grad(set_to_none=False)
@@ -631,9 +764,12 @@ def bench_si_avalanche(width: int, depth: int, batch: int, repeats: int, device:
                 buf["trajectory"][n] += buf["grad"][n] * (buf["new"][n] - buf["old"][n])
 
     train_step()
-    return {"params": sum(p.numel() for _, p in named), "batch": batch,
-            "train_step": measure(train_step, repeats=repeats, device=device),
-            "train_step+si": measure(train_step_si, repeats=repeats, device=device)}
+    return {
+        "params": sum(p.numel() for _, p in named),
+        "batch": batch,
+        "train_step": measure(train_step, repeats=repeats, device=device),
+        "train_step+si": measure(train_step_si, repeats=repeats, device=device),
+    }
 
 
 def _jsonable(o):
@@ -705,31 +841,51 @@ def format_markdown(report: dict) -> str:
     m = report["meta"]
     L = [f"# ewc_fast comparison benchmark ({report['size']})", ""]
     if report["size"] == "tiny":
-        L += ["> size `tiny`: a smoke run. Models have a few thousand parameters, so times are dominated by "
-              "per-call overheads and say nothing about the targets; only the error column is meaningful.", ""]
+        L += [
+            "> size `tiny`: a smoke run. Models have a few thousand parameters, so times are dominated by "
+            "per-call overheads and say nothing about the targets; only the error column is meaningful.",
+            "",
+        ]
     L.append(f"* date: {m['date']}; machine: {m['host']} ({m['platform']})")
-    L.append(f"* CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch threads {m['torch_threads']}"
-             + (f"; GPU: {m['gpu']}" if m.get("gpu") else ""))
+    L.append(
+        f"* CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch threads {m['torch_threads']}"
+        + (f"; GPU: {m['gpu']}" if m.get("gpu") else "")
+    )
     L.append(f"* device: {m['device']}; Python {m['python']}, torch {m['torch']}")
     L.append("* libraries: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
-    L.append(f"* timing: median of {report['repeats']} repeats after 1 warm-up, [min-max]; "
-             "`x plain` = time / one plain forward+backward over the same data, measured in the same process")
+    L.append(
+        f"* timing: median of {report['repeats']} repeats after 1 warm-up, [min-max]; "
+        "`x plain` = time / one plain forward+backward over the same data, measured in the same process"
+    )
     mem_how = sorted({r.get("memory_method") for r in report["rows"] if r.get("memory_method")})
-    L.append("* memory: " + ("peak extra over a baseline taken after model + data creation and one warm-up call "
-                             "(one-time costs such as lazy imports excluded), each row in its own subprocess ("
-                             + "; ".join(mem_how) + "); `copies` = in units of one copy of the parameters; "
-                             "`copies over plain` = minus the plain forward+backward row's peak"
-                             if report["isolate"] else "not measured (in-process run)"))
-    L.append("* error: ||result - oracle|| / ||oracle|| over all parameters (F = empirical Fisher, MAS, "
-             "F_exact = exact Fisher); oracle: " + report.get("oracle", oracle_source()))
-    L.append(f"* per-sample-gradient memory budget of materialising contenders: {_fmt_bytes(report['mem_budget_bytes'])}")
+    L.append(
+        "* memory: "
+        + (
+            "peak extra over a baseline taken after model + data creation and one warm-up call "
+            "(one-time costs such as lazy imports excluded), each row in its own subprocess ("
+            + "; ".join(mem_how)
+            + "); `copies` = in units of one copy of the parameters; "
+            "`copies over plain` = minus the plain forward+backward row's peak"
+            if report["isolate"]
+            else "not measured (in-process run)"
+        )
+    )
+    L.append(
+        "* error: ||result - oracle|| / ||oracle|| over all parameters (F = empirical Fisher, MAS, "
+        "F_exact = exact Fisher); oracle: " + report.get("oracle", oracle_source())
+    )
+    L.append(
+        f"* per-sample-gradient memory budget of materialising contenders: {_fmt_bytes(report['mem_budget_bytes'])}"
+    )
     if m.get("command"):
         L.append(f"* command: `{m['command']}`")
     for run in report.get("runs", []):
-        L.append(f"* merged from `{run['source']}` ({run['date']}): {', '.join(run['workloads']) or '-'}"
-                 + ("; consolidation" if run["consolidation"] else "")
-                 + ("; a partial run (stopped midway: the workloads listed finished)" if run.get("partial") else "")
-                 + (f"; command `{run['command']}`" if run.get("command") else ""))
+        L.append(
+            f"* merged from `{run['source']}` ({run['date']}): {', '.join(run['workloads']) or '-'}"
+            + ("; consolidation" if run["consolidation"] else "")
+            + ("; a partial run (stopped midway: the workloads listed finished)" if run.get("partial") else "")
+            + (f"; command `{run['command']}`" if run.get("command") else "")
+        )
     L.append("")
     L.append("## Targets")
     L.append("")
@@ -741,8 +897,10 @@ def format_markdown(report: dict) -> str:
         L.append(f"| {t['workload']} | {t['target']} | {t['value'] or '-'} | {t['status']} | {t['detail']} |")
     for wname, w in report["workloads"].items():
         L += ["", f"## {wname}", "", w["description"], ""]
-        L.append("| contender | task | computes | time median [min-max] | x plain | peak extra mem | copies "
-                 "| copies over plain | rel. error vs oracle | status / notes |")
+        L.append(
+            "| contender | task | computes | time median [min-max] | x plain | peak extra mem | copies "
+            "| copies over plain | rel. error vs oracle | status / notes |"
+        )
         L.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in [r for r in report["rows"] if r["workload"] == wname]:
             ratio = f"{r['ratio_to_plain']:.2f}x" if r.get("ratio_to_plain") is not None else "-"
@@ -755,8 +913,10 @@ def format_markdown(report: dict) -> str:
             name = "plain fwd+bwd" if r["contender"] == "plain" else r["contender"]
             task = "-" if r["task"] == "plain" else r["task"]
             err = ", ".join(f"{_ERR_TAG[m]} {v:.1e}" for m, v in r.get("rel_error", {}).items()) or "-"
-            L.append(f"| {name} | {task} | {_what(r)} | {_fmt_time(r.get('time'))} | {ratio} | "
-                     f"{_fmt_bytes(r.get('peak_extra_bytes'))} | {copies} | {over} | {err} | {status} |")
+            L.append(
+                f"| {name} | {task} | {_what(r)} | {_fmt_time(r.get('time'))} | {ratio} | "
+                f"{_fmt_bytes(r.get('peak_extra_bytes'))} | {copies} | {over} | {err} | {status} |"
+            )
     if report["rows"]:
         L += ["", "Contenders:", ""]
         seen = {}
@@ -772,8 +932,13 @@ def format_markdown(report: dict) -> str:
             L.append("|---|---|---|---|---|---|---|")
             L += cons["penalty_lines"]
         if cons.get("si_lines"):
-            L += ["", f"SI overhead, {cons['si_title']}", "", "| measured | plain | with SI | overhead |",
-                  "|---|---|---|---|"]
+            L += [
+                "",
+                f"SI overhead, {cons['si_title']}",
+                "",
+                "| measured | plain | with SI | overhead |",
+                "|---|---|---|---|",
+            ]
             L += cons["si_lines"]
         for e in cons["errors"]:
             L.append(f"\n* not measured: {e}")
@@ -793,8 +958,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=SIZES, default="full")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None)
-    ap.add_argument("--contenders", nargs="+", default=None,
-                    help="contender names (default: all): " + ", ".join(c.name for c in all_contenders("cpu")))
+    ap.add_argument(
+        "--contenders",
+        nargs="+",
+        default=None,
+        help="contender names (default: all): " + ", ".join(c.name for c in all_contenders("cpu")),
+    )
     ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per row (0: correctness run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -805,13 +974,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-time", type=float, default=None, help="cap on the timed repeats of one row (s)")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per row (memory not measured)")
     ap.add_argument("--no-consolidation", action="store_true", help="skip the penalty / SI section")
-    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="measure nothing: combine the JSON reports of earlier runs (a later file's workloads "
-                         "replace an earlier one's; consolidation from the last that has it), re-check targets "
-                         "and write --out / --json")
-    ap.add_argument("--notes", default=None, metavar="MD",
-                    help="markdown file appended to the report as its 'Analysis' section (why a target is "
-                         "or is not met)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: combine the JSON reports of earlier runs (a later file's workloads "
+        "replace an earlier one's; consolidation from the last that has it), re-check targets "
+        "and write --out / --json",
+    )
+    ap.add_argument(
+        "--notes",
+        default=None,
+        metavar="MD",
+        help="markdown file appended to the report as its 'Analysis' section (why a target is or is not met)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -842,10 +1019,17 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
         out["rows"] += rows_by_wl[wname]
     out["repeats"] = min(r["repeats"] for r in reports)
     out["isolate"] = all(r["isolate"] for r in reports)
-    out["runs"] = [{"source": (sources[i] if sources else f"report {i}"), "date": r["meta"].get("date"),
-                    "command": r["meta"].get("command"), "workloads": list(r["workloads"]),
-                    "consolidation": bool(r.get("consolidation")), "partial": bool(r.get("partial"))}
-                   for i, r in enumerate(reports)]
+    out["runs"] = [
+        {
+            "source": (sources[i] if sources else f"report {i}"),
+            "date": r["meta"].get("date"),
+            "command": r["meta"].get("command"),
+            "workloads": list(r["workloads"]),
+            "consolidation": bool(r.get("consolidation")),
+            "partial": bool(r.get("partial")),
+        }
+        for i, r in enumerate(reports)
+    ]
     out["targets"] = evaluate_targets(out)
     return out
 
@@ -866,14 +1050,25 @@ def main(argv=None) -> int:
                 print(f"[bench] note: {p} is a partial run (stopped midway); its finished workloads are merged")
         report = merge_reports(reports, list(args.merge))
     else:
+
         def checkpoint(rep):
             rep["meta"] = dict(rep["meta"], command=command)
             jpath.write_text(json.dumps(rep, indent=1, default=_json_default))
 
-        report = run_suite(args.size, args.workloads, args.contenders, tuple(args.tasks), repeats=args.repeats,
-                           device=args.device, isolate=not args.in_process, timeout=args.timeout,
-                           max_time=args.max_time, threads=args.threads, consolidation=not args.no_consolidation,
-                           checkpoint=checkpoint)
+        report = run_suite(
+            args.size,
+            args.workloads,
+            args.contenders,
+            tuple(args.tasks),
+            repeats=args.repeats,
+            device=args.device,
+            isolate=not args.in_process,
+            timeout=args.timeout,
+            max_time=args.max_time,
+            threads=args.threads,
+            consolidation=not args.no_consolidation,
+            checkpoint=checkpoint,
+        )
         report["meta"]["command"] = command
     if args.notes:
         report["notes_md"] = Path(args.notes).read_text()

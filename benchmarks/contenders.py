@@ -17,12 +17,13 @@ BatchGrad) split batches into micro-batches so that ``micro * P * 4`` bytes stay
 Contenders labelled *approximate* compute a different quantity on purpose (batch-mean squared
 gradients, per-token flattening); their error column shows how far they are from the exact answer.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +57,9 @@ def mem_budget_bytes(device="cpu") -> int:
     return total // 4
 
 
-def micro_batch(batch_size: int, n_params: int, copies: float = 1.0, bytes_per: int = 4,
-                budget: int | None = None, device="cpu") -> int:
+def micro_batch(
+    batch_size: int, n_params: int, copies: float = 1.0, bytes_per: int = 4, budget: int | None = None, device="cpu"
+) -> int:
     """Largest micro-batch ``m <= batch_size`` with ``m * copies * n_params * bytes_per <= budget``."""
     budget = mem_budget_bytes(device) if budget is None else budget
     per_sample = max(1.0, copies * n_params * bytes_per)
@@ -67,7 +69,7 @@ def micro_batch(batch_size: int, n_params: int, copies: float = 1.0, bytes_per: 
 def split_batches(batches, m: int):
     for x, y in batches:
         for i in range(0, x.shape[0], m):
-            yield x[i:i + m], y[i:i + m]
+            yield x[i : i + m], y[i : i + m]
 
 
 def n_samples_of(batches) -> int:
@@ -108,8 +110,9 @@ def relative_error(result: dict[str, Tensor], oracle: dict[str, Tensor]) -> tupl
 
 
 # ---------------------------------------------------------------------------- per-sample torch.func
-def func_persample(model: nn.Module, batches, quantities: Iterable[str], loss_per_sample: Callable,
-                   chunk: int, acc_dtype: torch.dtype) -> Result:
+def func_persample(
+    model: nn.Module, batches, quantities: Iterable[str], loss_per_sample: Callable, chunk: int, acc_dtype: torch.dtype
+) -> Result:
     """Per-sample gradients with ``torch.func.vmap(grad)`` over chunks of ``chunk`` samples.
 
     Returns ``{q: {name: (1/N) sum_n stat_n}}`` for q in ``fisher`` (g**2 of the per-sample loss),
@@ -161,11 +164,17 @@ def func_persample(model: nn.Module, batches, quantities: Iterable[str], loss_pe
     return {q: _scale(d, 1.0 / max(1, n_total)) for q, d in out.items()}
 
 
-def oracle_importance(workload: Workload, quantities: Iterable[str] = (FISHER, MAS), *, device="cpu",
-                      chunk: int | None = None, source: str = "auto") -> Result:
+def oracle_importance(
+    workload: Workload,
+    quantities: Iterable[str] = (FISHER, MAS),
+    *,
+    device="cpu",
+    chunk: int | None = None,
+    source: str = "auto",
+) -> Result:
     """Float64 oracle on the workload's float32 model and data cast to float64, in chunks.
 
-    ``source="auto"`` uses ewc_fast's own oracle :func:`ewc_fast.reference_importance.reference_importance`
+    ``source="auto"`` uses ewc_fast's own oracle :func:`ewc_fast.testing.importance.reference_importance`
     when it is importable (torch.func on a float64 copy; its results are independent of how the data
     are chunked for fisher / mas / fisher_exact), else this module's :func:`func_persample`
     (``source="benchmarks"``). The chunk size keeps the per-sample gradients (and, for the exact
@@ -175,7 +184,7 @@ def oracle_importance(workload: Workload, quantities: Iterable[str] = (FISHER, M
     ref = None
     if source in ("auto", "ewc_fast"):
         try:
-            from ewc_fast.reference_importance import reference_importance as ref
+            from ewc_fast.testing.importance import reference_importance as ref
         except ImportError:
             if source == "ewc_fast":
                 raise
@@ -186,8 +195,9 @@ def oracle_importance(workload: Workload, quantities: Iterable[str] = (FISHER, M
     n_params = sum(p.numel() for p in model.parameters())
     if chunk is None:
         copies = (workload.n_classes + 1) if FISHER_EXACT in quantities else 2
-        chunk = micro_batch(workload.batch_size, n_params, copies=copies, bytes_per=8,
-                            budget=min(mem_budget_bytes(), 2 << 30))
+        chunk = micro_batch(
+            workload.batch_size, n_params, copies=copies, bytes_per=8, budget=min(mem_budget_bytes(), 2 << 30)
+        )
     if ref is not None:
         res = ref(model, list(split_batches(batches, chunk)), quantities, loss_fn=workload.loss_per_sample)
         return {q: {k: v.to(torch.float64) for k, v in res[q].items()} for q in quantities}
@@ -196,8 +206,9 @@ def oracle_importance(workload: Workload, quantities: Iterable[str] = (FISHER, M
 
 def oracle_source() -> str:
     try:
-        import ewc_fast.reference_importance  # noqa: F401
-        return "ewc_fast.reference_importance (float64 torch.func vmap(grad) / jacrev)"
+        import ewc_fast.testing.importance  # noqa: F401
+
+        return "ewc_fast.testing.importance (float64 torch.func vmap(grad) / jacrev)"
     except ImportError:
         return "benchmarks.contenders.func_persample (float64 torch.func vmap(grad))"
 
@@ -205,9 +216,9 @@ def oracle_source() -> str:
 # ----------------------------------------------------------------------------------- contenders
 @dataclass
 class Quantity:
-    oracle: str           # key of the oracle result it is compared with
-    exact: bool           # False: approximate by design (labelled as such in the report)
-    note: str = ""        # what it computes, when not obvious
+    oracle: str  # key of the oracle result it is compared with
+    exact: bool  # False: approximate by design (labelled as such in the report)
+    note: str = ""  # what it computes, when not obvious
 
 
 RunFn = Callable[[], Result]
@@ -218,10 +229,10 @@ class Contender:
 
     name = "?"
     label = "?"
-    kind = "peer"                 # "ewc_fast" | "reference" | "peer" | "baseline"
+    kind = "peer"  # "ewc_fast" | "reference" | "peer" | "baseline"
     methods: tuple[str, ...] = (FISHER,)
-    module: str | None = None     # library it needs (import name)
-    tolerance = 1e-4              # relative error allowed for an exact contender (float32 result)
+    module: str | None = None  # library it needs (import name)
+    tolerance = 1e-4  # relative error allowed for an exact contender (float32 result)
 
     def why_unavailable(self, device) -> str | None:
         if self.module is None:
@@ -245,6 +256,7 @@ class Contender:
             return ""
         try:
             from importlib.metadata import version
+
             dist = {"asdl": "asdfghjkl", "backpack": "backpack-for-pytorch"}.get(self.module, self.module)
             return version(dist)
         except Exception:
@@ -285,6 +297,7 @@ def plain_fwd_bwd_fn(workload: Workload, model: nn.Module, batches) -> RunFn:
         for p in params:
             p.grad = None
         return {}
+
     return run
 
 
@@ -301,10 +314,12 @@ class EwcFast(Contender):
 
     def version(self):
         import ewc_fast
+
         return ewc_fast.__version__
 
     def why_unavailable(self, device):
         import ewc_fast
+
         if not hasattr(ewc_fast, "estimate_importance"):
             return "ewc_fast.estimate_importance is not available in this checkout yet"
         if self.backend not in ewc_fast.available_backends(device):
@@ -315,6 +330,7 @@ class EwcFast(Contender):
 
     def prepare(self, workload, model, batches, device, methods):
         import ewc_fast
+
         why = self.why_unavailable(device)
         if why:
             raise Unsupported(why)
@@ -323,6 +339,7 @@ class EwcFast(Contender):
         def run():
             res = estimate(model, batches, methods=tuple(methods), backend=self.backend, progress=False)
             return {m: {k: v for k, v in res[m].items()} for m in methods}
+
         return run
 
 
@@ -344,10 +361,11 @@ class PerSampleLoop(Contender):
             acc = {m: zeros_like_params(model) for m in methods}
             for x, y in batches:
                 for i in range(x.shape[0]):
-                    out = model(x[i:i + 1])
+                    out = model(x[i : i + 1])
                     if FISHER in methods:
-                        gs = torch.autograd.grad(workload.loss_per_sample(out, y[i:i + 1]).sum(), params,
-                                                 retain_graph=MAS in methods)
+                        gs = torch.autograd.grad(
+                            workload.loss_per_sample(out, y[i : i + 1]).sum(), params, retain_graph=MAS in methods
+                        )
                         for (n, _), g in zip(pnames, gs):
                             acc[FISHER][n].addcmul_(g, g)
                     if MAS in methods:
@@ -355,6 +373,7 @@ class PerSampleLoop(Contender):
                         for (n, _), g in zip(pnames, gs):
                             acc[MAS][n].add_(g.abs())
             return {m: _scale(d, 1.0 / n_total) for m, d in acc.items()}
+
         return run
 
 
@@ -371,14 +390,18 @@ class TorchFunc(Contender):
         n_params = sum(p.numel() for p in model.parameters())
         chunk = micro_batch(workload.batch_size, n_params, copies=2.0, device=device)
         if workload.has_mha or workload.kind == "transformer":
-            self._note("no vmap batching rule for CPU SDPA: torch falls back to a per-sample loop there"
-                       if torch.device(device).type == "cpu" else "")
+            self._note(
+                "no vmap batching rule for CPU SDPA: torch falls back to a per-sample loop there"
+                if torch.device(device).type == "cpu"
+                else ""
+            )
             self._notes = [n for n in self._notes if n]
         if chunk < workload.batch_size:
             self._note(f"chunks of {chunk} samples (memory budget)")
 
         def run():
             return func_persample(model, batches, methods, workload.loss_per_sample, chunk, torch.float32)
+
         return run
 
 
@@ -390,11 +413,14 @@ class OpacusGSM(Contender):
 
     def prepare(self, workload, model, batches, device, methods):
         from opacus import GradSampleModule
+
         mha = [n for n, mod in model.named_modules() if isinstance(mod, nn.MultiheadAttention)]
         if mha:
-            raise Unsupported(f"nn.MultiheadAttention ({mha[0]}): Opacus' functorch fallback calls it with the "
-                              "query only (TypeError: missing 'key' and 'value'); Opacus needs its own "
-                              "DPMultiheadAttention, a different module with different parameters")
+            raise Unsupported(
+                f"nn.MultiheadAttention ({mha[0]}): Opacus' functorch fallback calls it with the "
+                "query only (TypeError: missing 'key' and 'value'); Opacus needs its own "
+                "DPMultiheadAttention, a different module with different parameters"
+            )
         model.train()  # Opacus only captures activations in training mode (no dropout/BN here)
         try:
             gsm = GradSampleModule(model, loss_reduction="sum", batch_first=True, strict=True)
@@ -427,6 +453,7 @@ class OpacusGSM(Contender):
                     collect(acc[MAS], lambda g: g.abs().sum(0))
             gsm.zero_grad(set_to_none=True)
             return {mm: _scale(d, 1.0 / n_total) for mm, d in acc.items()}
+
         return run
 
 
@@ -439,14 +466,16 @@ class BackPACK(Contender):
     def prepare(self, workload, model, batches, device, methods):
         from backpack import backpack, extend
         from backpack.extensions import BatchGrad, SumGradSquared
+
         exts = ([SumGradSquared()] if FISHER in methods else []) + ([BatchGrad()] if MAS in methods else [])
         for ext in exts:  # first-order extensions skip unknown layers with a warning: refuse instead
             known = ext.__dict__.get("_BackpropExtension__module_extensions")
             for mod_name, mod in model.named_modules():
                 own = [n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
                 if own and known is not None and type(mod) not in known:
-                    raise Unsupported(f"no BackPACK {type(ext).__name__} extension for "
-                                      f"{type(mod).__name__} ({mod_name})")
+                    raise Unsupported(
+                        f"no BackPACK {type(ext).__name__} extension for {type(mod).__name__} ({mod_name})"
+                    )
         model = extend(model)
         lossfn = extend(nn.CrossEntropyLoss(reduction="sum"))
         pnames = named_params(model)
@@ -479,6 +508,7 @@ class BackPACK(Contender):
                         del p.grad_batch
             model.zero_grad(set_to_none=True)
             return {mm: _scale(d, 1.0 / n_total) for mm, d in acc.items()}
+
         return run
 
 
@@ -511,8 +541,11 @@ class NNGeometry(Contender):
         self.empirical = empirical
         self.methods = (FISHER,) if empirical else (FISHER_EXACT,)
         self.name = "nngeometry-emp" if empirical else "nngeometry"
-        self.label = ("nngeometry FIM(PMatDiag), variant='regression' on the per-sample loss (empirical Fisher)"
-                      if empirical else "nngeometry FIM(PMatDiag), variant='classif_logits' (exact Fisher)")
+        self.label = (
+            "nngeometry FIM(PMatDiag), variant='regression' on the per-sample loss (empirical Fisher)"
+            if empirical
+            else "nngeometry FIM(PMatDiag), variant='classif_logits' (exact Fisher)"
+        )
 
     def quantity(self, workload, method):
         if self.empirical:
@@ -524,21 +557,30 @@ class NNGeometry(Contender):
         from nngeometry.metrics import FIM
         from nngeometry.object import PMatDiag
         from nngeometry.object.vector import PVector
+
         if not batches[0][0].is_floating_point():
             raise Unsupported("integer (token) inputs: nngeometry sets requires_grad on the inputs")
         try:
             lc = LayerCollection.from_model(model)
         except Exception as exc:
             raise Unsupported(f"LayerCollection: {exc}") from exc
-        covered = {f"{lid}.{w}" for lid, layer in lc.layers.items()
-                   for w in (("weight", "bias") if layer.bias is not None else ("weight",))}
+        covered = {
+            f"{lid}.{w}"
+            for lid, layer in lc.layers.items()
+            for w in (("weight", "bias") if layer.bias is not None else ("weight",))
+        }
         missing = [n for n, _ in named_params(model) if n not in covered]
         if missing:
-            raise Unsupported(f"parameters outside nngeometry's layers: {', '.join(missing[:4])}"
-                              + (" ..." if len(missing) > 4 else ""))
+            raise Unsupported(
+                f"parameters outside nngeometry's layers: {', '.join(missing[:4])}"
+                + (" ..." if len(missing) > 4 else "")
+            )
         seen3d = []
-        hooks = [mod.register_forward_hook(lambda mod, a, o, name=name: seen3d.append(name) if a[0].dim() > 2 else None)
-                 for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        hooks = [
+            mod.register_forward_hook(lambda mod, a, o, name=name: seen3d.append(name) if a[0].dim() > 2 else None)
+            for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear)
+        ]
         try:
             with torch.no_grad():
                 model(batches[0][0][:1])
@@ -546,20 +588,22 @@ class NNGeometry(Contender):
             for h in hooks:
                 h.remove()
         if seen3d:
-            raise Unsupported(f"nn.Linear on (N, T, d) inputs ({seen3d[0]}): nngeometry's Linear rule assumes (N, d) "
-                              "(RuntimeError: size mismatch)")
+            raise Unsupported(
+                f"nn.Linear on (N, T, d) inputs ({seen3d[0]}): nngeometry's Linear rule assumes (N, d) "
+                "(RuntimeError: size mismatch)"
+            )
         loader = _PrebatchedLoader(batches)
         model.eval()
         kwargs = {}
         if self.empirical:
-            kwargs = dict(variant="regression",
-                          function=lambda x, y: workload.loss_per_sample(model(x), y).unsqueeze(1))
+            kwargs = dict(
+                variant="regression", function=lambda x, y: workload.loss_per_sample(model(x), y).unsqueeze(1)
+            )
         else:
             kwargs = dict(variant="classif_logits")
 
         def run():
-            fim = FIM(model=model, loader=loader, representation=PMatDiag, device=device,
-                      layer_collection=lc, **kwargs)
+            fim = FIM(model=model, loader=loader, representation=PMatDiag, device=device, layer_collection=lc, **kwargs)
             d = PVector(lc, vector_repr=fim.get_diag()).to_dict()
             out = {}
             for lid, wb in d.items():
@@ -567,6 +611,7 @@ class NNGeometry(Contender):
                 if len(wb) > 1 and wb[1] is not None:
                     out[f"{lid}.bias"] = wb[1]
             return {self.methods[0]: out}
+
         return run
 
 
@@ -584,6 +629,7 @@ class ASDL(Contender):
     def prepare(self, workload, model, batches, device, methods):
         import asdl
         import torch.nn.functional as F
+
         model.eval()
         n_total = n_samples_of(batches)
         cfg = asdl.FisherConfig(fisher_type=asdl.FISHER_EMP, fisher_shapes=[asdl.SHAPE_DIAG], data_size=n_total)
@@ -591,7 +637,7 @@ class ASDL(Contender):
         pnames = named_params(model)
         owner = {}
         for mod_name, mod in model.named_modules():
-            for pn, p in mod.named_parameters(recurse=False):
+            for pn, _ in mod.named_parameters(recurse=False):
                 owner[f"{mod_name}.{pn}" if mod_name else pn] = (mod, pn)
 
         def run():
@@ -611,6 +657,7 @@ class ASDL(Contender):
                 out[n] = t.reshape(p.shape)
             model.zero_grad(set_to_none=True)
             return {FISHER: out}
+
         return run
 
 
@@ -647,6 +694,7 @@ class AvalancheStyle(Contender):
                         acc[MAS][n] += p.grad.abs()
             model.zero_grad(set_to_none=True)
             return {m: _scale(d, 1.0 / len(batches)) for m, d in acc.items()}
+
         return run
 
 
@@ -654,8 +702,16 @@ def all_contenders(device="cpu") -> list[Contender]:
     """Every contender, in report order (ewc_fast backends for ``device`` first)."""
     backends = ("triton", "torch") if torch.device(device).type == "cuda" else ("cpp", "torch")
     out: list[Contender] = [EwcFast(b) for b in backends]
-    out += [PerSampleLoop(), TorchFunc(), OpacusGSM(), BackPACK(), NNGeometry(False), NNGeometry(True),
-            ASDL(), AvalancheStyle()]
+    out += [
+        PerSampleLoop(),
+        TorchFunc(),
+        OpacusGSM(),
+        BackPACK(),
+        NNGeometry(False),
+        NNGeometry(True),
+        ASDL(),
+        AvalancheStyle(),
+    ]
     return out
 
 
@@ -666,5 +722,5 @@ def get_contender(name: str, device="cpu") -> Contender:
         if c.name == name:
             return c
     if name.startswith("ewc_fast[") and name.endswith("]"):
-        return EwcFast(name[len("ewc_fast["):-1])
+        return EwcFast(name[len("ewc_fast[") : -1])
     raise ValueError(f"unknown contender {name!r}; valid: plain, " + ", ".join(c.name for c in all_contenders(device)))

@@ -16,10 +16,11 @@ memory and agreement with the oracle, not accuracy.
 ``size="small"`` keeps the architectures' shapes but smaller (minutes on a laptop: checks the memory
 columns); ``size="full"`` is the size of the report.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,12 +121,19 @@ class SmallCNN(nn.Module):
         super().__init__()
         c1, c2, c3 = ch
         self.features = nn.Sequential(
-            nn.Conv2d(in_ch, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_ch, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * (side // 8) ** 2, fc), nn.ReLU(), nn.Linear(fc, n_classes))
+            nn.Flatten(), nn.Linear(c3 * (side // 8) ** 2, fc), nn.ReLU(), nn.Linear(fc, n_classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -157,10 +165,10 @@ class Workload:
 
     name: str
     title: str
-    kind: str                      # "mlp" | "transformer" | "cnn" | "embedding" (selects the targets)
+    kind: str  # "mlp" | "transformer" | "cnn" | "embedding" (selects the targets)
     size: str
     model_fn: Callable[[], nn.Module]
-    input_fn: Callable[[int, torch.Generator], torch.Tensor]   # (n, generator) -> inputs on CPU
+    input_fn: Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> inputs on CPU
     n_samples: int
     batch_size: int
     n_classes: int = 10
@@ -187,33 +195,38 @@ class Workload:
             x = x.to(dtype)
         out = []
         for i in range(0, self.n_samples, self.batch_size):
-            out.append((x[i:i + self.batch_size].to(device), y[i:i + self.batch_size].to(device)))
+            out.append((x[i : i + self.batch_size].to(device), y[i : i + self.batch_size].to(device)))
         return out
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.make_model().parameters())
 
     def describe(self) -> str:
-        return (f"{self.title}; {self.n_samples} samples in batches of {self.batch_size}; "
-                f"{self.n_params() / 1e6:.3g}M parameters")
+        return (
+            f"{self.title}; {self.n_samples} samples in batches of {self.batch_size}; "
+            f"{self.n_params() / 1e6:.3g}M parameters"
+        )
 
 
 def _gauss(*shape):
     def fn(n, g):
         return torch.randn(n, *shape, generator=g)
+
     return fn
 
 
 def _mnist_like(d):
     def fn(n, g):  # pixels in [0, 1) like MNIST
         return torch.rand(n, d, generator=g)
+
     return fn
 
 
 def _tokens(vocab, t):
     def fn(n, g):  # Zipf-like token ids: a few frequent tokens, a long tail (duplicates within a sample)
         u = torch.rand(n, t, generator=g)
-        return (vocab ** u - 1).long().clamp_(0, vocab - 1)
+        return (vocab**u - 1).long().clamp_(0, vocab - 1)
+
     return fn
 
 
@@ -225,8 +238,15 @@ def _mlp_mnist(size):
     else:
         d, hidden, n, b = 64, [32, 16], 48, 16
     return Workload(
-        "mlp-mnist", f"MLP {d}-{'-'.join(map(str, hidden))}-10 (leaky ReLU), MNIST-sized batches",
-        "mlp", size, lambda: MLP(d, hidden, 10, nn.LeakyReLU), _mnist_like(d), n, b)
+        "mlp-mnist",
+        f"MLP {d}-{'-'.join(map(str, hidden))}-10 (leaky ReLU), MNIST-sized batches",
+        "mlp",
+        size,
+        lambda: MLP(d, hidden, 10, nn.LeakyReLU),
+        _mnist_like(d),
+        n,
+        b,
+    )
 
 
 def _mlp_wide(size):
@@ -236,8 +256,9 @@ def _mlp_wide(size):
         d, w, n, b = 256, 1024, 256, 128
     else:
         d, w, n, b = 32, 48, 32, 16
-    return Workload("mlp-3x4096", f"MLP {d}-{w}x3-10 (ReLU)", "mlp", size,
-                    lambda: MLP(d, [w, w, w], 10), _gauss(d), n, b)
+    return Workload(
+        "mlp-3x4096", f"MLP {d}-{w}x3-10 (ReLU)", "mlp", size, lambda: MLP(d, [w, w, w], 10), _gauss(d), n, b
+    )
 
 
 def _transformer(size, t_full, mha):
@@ -253,10 +274,17 @@ def _transformer(size, t_full, mha):
     kind = "nn.MultiheadAttention" if mha else "nn.Linear q/k/v/o"
     name = f"transformer{'-mha' if mha else ''}-T{t_full}"
     return Workload(
-        name, f"{depth} pre-LN transformer blocks, d={d}, {h} heads ({kind}), FFN {ffn}, T={t}, "
-        "mean-pool + linear head", "transformer", size,
-        lambda: TransformerClassifier(d, h, ffn, depth, 10, mha), _gauss(t, d), n, b,
-        sequence=True, has_mha=mha)
+        name,
+        f"{depth} pre-LN transformer blocks, d={d}, {h} heads ({kind}), FFN {ffn}, T={t}, mean-pool + linear head",
+        "transformer",
+        size,
+        lambda: TransformerClassifier(d, h, ffn, depth, 10, mha),
+        _gauss(t, d),
+        n,
+        b,
+        sequence=True,
+        has_mha=mha,
+    )
 
 
 def _cnn(size):
@@ -267,8 +295,16 @@ def _cnn(size):
     else:
         side, ch, fc, n, b = 16, (4, 8, 8), 16, 16, 8
     return Workload(
-        "cnn-32", f"CNN 3x{side}x{side} -> conv{ch[0]}-conv{ch[1]}-conv{ch[2]} (3x3, max-pool) -> fc{fc} -> 10",
-        "cnn", size, lambda: SmallCNN(3, side, ch, fc, 10), _gauss(3, side, side), n, b, sequence=True)
+        "cnn-32",
+        f"CNN 3x{side}x{side} -> conv{ch[0]}-conv{ch[1]}-conv{ch[2]} (3x3, max-pool) -> fc{fc} -> 10",
+        "cnn",
+        size,
+        lambda: SmallCNN(3, side, ch, fc, 10),
+        _gauss(3, side, side),
+        n,
+        b,
+        sequence=True,
+    )
 
 
 def _embedding(size):
@@ -279,9 +315,16 @@ def _embedding(size):
     else:
         vocab, dim, hidden, t, n, b = 200, 16, 16, 8, 16, 8
     return Workload(
-        "embedding", f"nn.Embedding({vocab}, {dim}) on T={t} tokens, mean, fc{hidden} -> 10", "embedding", size,
-        lambda: EmbeddingBagClassifier(vocab, dim, hidden, 10), _tokens(vocab, t), n, b,
-        sequence=True)
+        "embedding",
+        f"nn.Embedding({vocab}, {dim}) on T={t} tokens, mean, fc{hidden} -> 10",
+        "embedding",
+        size,
+        lambda: EmbeddingBagClassifier(vocab, dim, hidden, 10),
+        _tokens(vocab, t),
+        n,
+        b,
+        sequence=True,
+    )
 
 
 _FACTORIES: dict[str, Callable[[str], Workload]] = {
@@ -313,4 +356,3 @@ def all_workloads(size: str = "full") -> list[Workload]:
 def param_bytes(model: nn.Module) -> int:
     """Bytes of one copy of the model's parameters (the unit of the memory column)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-

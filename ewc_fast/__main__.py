@@ -1,4 +1,5 @@
 """``python -m ewc_fast …`` — same as the ``ewc-fast`` console script."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """``Importance``: per-parameter weight importances (Fisher, MAS, SI, ...) as one immutable object."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,14 @@ def _same(a, b) -> bool:
     if a is b:
         return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b)))
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
     try:
         return bool(a == b)
     except Exception:
@@ -74,8 +81,7 @@ class Importance(Mapping):
     __eq__ = object.__eq__
     __hash__ = object.__hash__
 
-    def __init__(self, tensors: Mapping[str, Tensor], *, method: str, n_samples: int,
-                 meta: dict | None = None) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor], *, method: str, n_samples: int, meta: dict | None = None) -> None:
         if not isinstance(tensors, Mapping):
             raise TypeError(f"Importance: tensors must be a mapping name -> tensor, got {type(tensors).__name__}")
         checked = {}
@@ -140,19 +146,22 @@ class Importance(Mapping):
         shown = ", ".join(f"{n}: {tuple(self._tensors[n].shape)}" for n in names[:4])
         if len(names) > 4:
             shown += f", ... (+{len(names) - 4})"
-        return (f"Importance(method={self._method!r}, n_samples={self._n_samples}, "
-                f"{len(names)} tensors / {self.numel():,} values, dtype={'/'.join(dtypes) or '-'}, "
-                f"device={'/'.join(devices) or '-'}, {{{shown}}})")
+        return (
+            f"Importance(method={self._method!r}, n_samples={self._n_samples}, "
+            f"{len(names)} tensors / {self.numel():,} values, dtype={'/'.join(dtypes) or '-'}, "
+            f"device={'/'.join(devices) or '-'}, {{{shown}}})"
+        )
 
     # -------------------------------------------------------------------------------- arithmetic
-    def _check_compatible(self, other: "Importance") -> None:
+    def _check_compatible(self, other: Importance) -> None:
         if not isinstance(other, Importance):
             raise TypeError(f"cannot add Importance and {type(other).__name__}")
         if set(self._tensors) != set(other._tensors):
             only_a = sorted(set(self._tensors) - set(other._tensors))
             only_b = sorted(set(other._tensors) - set(self._tensors))
-            raise ValueError(f"Importance +: different parameter names (only left: {only_a[:5]}, "
-                             f"only right: {only_b[:5]})")
+            raise ValueError(
+                f"Importance +: different parameter names (only left: {only_a[:5]}, only right: {only_b[:5]})"
+            )
         for name, t in self._tensors.items():
             u = other._tensors[name]
             if t.shape != u.shape:
@@ -173,7 +182,7 @@ class Importance(Mapping):
         return NotImplemented
 
     @staticmethod
-    def sum(importances: Iterable["Importance"]) -> "Importance":
+    def sum(importances: Iterable[Importance]) -> Importance:
         """Sum of one or more importances, same rules as repeated ``+`` (one output buffer per name).
 
         The method string and meta are folded left to right exactly as ``((a + b) + c) + ...``.
@@ -204,7 +213,7 @@ class Importance(Mapping):
             n += other._n_samples
         return Importance(tensors, method=method, n_samples=n, meta=meta)
 
-    def scale(self, factor: float) -> "Importance":
+    def scale(self, factor: float) -> Importance:
         """Every tensor times the finite real ``factor`` (``method``, ``n_samples``, ``meta`` kept)."""
         factor = _check_factor(factor)
         return self._replace({k: t * factor for k, t in self._tensors.items()})
@@ -225,10 +234,10 @@ class Importance(Mapping):
         return self._replace({k: t / factor for k, t in self._tensors.items()})
 
     # ------------------------------------------------------------------------------- conversion
-    def _replace(self, tensors: dict) -> "Importance":
+    def _replace(self, tensors: dict) -> Importance:
         return Importance(tensors, method=self._method, n_samples=self._n_samples, meta=self._meta)
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Importance":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Importance:
         """Tensors moved to ``device`` and/or cast to floating ``dtype`` (tensors already there are shared)."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"Importance.to: dtype must be a floating torch.dtype, got {dtype}")
@@ -238,17 +247,24 @@ class Importance(Mapping):
         """A plain dict (tensors, str, int, dict) for ``torch.save``; round-trips exactly through
         :meth:`from_state_dict`, including ``torch.load(..., weights_only=True)`` when ``meta`` holds
         only plain values and tensors. Tensors are shared, not copied."""
-        return {"format": _FORMAT, "version": _VERSION, "method": self._method,
-                "n_samples": self._n_samples, "meta": dict(self._meta), "tensors": dict(self._tensors)}
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "method": self._method,
+            "n_samples": self._n_samples,
+            "meta": dict(self._meta),
+            "tensors": dict(self._tensors),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping) -> "Importance":
+    def from_state_dict(cls, state: Mapping) -> Importance:
         """Rebuild an ``Importance`` from :meth:`state_dict` output (validated like the constructor)."""
         if not isinstance(state, Mapping):
             raise TypeError(f"Importance.from_state_dict: expected a dict, got {type(state).__name__}")
         if state.get("format") != _FORMAT:
-            raise ValueError("Importance.from_state_dict: not an Importance state dict "
-                             f"(format={state.get('format')!r})")
+            raise ValueError(
+                f"Importance.from_state_dict: not an Importance state dict (format={state.get('format')!r})"
+            )
         if state.get("version") != _VERSION:
             raise ValueError(f"Importance.from_state_dict: unsupported version {state.get('version')!r}")
         missing = [k for k in ("tensors", "method", "n_samples", "meta") if k not in state]
@@ -257,13 +273,17 @@ class Importance(Mapping):
         return cls(state["tensors"], method=state["method"], n_samples=state["n_samples"], meta=state["meta"])
 
     @classmethod
-    def zeros_like(cls, model: nn.Module, *, dtype: torch.dtype | None = None, method: str = "zeros",
-                   trainable_only: bool = True) -> "Importance":
+    def zeros_like(
+        cls, model: nn.Module, *, dtype: torch.dtype | None = None, method: str = "zeros", trainable_only: bool = True
+    ) -> Importance:
         """All-zero importance for ``model``'s parameters (only those with ``requires_grad`` unless
         ``trainable_only=False``), each on its parameter's device, in ``dtype`` or the parameter's
         dtype; ``n_samples = 0``."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"Importance.zeros_like: dtype must be a floating torch.dtype, got {dtype}")
-        tensors = {n: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format).detach()
-                   for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+        tensors = {
+            n: torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format).detach()
+            for n, p in model.named_parameters()
+            if p.requires_grad or not trainable_only
+        }
         return cls(tensors, method=method, n_samples=0)

@@ -1,6 +1,6 @@
 """Triton backend of the consolidation ops (multi-tensor, one launch per dtype group).
 
-Same function names, signatures and semantics as :mod:`ewc_fast.ops._torch_impl` (the readable
+Same function names, signatures and semantics as :mod:`ewc_fast.ops.consolidation._torch` (the readable
 twin; see ``docs/ARCHITECTURE.md``, "Op contracts"). Inputs arrive validated and contiguous, all on
 one device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
@@ -10,7 +10,7 @@ Design
 of their operand dtypes (and by 16-byte alignment of their addresses); each group is one launch
 over a flat list of BLOCK-sized chunks of all its tensors. The program of a chunk reads its
 tensor's operand addresses (int64, cast in-kernel with ``.to(tl.pointer_type(dtype))``) and size
-from a device table (``kernels/_utils.py``, cached per set of tensors, so steady-state calls do no
+from a device table (``kernels/multi_tensor.py``, cached per set of tensors, so steady-state calls do no
 host-to-device copy). Full chunks take an unmasked path whose addresses the compiler can prove
 16-byte aligned and contiguous (``tl.multiple_of`` on the cast pointer, chunk start =
 chunk number * BLOCK), giving 128-bit vector loads/stores; only a tensor's last partial chunk
@@ -65,14 +65,14 @@ In general: penalty 3P + 2S, consolidate 2P + 4S (online 2P + 3S), si_accumulate
 si_consolidate 3P + 4S, wva 3P + S bytes per element. The per-chunk table (16 B per BLOCK elements,
 plus (k+1)*8 B per tensor) and partials (4 or 8 B per BLOCK elements) are negligible.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreter
-from ._utils import build_plan, device_guard, launch_options
+from .multi_tensor import build_plan, device_guard, launch_options, triton_interpreter
 
 # (BLOCK, num_warps) per op on CUDA. 2048 elements per program = 8 per thread with 8 warps: two
 # 128-bit accesses per fp32 stream per thread, moderate register pressure with fp64 state.
@@ -199,9 +199,22 @@ def _chunk(meta, K: tl.constexpr, BLOCK: tl.constexpr):
 
 # ------------------------------------------------------------------------------- penalty_apply
 @triton.jit
-def _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al,
-                   G_TY: tl.constexpr, P_TY: tl.constexpr, M_TY: tl.constexpr, C_TY: tl.constexpr,
-                   STAB: tl.constexpr, MASKED: tl.constexpr):
+def _penalty_block(
+    g_ptr,
+    p_ptr,
+    o_ptr,
+    m_ptr,
+    offs,
+    rem,
+    c,
+    al,
+    G_TY: tl.constexpr,
+    P_TY: tl.constexpr,
+    M_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    STAB: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     g = _ld(g_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
     o = _ld(o_ptr, offs, rem, MASKED)
@@ -221,9 +234,22 @@ def _penalty_block(g_ptr, p_ptr, o_ptr, m_ptr, offs, rem, c, al,
 
 
 @triton.jit(do_not_specialize=["part_base"])
-def _penalty_kernel(meta, partials, part_base, c, al, scal,
-                    G_TY: tl.constexpr, P_TY: tl.constexpr, O_TY: tl.constexpr, M_TY: tl.constexpr,
-                    C_TY: tl.constexpr, STAB: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _penalty_kernel(
+    meta,
+    partials,
+    part_base,
+    c,
+    al,
+    scal,
+    G_TY: tl.constexpr,
+    P_TY: tl.constexpr,
+    O_TY: tl.constexpr,
+    M_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    STAB: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     g_ptr = _operand(meta, rec, 0, G_TY, ALIGNED, start)
     p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
@@ -265,17 +291,41 @@ def penalty_apply(grads, params, omega, mu, lam, alpha, grad_scale):
     with device_guard(device):
         for grp in plan.groups:
             g_ty, p_ty, o_ty, m_ty = grp.tl_dtypes
-            _penalty_kernel[(grp.n_chunks,)](grp.meta, partials, grp.chunk_base, c, al, _scal_arg(scal, grp, 1),
-                                             G_TY=g_ty, P_TY=p_ty, O_TY=o_ty, M_TY=m_ty, C_TY=_arith(p_ty),
-                                             STAB=alpha is not None, ALIGNED=grp.aligned, BLOCK=block,
-                                             **launch_options(warps))
+            _penalty_kernel[(grp.n_chunks,)](
+                grp.meta,
+                partials,
+                grp.chunk_base,
+                c,
+                al,
+                _scal_arg(scal, grp, 1),
+                G_TY=g_ty,
+                P_TY=p_ty,
+                O_TY=o_ty,
+                M_TY=m_ty,
+                C_TY=_arith(p_ty),
+                STAB=alpha is not None,
+                ALIGNED=grp.aligned,
+                BLOCK=block,
+                **launch_options(warps),
+            )
     return partials.sum(dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------- consolidate
 @triton.jit
-def _consolidate_block(o_ptr, m_ptr, f_ptr, a_ptr, offs, rem, gamma,
-                       O_TY: tl.constexpr, M_TY: tl.constexpr, ONLINE: tl.constexpr, MASKED: tl.constexpr):
+def _consolidate_block(
+    o_ptr,
+    m_ptr,
+    f_ptr,
+    a_ptr,
+    offs,
+    rem,
+    gamma,
+    O_TY: tl.constexpr,
+    M_TY: tl.constexpr,
+    ONLINE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     o = _to(_ld(o_ptr, offs, rem, MASKED), tl.float64)
     f = _to(_ld(f_ptr, offs, rem, MASKED), tl.float64)
     a = _to(_ld(a_ptr, offs, rem, MASKED), tl.float64)
@@ -297,9 +347,19 @@ def _consolidate_block(o_ptr, m_ptr, f_ptr, a_ptr, offs, rem, gamma,
 
 
 @triton.jit(do_not_specialize=["part_base"])
-def _consolidate_kernel(meta, partials, part_base, scal,
-                        O_TY: tl.constexpr, M_TY: tl.constexpr, F_TY: tl.constexpr, A_TY: tl.constexpr,
-                        ONLINE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _consolidate_kernel(
+    meta,
+    partials,
+    part_base,
+    scal,
+    O_TY: tl.constexpr,
+    M_TY: tl.constexpr,
+    F_TY: tl.constexpr,
+    A_TY: tl.constexpr,
+    ONLINE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     o_ptr = _operand(meta, rec, 0, O_TY, ALIGNED, start)
     m_ptr = _operand(meta, rec, 1, M_TY, ALIGNED, start)
@@ -335,10 +395,20 @@ def consolidate(omega, mu, fisher, anchor, gamma, online):
     with device_guard(device):
         for grp in plan.groups:
             o_ty, m_ty, f_ty, a_ty = grp.tl_dtypes
-            _consolidate_kernel[(grp.n_chunks,)](grp.meta, partials, grp.chunk_base, scal,
-                                                 O_TY=o_ty, M_TY=m_ty, F_TY=f_ty, A_TY=a_ty,
-                                                 ONLINE=bool(online), ALIGNED=grp.aligned, BLOCK=block,
-                                                 **launch_options(warps))
+            _consolidate_kernel[(grp.n_chunks,)](
+                grp.meta,
+                partials,
+                grp.chunk_base,
+                scal,
+                O_TY=o_ty,
+                M_TY=m_ty,
+                F_TY=f_ty,
+                A_TY=a_ty,
+                ONLINE=bool(online),
+                ALIGNED=grp.aligned,
+                BLOCK=block,
+                **launch_options(warps),
+            )
     if online:
         return torch.zeros((), dtype=torch.float64, device=device)
     return partials.sum(dtype=torch.float64)
@@ -346,8 +416,18 @@ def consolidate(omega, mu, fisher, anchor, gamma, online):
 
 # ------------------------------------------------------------------------------- si_accumulate
 @triton.jit
-def _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem,
-                         W_TY: tl.constexpr, Q_TY: tl.constexpr, C_TY: tl.constexpr, MASKED: tl.constexpr):
+def _si_accumulate_block(
+    w_ptr,
+    g_ptr,
+    p_ptr,
+    q_ptr,
+    offs,
+    rem,
+    W_TY: tl.constexpr,
+    Q_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     w = _ld(w_ptr, offs, rem, MASKED)
     g = _ld(g_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
@@ -362,8 +442,16 @@ def _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem,
 
 
 @triton.jit
-def _si_accumulate_kernel(meta, W_TY: tl.constexpr, G_TY: tl.constexpr, P_TY: tl.constexpr,
-                          Q_TY: tl.constexpr, C_TY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _si_accumulate_kernel(
+    meta,
+    W_TY: tl.constexpr,
+    G_TY: tl.constexpr,
+    P_TY: tl.constexpr,
+    Q_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
     g_ptr = _operand(meta, rec, 1, G_TY, ALIGNED, start)
@@ -386,17 +474,37 @@ def si_accumulate(omega_path, grads, params, prev_params):
     with device_guard(device):
         for grp in plan.groups:
             w_ty, g_ty, p_ty, q_ty = grp.tl_dtypes
-            _si_accumulate_kernel[(grp.n_chunks,)](grp.meta, W_TY=w_ty, G_TY=g_ty, P_TY=p_ty, Q_TY=q_ty,
-                                                   C_TY=_arith(p_ty), ALIGNED=grp.aligned, BLOCK=block,
-                                                   **launch_options(warps))
+            _si_accumulate_kernel[(grp.n_chunks,)](
+                grp.meta,
+                W_TY=w_ty,
+                G_TY=g_ty,
+                P_TY=p_ty,
+                Q_TY=q_ty,
+                C_TY=_arith(p_ty),
+                ALIGNED=grp.aligned,
+                BLOCK=block,
+                **launch_options(warps),
+            )
     return None
 
 
 # ------------------------------------------------------------------------------ si_consolidate
 @triton.jit
-def _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi,
-                          W_TY: tl.constexpr, S_TY: tl.constexpr, O_TY: tl.constexpr, C_TY: tl.constexpr,
-                          CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _si_consolidate_block(
+    w_ptr,
+    p_ptr,
+    s_ptr,
+    o_ptr,
+    offs,
+    rem,
+    xi,
+    W_TY: tl.constexpr,
+    S_TY: tl.constexpr,
+    O_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    CLIP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     w = _ld(w_ptr, offs, rem, MASKED)
     p = _ld(p_ptr, offs, rem, MASKED)
     s = _ld(s_ptr, offs, rem, MASKED)
@@ -411,9 +519,19 @@ def _si_consolidate_block(w_ptr, p_ptr, s_ptr, o_ptr, offs, rem, xi,
 
 
 @triton.jit
-def _si_consolidate_kernel(meta, xi, scal, W_TY: tl.constexpr, P_TY: tl.constexpr, S_TY: tl.constexpr,
-                           O_TY: tl.constexpr, C_TY: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr,
-                           BLOCK: tl.constexpr):
+def _si_consolidate_kernel(
+    meta,
+    xi,
+    scal,
+    W_TY: tl.constexpr,
+    P_TY: tl.constexpr,
+    S_TY: tl.constexpr,
+    O_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rec, start, rem = _chunk(meta, 4, BLOCK)
     w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
     p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
@@ -444,10 +562,20 @@ def si_consolidate(omega_path, params, start_params, out, xi, clip):
     with device_guard(device):
         for grp in plan.groups:
             w_ty, p_ty, s_ty, o_ty = grp.tl_dtypes
-            _si_consolidate_kernel[(grp.n_chunks,)](grp.meta, xi32, _scal_arg(scal, grp, 1),
-                                                    W_TY=w_ty, P_TY=p_ty, S_TY=s_ty, O_TY=o_ty, C_TY=_arith(p_ty),
-                                                    CLIP=bool(clip), ALIGNED=grp.aligned, BLOCK=block,
-                                                    **launch_options(warps))
+            _si_consolidate_kernel[(grp.n_chunks,)](
+                grp.meta,
+                xi32,
+                _scal_arg(scal, grp, 1),
+                W_TY=w_ty,
+                P_TY=p_ty,
+                S_TY=s_ty,
+                O_TY=o_ty,
+                C_TY=_arith(p_ty),
+                CLIP=bool(clip),
+                ALIGNED=grp.aligned,
+                BLOCK=block,
+                **launch_options(warps),
+            )
     return None
 
 
@@ -462,8 +590,17 @@ def _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY: tl.constexpr, C_TY: tl
 
 
 @triton.jit
-def _wva_kernel(meta, lam, scal, P_TY: tl.constexpr, Q_TY: tl.constexpr, A_TY: tl.constexpr, C_TY: tl.constexpr,
-                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _wva_kernel(
+    meta,
+    lam,
+    scal,
+    P_TY: tl.constexpr,
+    Q_TY: tl.constexpr,
+    A_TY: tl.constexpr,
+    C_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     rec, start, rem = _chunk(meta, 3, BLOCK)
     p_ptr = _operand(meta, rec, 0, P_TY, ALIGNED, start)
     q_ptr = _operand(meta, rec, 1, Q_TY, ALIGNED, start)
@@ -491,7 +628,16 @@ def wva_attenuate(params, old_params, accum, lam):
     with device_guard(device):
         for grp in plan.groups:
             p_ty, q_ty, a_ty = grp.tl_dtypes
-            _wva_kernel[(grp.n_chunks,)](grp.meta, lam32, _scal_arg(scal, grp, 0), P_TY=p_ty, Q_TY=q_ty, A_TY=a_ty,
-                                         C_TY=_arith(p_ty), ALIGNED=grp.aligned, BLOCK=block,
-                                         **launch_options(warps))
+            _wva_kernel[(grp.n_chunks,)](
+                grp.meta,
+                lam32,
+                _scal_arg(scal, grp, 0),
+                P_TY=p_ty,
+                Q_TY=q_ty,
+                A_TY=a_ty,
+                C_TY=_arith(p_ty),
+                ALIGNED=grp.aligned,
+                BLOCK=block,
+                **launch_options(warps),
+            )
     return None

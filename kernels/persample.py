@@ -34,28 +34,54 @@ Configuration: autotuned on CUDA over block shapes / warps / stages (``restore_v
 in-place outputs while the autotuner benchmarks); under ``TRITON_INTERPRET=1`` one fixed config
 with large blocks (``INTERPRETER_CONFIG``), since the interpreter cannot autotune several configs.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreter
-from ._utils import device_guard
+from .multi_tensor import device_guard, triton_interpreter
 
 #: fixed (BLOCK_O, BLOCK_I, BLOCK_T) under the CPU interpreter: large blocks, few programs
 INTERPRETER_CONFIG = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_T": 32}
 
 
 @triton.jit
-def _persample_kernel(G, A, SQ, AB, N, T, O, I,
-                      sGn, sGt, sGo, sAn, sAt, sAi,
-                      s_sq_o, s_sq_i, s_ab_o, s_ab_i,
-                      key_n, key_t,
-                      DO_SQ: tl.constexpr, DO_ABS: tl.constexpr, GEMM: tl.constexpr,
-                      ACC_F64: tl.constexpr, PREC: tl.constexpr, WIDE_SQ: tl.constexpr,
-                      WIDE_AB: tl.constexpr, UPCAST: tl.constexpr, IDX64: tl.constexpr,
-                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):
+def _persample_kernel(
+    G,
+    A,
+    SQ,
+    AB,
+    N,
+    T,
+    O,
+    I,
+    sGn,
+    sGt,
+    sGo,
+    sAn,
+    sAt,
+    sAi,
+    s_sq_o,
+    s_sq_i,
+    s_ab_o,
+    s_ab_i,
+    key_n,
+    key_t,
+    DO_SQ: tl.constexpr,
+    DO_ABS: tl.constexpr,
+    GEMM: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    PREC: tl.constexpr,
+    WIDE_SQ: tl.constexpr,
+    WIDE_AB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IDX64: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     # key_n / key_t only feed the autotuner's cache key (bucketed N and T)
     acc_ty = tl.float64 if ACC_F64 else tl.float32
     pid = tl.program_id(0)
@@ -159,10 +185,15 @@ def _flush(ptrs, acc, mask, n_splits, WIDE: tl.constexpr):
 # three BLOCK_O x BLOCK_I fp32 tiles in registers (P, sum P^2, sum |P|), so 128 x 128 tiles fit only
 # with a single output; fp64 tiles take twice the registers.
 _CONFIGS = {
-    "fused16": [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4),
-                (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)],
-    "fused32": [(64, 64, 16, 4, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3),
-                (64, 128, 32, 8, 3)],
+    "fused16": [
+        (64, 128, 32, 8, 3),
+        (128, 64, 32, 8, 3),
+        (64, 128, 64, 8, 3),
+        (64, 64, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 128, 32, 8, 3),
+    ],
+    "fused32": [(64, 64, 16, 4, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (128, 64, 16, 8, 3), (64, 128, 32, 8, 3)],
     "fused64": [(64, 64, 16, 8, 3), (32, 64, 16, 4, 3)],
     "gemm": [(64, 64, 32, 4, 3), (64, 64, 16, 8, 3), (32, 64, 32, 4, 3)],
     "gemm64": [(64, 64, 16, 8, 3), (32, 64, 16, 4, 3)],
@@ -171,8 +202,10 @@ _CONFIGS = {
 
 def _cuda_configs():
     seen = sorted({c for cfgs in _CONFIGS.values() for c in cfgs})
-    return [triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=st)
-            for bo, bi, bt, w, st in seen]
+    return [
+        triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=st)
+        for bo, bi, bt, w, st in seen
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -198,8 +231,11 @@ def _prune(configs, named_args, **kwargs):
         keep.append(c)
     if not keep:  # tiny O / I: the smallest config of the kind
         small = min(_CONFIGS[kind], key=lambda c: c[0] * c[1])
-        keep = [c for c in configs
-                if (c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages) == small]
+        keep = [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_O"], c.kwargs["BLOCK_I"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages) == small
+        ]
     return keep
 
 
@@ -260,16 +296,43 @@ def launch(sq_out, abs_out, G, A, *, splits: int | None = None) -> None:
                 s = min(s, triton.cdiv(N, 64))
         return (tiles, max(1, min(int(s), N, 65535)))
 
-    kwargs = dict(DO_SQ=do_sq, DO_ABS=do_abs, GEMM=gemm, ACC_F64=acc64, PREC=prec,
-                  WIDE_SQ=acc64 or sq.dtype == torch.float64, WIDE_AB=acc64 or ab.dtype == torch.float64, UPCAST=upcast,
-                  IDX64=_needs_idx64(G, A, sq, ab))
+    kwargs = dict(
+        DO_SQ=do_sq,
+        DO_ABS=do_abs,
+        GEMM=gemm,
+        ACC_F64=acc64,
+        PREC=prec,
+        WIDE_SQ=acc64 or sq.dtype == torch.float64,
+        WIDE_AB=acc64 or ab.dtype == torch.float64,
+        UPCAST=upcast,
+        IDX64=_needs_idx64(G, A, sq, ab),
+    )
     if triton_interpreter():
         kwargs.update(INTERPRETER_CONFIG)
     with device_guard(device):
-        _kernel[grid](G, A, sq, ab, N, T, O, I,
-                      G.stride(0), G.stride(1), G.stride(2), A.stride(0), A.stride(1), A.stride(2),
-                      sq.stride(0), sq.stride(1), ab.stride(0), ab.stride(1),
-                      key_n, key_t, **kwargs)
+        _kernel[grid](
+            G,
+            A,
+            sq,
+            ab,
+            N,
+            T,
+            O,
+            I,
+            G.stride(0),
+            G.stride(1),
+            G.stride(2),
+            A.stride(0),
+            A.stride(1),
+            A.stride(2),
+            sq.stride(0),
+            sq.stride(1),
+            ab.stride(0),
+            ab.stride(1),
+            key_n,
+            key_t,
+            **kwargs,
+        )
 
 
 def persample_sq(sq_out, abs_out, G, A):

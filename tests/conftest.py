@@ -1,4 +1,5 @@
 """Test configuration: Triton runs in its CPU interpreter (must be set before Triton is imported)."""
+
 import os
 
 import pytest

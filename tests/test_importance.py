@@ -1,4 +1,5 @@
 """Importance: construction checks, arithmetic, conversion, persistence."""
+
 import io
 
 import pytest

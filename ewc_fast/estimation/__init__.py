@@ -7,10 +7,11 @@
 * :mod:`.fallback`    — exact ``torch.func`` per-sample fallback for modules without a rule.
 * :mod:`.distributed` — all-reduce of sums and counts across ranks.
 """
+
+from . import rules_attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 from .engine import estimate_importance
 from .fallback import BATCH_DIMS
 from .methods import METHODS
 from .rules import RULES, Call, Rule, register_rule, rule_for
-from . import rules_attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 
 __all__ = ["estimate_importance", "METHODS", "RULES", "BATCH_DIMS", "Rule", "Call", "register_rule", "rule_for"]

@@ -7,6 +7,7 @@ inside each rank). ``fisher_batched`` sums its per-batch squares and batch count
 stays batch-size dependent: it equals a single process only with the same batches). ``random`` is
 broadcast from the group's first rank so every rank holds the same tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,12 +33,14 @@ def all_reduce_sums(tensors: list[Tensor], counts: list[float], group) -> tuple[
     if group is None:
         return list(tensors), list(counts)
     device = tensors[0].device if tensors else torch.device("cpu")
-    flat = torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]
-                     + [torch.tensor(counts, dtype=torch.float64, device=device)])
+    flat = torch.cat(
+        [t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]
+        + [torch.tensor(counts, dtype=torch.float64, device=device)]
+    )
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
     out, off = [], 0
     for t in tensors:
-        out.append(flat[off:off + t.numel()].view(t.shape).to(t.device))
+        out.append(flat[off : off + t.numel()].view(t.shape).to(t.device))
         off += t.numel()
     return out, flat[off:].tolist()
 

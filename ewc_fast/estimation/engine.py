@@ -28,10 +28,11 @@ A forward that modifies a captured tensor in place (e.g. ``ReLU(inplace=True)`` 
 is detected through tensor version counters; the batch is then re-run with captured inputs copied
 and module outputs cloned before the next module sees them (and so are all later batches).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +40,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
-from .. import _backend
 from ..importance import Importance
+from ..ops import backends as _backend
 from . import distributed
 from .fallback import FunctionalFallback
 from .methods import GRADIENT_METHODS, STATIC_METHODS, check_methods, check_outputs, seeds
@@ -75,8 +76,10 @@ def _split(batch, idx: int):
             return batch[0], batch[1]
         if len(batch) == 1:
             return batch[0], None
-        raise ValueError(f"batch {idx} is a {type(batch).__name__} of length {len(batch)}; expected "
-                         "(inputs, targets) or inputs alone")
+        raise ValueError(
+            f"batch {idx} is a {type(batch).__name__} of length {len(batch)}; expected "
+            "(inputs, targets) or inputs alone"
+        )
     return batch, None
 
 
@@ -96,8 +99,10 @@ def _truncate(obj, n: int, k: int):
 def _check_device(obj, device: torch.device, what: str, idx: int) -> None:
     for t in tree_leaves(obj):
         if isinstance(t, Tensor) and t.device != device:
-            raise ValueError(f"batch {idx}: {what} on device {t.device} but the model's parameters are on {device}; "
-                             "move the batches to the model's device")
+            raise ValueError(
+                f"batch {idx}: {what} on device {t.device} but the model's parameters are on {device}; "
+                "move the batches to the model's device"
+            )
 
 
 def _forward(model: nn.Module, inputs):
@@ -132,6 +137,7 @@ def _discover(model: nn.Module, inputs, trainable_ids: set[int]) -> dict[int, di
     rec = _UseRecorder(trainable_ids)
     handles = []
     try:
+
         def push(mod, args):
             rec.stack.append(mod)
 
@@ -153,6 +159,7 @@ def _discover(model: nn.Module, inputs, trainable_ids: set[int]) -> dict[int, di
 @dataclass
 class _Group:
     """Parameters of one module served by its rule: local name -> full name."""
+
     module: nn.Module
     path: str
     rule: Rule
@@ -162,6 +169,7 @@ class _Group:
 @dataclass
 class _Tied:
     """A parameter used by several rule modules: per-sample gradients summed before squaring."""
+
     full: str
     uses: list  # (module, path, rule, local name)
 
@@ -169,6 +177,7 @@ class _Tied:
 @dataclass
 class _Fallback:
     """Parameters of one module served by the torch.func fallback: name relative to module -> full name."""
+
     module: nn.Module
     path: str
     params: dict[str, str] = field(default_factory=dict)
@@ -182,8 +191,11 @@ class _Plan:
 
     def modules(self) -> list[nn.Module]:
         seen, out = set(), []
-        for m in ([g.module for g in self.groups] + [u[0] for t in self.tied for u in t.uses]
-                  + [f.module for f in self.fallbacks]):
+        for m in (
+            [g.module for g in self.groups]
+            + [u[0] for t in self.tied for u in t.uses]
+            + [f.module for f in self.fallbacks]
+        ):
             if id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
@@ -279,14 +291,17 @@ class _Capture:
                     self.versions.append((t, t._version))
             self.calls[key].append(Call(args, kwargs, output))
             return None
+
         return hook
 
     def outputs_to_meta(self) -> None:
         """Replace every captured output tensor by a storage-less ``meta`` tensor of its shape and dtype:
         after SIG, rules and the fallback need only the outputs' structure and shapes, and holding the
         real tensors would keep them alive through the whole backward."""
+
         def meta(t):
             return torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t
+
         for lst in self.calls.values():
             for i, c in enumerate(lst):
                 lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output))
@@ -314,18 +329,29 @@ def _check_activations(model: nn.Module, sig_activation) -> dict[str, Callable]:
     names = {n for n, _ in model.named_modules()}
     for k, f in sig_activation.items():
         if k not in names:
-            raise ValueError(f"sig_activation: {k!r} is not a module name of the model "
-                             f"(e.g. {sorted(n for n in names if n)[:5]})")
+            raise ValueError(
+                f"sig_activation: {k!r} is not a module name of the model (e.g. {sorted(n for n in names if n)[:5]})"
+            )
         if not callable(f):
             raise TypeError(f"sig_activation[{k!r}] is not callable")
     return dict(sig_activation)
 
 
-def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn: Callable | None = None,
-                        n_samples: int | None = None, mc_samples: int = 1, mas_output: str = "logits",
-                        backend: str = "auto", progress: bool = True, process_group=None,
-                        generator: torch.Generator | None = None,
-                        sig_activation: dict[str, Callable] | None = None) -> dict[str, Importance]:
+def estimate_importance(
+    model: nn.Module,
+    data,
+    methods=("fisher",),
+    *,
+    loss_fn: Callable | None = None,
+    n_samples: int | None = None,
+    mc_samples: int = 1,
+    mas_output: str = "logits",
+    backend: str = "auto",
+    progress: bool = True,
+    process_group=None,
+    generator: torch.Generator | None = None,
+    sig_activation: dict[str, Callable] | None = None,
+) -> dict[str, Importance]:
     """Estimate weight importances of ``model``'s trainable parameters on ``data``.
 
     Args:
@@ -380,8 +406,10 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(data, Tensor) or not hasattr(data, "__iter__"):
-        raise TypeError(f"data must be an iterable of batches (e.g. a DataLoader or a list of (inputs, targets)), "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"data must be an iterable of batches (e.g. a DataLoader or a list of (inputs, targets)), "
+            f"got {type(data).__name__}"
+        )
     methods = check_methods(methods)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
@@ -400,8 +428,10 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
         raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
     devices = {p.device for _, p in trainable}
     if len(devices) > 1:
-        raise ValueError(f"the model's trainable parameters are on several devices {sorted(map(str, devices))}; "
-                         "estimate_importance needs them on one device")
+        raise ValueError(
+            f"the model's trainable parameters are on several devices {sorted(map(str, devices))}; "
+            "estimate_importance needs them on one device"
+        )
     device = next(iter(devices))
     resolved = _backend.resolve(backend, device)
     group = distributed.resolve_group(process_group)
@@ -409,22 +439,41 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
     results: dict[str, Importance] = {}
     base_meta = {"estimator": "ewc_fast.estimate_importance", "backend": resolved}
     if "random" in methods:  # drawn first, in parameter order (the float64 oracle does the same)
-        rnd = {k: torch.rand(p.shape, generator=generator, dtype=torch.float32,
-                             device=generator.device if generator is not None else p.device).to(p.device)
-               for k, p in trainable}
+        rnd = {
+            k: torch.rand(
+                p.shape,
+                generator=generator,
+                dtype=torch.float32,
+                device=generator.device if generator is not None else p.device,
+            ).to(p.device)
+            for k, p in trainable
+        }
         distributed.broadcast_first(list(rnd.values()), group)
     data_methods = [m for m in methods if m not in STATIC_METHODS]
     stats = n_total = n_batches = batched_meta = sig_meta = None
     if data_methods:
         stats, n_total, n_batches, batched_meta, sig_meta = _run(
-            model, data, data_methods, trainable, device, resolved, group, loss_fn=loss_fn, n_samples=n_samples,
-            mc_samples=mc_samples, mas_output=mas_output, progress=progress, generator=generator,
-            activations=activations)
+            model,
+            data,
+            data_methods,
+            trainable,
+            device,
+            resolved,
+            group,
+            loss_fn=loss_fn,
+            n_samples=n_samples,
+            mc_samples=mc_samples,
+            mas_output=mas_output,
+            progress=progress,
+            generator=generator,
+            activations=activations,
+        )
     for m in methods:
         meta = dict(base_meta)
         if m == "magnitude":
-            results[m] = Importance({k: p.detach().abs().float() for k, p in trainable}, method=m, n_samples=0,
-                                    meta=meta)
+            results[m] = Importance(
+                {k: p.detach().abs().float() for k, p in trainable}, method=m, n_samples=0, meta=meta
+            )
             continue
         if m == "random":
             results[m] = Importance(rnd, method=m, n_samples=0, meta=meta)
@@ -444,13 +493,27 @@ def estimate_importance(model: nn.Module, data, methods=("fisher",), *, loss_fn:
     return results
 
 
-def _run(model, data, methods, trainable, device, backend, group, *, loss_fn, n_samples, mc_samples, mas_output,
-         progress, generator, activations):
+def _run(
+    model,
+    data,
+    methods,
+    trainable,
+    device,
+    backend,
+    group,
+    *,
+    loss_fn,
+    n_samples,
+    mc_samples,
+    mas_output,
+    progress,
+    generator,
+    activations,
+):
     """The data pass. Returns (method -> name -> fp32 tensor, N, batches, fisher_batched meta, sig meta)."""
     from tqdm.auto import tqdm
 
-    sums = {m: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in trainable}
-            for m in methods}
+    sums = {m: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in trainable} for m in methods}
     times_w: dict[str, bool] = {}
     params = [p for _, p in trainable]
     needs_grad = any(m in GRADIENT_METHODS or m == "fisher_batched" for m in methods)  # else: SIG only
@@ -477,16 +540,35 @@ def _run(model, data, methods, trainable, device, backend, group, *, loss_fn, n_
             _check_device(inputs, device, "inputs", idx)
             _check_device(targets, device, "targets", idx)
             if targets is None and ("fisher" in methods or "fisher_batched" in methods):
-                raise ValueError(f"batch {idx} has no targets, but 'fisher'/'fisher_batched' need (inputs, targets) "
-                                 "batches (use 'fisher_mc'/'fisher_exact'/'mas' for unlabelled data)")
+                raise ValueError(
+                    f"batch {idx} has no targets, but 'fisher'/'fisher_batched' need (inputs, targets) "
+                    "batches (use 'fisher_mc'/'fisher_exact'/'mas' for unlabelled data)"
+                )
             if plan is None:
                 ids = {id(p) for p in params}
                 plan = _build_plan(model, trainable, _discover(model, _truncate(inputs, n, min(n, 2)), ids))
                 capture = _Capture(plan.modules())
             with torch.enable_grad() if needs_grad else torch.no_grad():
-                _batch(model, plan, capture, inputs, targets, n, idx, methods, sums, params, trainable, backend,
-                       loss_fn=loss_fn, mc_samples=mc_samples, mas_output=mas_output, generator=generator,
-                       activations=activations, times_w=times_w)
+                _batch(
+                    model,
+                    plan,
+                    capture,
+                    inputs,
+                    targets,
+                    n,
+                    idx,
+                    methods,
+                    sums,
+                    params,
+                    trainable,
+                    backend,
+                    loss_fn=loss_fn,
+                    mc_samples=mc_samples,
+                    mas_output=mas_output,
+                    generator=generator,
+                    activations=activations,
+                    times_w=times_w,
+                )
             n_total += n
             n_batches += 1
             batch_size = batch_size or n
@@ -522,11 +604,17 @@ def _run(model, data, methods, trainable, device, backend, group, *, loss_fn, n_
                 t = t * p.detach().abs()
             res[k] = t.float()
         out[m] = res
-    batched_meta = {"approximate": True, "batch_size_dependent": True, "batch_size": batch_size,
-                    "note": "square of the batch-mean gradient averaged over batches (Avalanche-style); "
-                            "biased, not the empirical Fisher"}
-    sig_meta = {"sig_activation": sorted(activations),
-                "sig_magnitude_fallback": sorted(k for k, v in sig_rule.items() if v is None)}
+    batched_meta = {
+        "approximate": True,
+        "batch_size_dependent": True,
+        "batch_size": batch_size,
+        "note": "square of the batch-mean gradient averaged over batches (Avalanche-style); "
+        "biased, not the empirical Fisher",
+    }
+    sig_meta = {
+        "sig_activation": sorted(activations),
+        "sig_magnitude_fallback": sorted(k for k, v in sig_rule.items() if v is None),
+    }
     return out, n_total, n_batches, batched_meta, sig_meta
 
 
@@ -550,8 +638,10 @@ def _sig_decide(names: list[str], flags: list[float]) -> dict[str, bool | None]:
         elif times_w in (0, have):
             out[k] = times_w > 0
         else:
-            raise RuntimeError(f"SIG: ranks disagree on whether |w| multiplies the factor of {k!r} "
-                               "(different sig_activation or rules per rank?)")
+            raise RuntimeError(
+                f"SIG: ranks disagree on whether |w| multiplies the factor of {k!r} "
+                "(different sig_activation or rules per rank?)"
+            )
     return out
 
 
@@ -581,8 +671,9 @@ def _walk(root, edges: dict) -> tuple[set, list, list]:
     while stack:  # iterative post-order DFS: below[node] = a captured edge is reachable under node
         node, done = stack.pop()
         if done:
-            below[id(node)] = any((id(c), nr) in edges or below.get(id(c), False)
-                                  for c, nr in node.next_functions if c is not None)
+            below[id(node)] = any(
+                (id(c), nr) in edges or below.get(id(c), False) for c, nr in node.next_functions if c is not None
+            )
             continue
         if id(node) in below:
             continue
@@ -642,6 +733,7 @@ class _Stream:
             if self.seed is not None:
                 self._arrive(key, g)
             return None
+
         return hook
 
     # ------------------------------------------------------------------------------------ one seed
@@ -665,8 +757,10 @@ class _Stream:
     def _arrive(self, key: tuple, g: Tensor) -> None:
         for mkey, ci, li in self.where[key]:
             if mkey in self.done:
-                raise RuntimeError("ewc_fast internal error: a module output gradient arrived after its module "
-                                   "was processed; please report this model")
+                raise RuntimeError(
+                    "ewc_fast internal error: a module output gradient arrived after its module "
+                    "was processed; please report this model"
+                )
             self.received[mkey][(ci, li)] = g
             if len(self.received[mkey]) >= self.expected[mkey] and mkey not in self.tied_modules:
                 self._process(mkey)
@@ -676,14 +770,25 @@ class _Stream:
         calls, got = self.capture.calls[mkey], self.received[mkey]
         g = self.groups.get(mkey)
         if g is not None:
-            g.rule.accumulate(g.module, calls, _call_grads(calls, got, g.rule.per_leaf),
-                              {local: self.bufs[full] for local, full in g.params.items()}, self.seed.mode, self.n,
-                              self.backend)
+            g.rule.accumulate(
+                g.module,
+                calls,
+                _call_grads(calls, got, g.rule.per_leaf),
+                {local: self.bufs[full] for local, full in g.params.items()},
+                self.seed.mode,
+                self.n,
+                self.backend,
+            )
         f = self.fallbacks.get(mkey)
         if f is not None:
-            FunctionalFallback().accumulate(f.module, calls, _call_grads(calls, got, True),
-                                            {rel: self.bufs[full] for rel, full in f.params.items()},
-                                            self.seed.mode, self.n)
+            FunctionalFallback().accumulate(
+                f.module,
+                calls,
+                _call_grads(calls, got, True),
+                {rel: self.bufs[full] for rel, full in f.params.items()},
+                self.seed.mode,
+                self.n,
+            )
         self.done.add(mkey)
         got.clear()
         if self.last and mkey not in self.tied_modules:
@@ -712,8 +817,27 @@ class _Stream:
         self.received = {}  # the seed is cleared by the caller (also when the backward raised)
 
 
-def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, methods, sums, params, trainable, backend,
-           *, loss_fn, mc_samples, mas_output, generator, activations, times_w):
+def _batch(
+    model,
+    plan: _Plan,
+    capture: _Capture,
+    inputs,
+    targets,
+    n,
+    idx,
+    methods,
+    sums,
+    params,
+    trainable,
+    backend,
+    *,
+    loss_fn,
+    mc_samples,
+    mas_output,
+    generator,
+    activations,
+    times_w,
+):
     capture.clear()
     capture.active = True
     try:
@@ -734,11 +858,24 @@ def _batch(model, plan: _Plan, capture: _Capture, inputs, targets, n, idx, metho
         stream = _Stream(plan, capture, n, backend)
         try:
             if stream.leaf_output:
-                raise ValueError("a planned module returned a tensor that requires grad but has no grad_fn (a "
-                                 "leaf, e.g. a parameter returned as is); per-layer rules cannot observe its gradient")
+                raise ValueError(
+                    "a planned module returned a tensor that requires grad but has no grad_fn (a "
+                    "leaf, e.g. a parameter returned as is); per-layer rules cannot observe its gradient"
+                )
             capture.outputs_to_meta()
-            it = iter(seeds(methods, outputs, targets, loss_fn, n=n, batch_idx=idx, mc_samples=mc_samples,
-                            mas_output=mas_output, generator=generator))
+            it = iter(
+                seeds(
+                    methods,
+                    outputs,
+                    targets,
+                    loss_fn,
+                    n=n,
+                    batch_idx=idx,
+                    mc_samples=mc_samples,
+                    mas_output=mas_output,
+                    generator=generator,
+                )
+            )
             del outputs
             seed = next(it, None)
             while seed is not None:
@@ -762,7 +899,7 @@ def _backward(seed, stream: _Stream, sums, params, trainable, n, last: bool) -> 
             gs = torch.autograd.grad(seed.value, wrt, retain_graph=not last, allow_unused=True)
             with torch.no_grad():
                 if seed.batched:
-                    for (k, _), g in zip(trainable, gs[len(wrt) - len(params):]):
+                    for (k, _), g in zip(trainable, gs[len(wrt) - len(params) :]):
                         if g is not None:
                             sums["fisher_batched"][k].add_((g.float() / n).square())
             del gs

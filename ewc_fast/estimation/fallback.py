@@ -19,10 +19,11 @@ all samples. ``BATCH_DIMS`` maps a module class to a specific resolver (``nn.Mul
 with ``batch_first=False`` is batched along dim 1). The module must treat samples independently in
 eval mode (no batch statistics, no data-dependent Python control flow under ``vmap``).
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +35,10 @@ from .rules import Call, chunk_rows, reduce_into
 
 def _default_dims(module: nn.Module, call: Call, n: int):
     """(batch dim per leaf of (args, kwargs), batch dim per leaf of the output): 0 if size[0] == n."""
+
     def dims(leaves):
         return [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None for t in leaves]
+
     return dims(tree_flatten((call.args, call.kwargs))[0]), dims(tree_flatten(call.output)[0])
 
 
@@ -54,9 +57,11 @@ def _mha_dims(module: nn.MultiheadAttention, call: Call, n: int):
         if name == "key_padding_mask":
             return [0 if v.dim() == 2 else None]
         if name == "attn_mask" and v.dim() == 3:
-            raise NotImplementedError("nn.MultiheadAttention with a 3-D attn_mask (one mask per sample and head) "
-                                      "is not supported by the per-sample fallback; pass a 2-D attn_mask or "
-                                      "a key_padding_mask")
+            raise NotImplementedError(
+                "nn.MultiheadAttention with a 3-D attn_mask (one mask per sample and head) "
+                "is not supported by the per-sample fallback; pass a 2-D attn_mask or "
+                "a key_padding_mask"
+            )
         return [None]
 
     in_dims = []
@@ -84,8 +89,9 @@ def _take(t: Tensor, d: int, lo: int, hi: int) -> Tensor:
     return t.detach().narrow(d, lo, hi - lo).movedim(d, 0)
 
 
-def per_sample_grads(module: nn.Module, calls: list[Call], grads: list, names: list[str], lo: int, hi: int,
-                     n: int) -> dict[str, Tensor]:
+def per_sample_grads(
+    module: nn.Module, calls: list[Call], grads: list, names: list[str], lo: int, hi: int, n: int
+) -> dict[str, Tensor]:
     """Per-sample gradients (hi - lo, *shape) of ``module``'s parameters ``names`` (dotted names
     relative to ``module``) for samples lo:hi. ``grads[c]``: list of gradients aligned with the
     tensor leaves of ``calls[c].output`` (None where unused), or None if the call got none."""
@@ -110,8 +116,10 @@ def per_sample_grads(module: nn.Module, calls: list[Call], grads: list, names: l
             if gj is None:
                 continue
             if d is None:
-                raise ValueError(f"{type(module).__name__}: output #{j} with a gradient has no batch dimension "
-                                 f"of size {n}; the per-sample fallback cannot split it by sample")
+                raise ValueError(
+                    f"{type(module).__name__}: output #{j} with a gradient has no batch dimension "
+                    f"of size {n}; the per-sample fallback cannot split it by sample"
+                )
             outs.append((j, d))
             batched.append(_take(gj, d, lo, hi))
         plans.append((fixed, spec, slots, outs))
@@ -142,6 +150,7 @@ def _math_attention():
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - older torch
         import contextlib
+
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
 

@@ -22,6 +22,7 @@ Default loss: outputs (N, C) with integer targets (N,) -> cross-entropy per samp
 tokens with target -100 ignored. A user ``loss_fn(outputs, targets)`` must return shape (N,).
 ``fisher_mc`` and ``fisher_exact`` always use the categorical NLL of ``softmax(outputs)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,26 +60,36 @@ def check_methods(methods) -> tuple[str, ...]:
 
 
 def _is_class_targets(outputs: Tensor, targets) -> bool:
-    return (isinstance(targets, Tensor) and not targets.is_floating_point() and not targets.is_complex()
-            and targets.dtype != torch.bool and outputs.dim() == targets.dim() + 1
-            and tuple(outputs.shape[:-1]) == tuple(targets.shape))
+    return (
+        isinstance(targets, Tensor)
+        and not targets.is_floating_point()
+        and not targets.is_complex()
+        and targets.dtype != torch.bool
+        and outputs.dim() == targets.dim() + 1
+        and tuple(outputs.shape[:-1]) == tuple(targets.shape)
+    )
 
 
 def default_loss(outputs, targets) -> Tensor:
     """Per-sample NLL: cross-entropy for (N, C) / integer (N,); summed token NLLs for (N, *, C) / (N, *)
     (target -100 ignored)."""
     if not isinstance(outputs, Tensor) or not outputs.is_floating_point() or outputs.dim() < 2:
-        raise ValueError("the default loss needs floating (N, C) or (N, T, C) model outputs; got "
-                         + (f"shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else type(outputs).__name__)
-                         + "; pass loss_fn(outputs, targets) returning one loss per sample")
+        raise ValueError(
+            "the default loss needs floating (N, C) or (N, T, C) model outputs; got "
+            + (f"shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else type(outputs).__name__)
+            + "; pass loss_fn(outputs, targets) returning one loss per sample"
+        )
     if not _is_class_targets(outputs, targets):
-        got = (f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, Tensor) else type(targets).__name__)
-        raise ValueError(f"the default loss needs integer class targets shaped like the outputs without the class "
-                         f"dim (outputs {tuple(outputs.shape)}, targets {got}); pass loss_fn(outputs, targets) "
-                         "returning one loss per sample")
+        got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(
+            f"the default loss needs integer class targets shaped like the outputs without the class "
+            f"dim (outputs {tuple(outputs.shape)}, targets {got}); pass loss_fn(outputs, targets) "
+            "returning one loss per sample"
+        )
     n, c = outputs.shape[0], outputs.shape[-1]
-    tok = F.cross_entropy(outputs.reshape(-1, c), targets.reshape(-1).long(), reduction="none",
-                          ignore_index=IGNORE_INDEX)
+    tok = F.cross_entropy(
+        outputs.reshape(-1, c), targets.reshape(-1).long(), reduction="none", ignore_index=IGNORE_INDEX
+    )
     return tok.view(n, -1).sum(1)
 
 
@@ -87,17 +98,22 @@ def per_sample_loss(outputs, targets, loss_fn, n: int, batch_idx: int) -> Tensor
     loss = (loss_fn or default_loss)(outputs, targets)
     if not isinstance(loss, Tensor) or tuple(loss.shape) != (n,):
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"loss_fn must return one loss per sample, a tensor of shape ({n},), got {got} "
-                         f"(batch {batch_idx}); use reduction='none'")
+        raise ValueError(
+            f"loss_fn must return one loss per sample, a tensor of shape ({n},), got {got} "
+            f"(batch {batch_idx}); use reduction='none'"
+        )
     if not loss.is_floating_point():
         raise ValueError(f"loss_fn returned a {loss.dtype} tensor (batch {batch_idx}); it must be floating")
     if not bool(torch.isfinite(loss).all()):
         bad = (~torch.isfinite(loss)).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"non-finite (NaN/Inf) per-sample loss in batch {batch_idx} (samples {bad}, "
-                         "indices within the batch)")
+        raise ValueError(
+            f"non-finite (NaN/Inf) per-sample loss in batch {batch_idx} (samples {bad}, indices within the batch)"
+        )
     if not loss.requires_grad:
-        raise ValueError("the per-sample loss does not depend on any trainable parameter (no autograd graph); "
-                         "check that the loss is computed from the model outputs without detaching")
+        raise ValueError(
+            "the per-sample loss does not depend on any trainable parameter (no autograd graph); "
+            "check that the loss is computed from the model outputs without detaching"
+        )
     return loss
 
 
@@ -107,23 +123,30 @@ def check_outputs(outputs, methods, n: int, batch_idx: int) -> None:
         if isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
             raise ValueError(f"non-finite (NaN/Inf) model outputs in batch {batch_idx}")
     needs_tensor = [m for m in ("fisher_mc", "fisher_exact", "mas") if m in methods]
-    if needs_tensor and (not isinstance(outputs, Tensor) or not outputs.is_floating_point()
-                         or outputs.dim() < 1 or outputs.shape[0] != n):
+    if needs_tensor and (
+        not isinstance(outputs, Tensor) or not outputs.is_floating_point() or outputs.dim() < 1 or outputs.shape[0] != n
+    ):
         got = f"shape {tuple(outputs.shape)}" if isinstance(outputs, Tensor) else type(outputs).__name__
-        raise ValueError(f"{needs_tensor} need the model to return a floating tensor with the batch ({n}) first, "
-                         f"got {got}")
+        raise ValueError(
+            f"{needs_tensor} need the model to return a floating tensor with the batch ({n}) first, got {got}"
+        )
     if "fisher_exact" in methods and outputs.dim() != 2:
-        raise ValueError(f"fisher_exact needs classification outputs (N, C) (logits of a categorical model), "
-                         f"got shape {tuple(outputs.shape)}")
+        raise ValueError(
+            f"fisher_exact needs classification outputs (N, C) (logits of a categorical model), "
+            f"got shape {tuple(outputs.shape)}"
+        )
     if "fisher_mc" in methods and (outputs.dim() < 2 or outputs.shape[-1] < 2):
-        raise ValueError(f"fisher_mc needs classification outputs (N, C) or (N, T, C) with C >= 2 (logits of a "
-                         f"categorical model), got shape {tuple(outputs.shape)}")
+        raise ValueError(
+            f"fisher_mc needs classification outputs (N, C) or (N, T, C) with C >= 2 (logits of a "
+            f"categorical model), got shape {tuple(outputs.shape)}"
+        )
 
 
 @dataclass
 class Seed:
     """One backward pass: ``value`` is differentiated; statistics go to ``method`` (may be None) with
     reduction ``mode``; ``batched``: also take the batch-mean parameter gradient (fisher_batched)."""
+
     method: str | None
     mode: str
     value: Tensor
@@ -140,8 +163,7 @@ def sample_labels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     return y.to(logits.device)
 
 
-def seeds(methods, outputs, targets, loss_fn, *, n: int, batch_idx: int, mc_samples: int, mas_output: str,
-          generator):
+def seeds(methods, outputs, targets, loss_fn, *, n: int, batch_idx: int, mc_samples: int, mas_output: str, generator):
     """Yield the :class:`Seed` s of one batch, one at a time (each is consumed before the next is built)."""
     if "fisher" in methods or "fisher_batched" in methods:
         loss = per_sample_loss(outputs, targets, loss_fn, n, batch_idx)

@@ -31,10 +31,12 @@ through the optional user activation for that module):
 The registry :data:`RULES` maps a module class to a rule instance; a module uses the rule of the
 first class in its MRO found there, provided it does not override that class's ``forward``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,7 @@ CHUNK_BYTES = 64 * 2**20
 @dataclass
 class Call:
     """One forward invocation of a module: its positional args, kwargs and output."""
+
     args: tuple
     kwargs: dict
     output: Any
@@ -93,17 +96,25 @@ class Rule:
         or a submodule's that ``module``'s own forward uses (``"out_proj.weight"``). Raise ValueError
         if the module's configuration makes per-sample statistics undefined; return fewer names to
         leave parameters to the ``torch.func`` fallback."""
-        return tuple(n for n in self.param_names if getattr(module, n, None) is not None
-                     and n in module._parameters)
+        return tuple(n for n in self.param_names if getattr(module, n, None) is not None and n in module._parameters)
 
-    def per_sample(self, module: nn.Module, calls: list[Call], grads: list, names, lo: int, hi: int,
-                   n: int) -> dict[str, Tensor]:
+    def per_sample(
+        self, module: nn.Module, calls: list[Call], grads: list, names, lo: int, hi: int, n: int
+    ) -> dict[str, Tensor]:
         """Per-sample gradients ``(hi - lo, *param.shape)`` of the named parameters for samples
         ``lo:hi`` (summed over the module's calls)."""
         raise NotImplementedError
 
-    def accumulate(self, module: nn.Module, calls: list[Call], grads: list, bufs: dict[str, Tensor],
-                   mode: str, n: int, backend: str) -> None:
+    def accumulate(
+        self,
+        module: nn.Module,
+        calls: list[Call],
+        grads: list,
+        bufs: dict[str, Tensor],
+        mode: str,
+        n: int,
+        backend: str,
+    ) -> None:
         """bufs[name] += sum_n g_n**2 (``mode="sq"``) or sum_n |g_n| (``mode="abs"``)."""
         names = list(bufs)
         per = sum(bufs[k].numel() for k in names) * 4
@@ -114,8 +125,9 @@ class Rule:
             for k in names:
                 reduce_into(bufs[k], ps[k], mode)
 
-    def sig(self, module: nn.Module, calls: list[Call], names, n: int,
-            activation: Callable | None) -> dict[str, tuple[Tensor, bool]] | None:
+    def sig(
+        self, module: nn.Module, calls: list[Call], names, n: int, activation: Callable | None
+    ) -> dict[str, tuple[Tensor, bool]] | None:
         """SIG factor sums over the batch: name -> (tensor shaped like the parameter, times_abs_w).
 
         The engine divides by the sample count and multiplies by |w| where ``times_abs_w``.
@@ -125,8 +137,10 @@ class Rule:
 
 def _batch_first(x: Tensor, n: int, module: nn.Module, what: str = "input") -> None:
     if x.dim() == 0 or x.shape[0] != n:
-        raise ValueError(f"{type(module).__name__}: its {what} has shape {tuple(x.shape)}, whose leading "
-                         f"dimension is not the batch size {n}; per-layer rules need batch-first tensors")
+        raise ValueError(
+            f"{type(module).__name__}: its {what} has shape {tuple(x.shape)}, whose leading "
+            f"dimension is not the batch size {n}; per-layer rules need batch-first tensors"
+        )
 
 
 def _act(activation, y: Tensor) -> Tensor:
@@ -172,20 +186,28 @@ class LinearRule(Rule):
         if G is None:
             return
         if "weight" in bufs:
-            persample_sq_(bufs["weight"] if mode == "sq" else None, bufs["weight"] if mode == "abs" else None,
-                          G, A.to(G.dtype), backend=backend)
+            persample_sq_(
+                bufs["weight"] if mode == "sq" else None,
+                bufs["weight"] if mode == "abs" else None,
+                G,
+                A.to(G.dtype),
+                backend=backend,
+            )
         if "bias" in bufs:
             reduce_into(bufs["bias"], G.sum(1), mode)
 
     def sig(self, module, calls, names, n, activation):
         out = {}
         if "weight" in names:
-            s = sum(call_input(c).reshape(n, -1, module.in_features).abs().sum((0, 1), dtype=torch.float32)
-                    for c in calls)
+            s = sum(
+                call_input(c).reshape(n, -1, module.in_features).abs().sum((0, 1), dtype=torch.float32) for c in calls
+            )
             out["weight"] = (s.expand(module.out_features, module.in_features), True)
         if "bias" in names:
-            s = sum(_act(activation, c.output).reshape(n, -1, module.out_features).abs()
-                    .sum((0, 1), dtype=torch.float32) for c in calls)
+            s = sum(
+                _act(activation, c.output).reshape(n, -1, module.out_features).abs().sum((0, 1), dtype=torch.float32)
+                for c in calls
+            )
             out["bias"] = (s, False)
         return out
 
@@ -225,7 +247,7 @@ def unfold(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     perm = [0] + list(range(2, 2 + d)) + [1] + list(range(2 + d, 2 + 2 * d))
     x = x.permute(perm)
     L = 1
-    for s in x.shape[1:1 + d]:
+    for s in x.shape[1 : 1 + d]:
         L *= s
     return x.reshape(c, L, -1)
 
@@ -261,15 +283,20 @@ class ConvRule(Rule):
 
     def per_sample(self, module, calls, grads, names, lo, hi, n):
         c = hi - lo
-        res = {k: torch.zeros((c,) + tuple(getattr(module, k).shape), dtype=module.weight.dtype,
-                              device=module.weight.device) for k in names}
+        res = {
+            k: torch.zeros(
+                (c,) + tuple(getattr(module, k).shape), dtype=module.weight.dtype, device=module.weight.device
+            )
+            for k in names
+        }
         groups, og, cg = self._groups(module)
         for gg, a in self._ga(module, calls, grads, lo, hi, n):
             if "weight" in names:
                 w = res["weight"].view(c, module.out_channels, cg)
                 for gi in range(groups):
-                    w[:, gi * og:(gi + 1) * og] += torch.bmm(gg[..., gi * og:(gi + 1) * og].transpose(1, 2),
-                                                            a[..., gi * cg:(gi + 1) * cg])
+                    w[:, gi * og : (gi + 1) * og] += torch.bmm(
+                        gg[..., gi * og : (gi + 1) * og].transpose(1, 2), a[..., gi * cg : (gi + 1) * cg]
+                    )
             if "bias" in names:
                 res["bias"] += gg.sum(1)
         return res
@@ -292,9 +319,14 @@ class ConvRule(Rule):
             G = torch.cat([p[0] for p in pairs], 1) if len(pairs) > 1 else pairs[0][0]
             A = torch.cat([p[1] for p in pairs], 1) if len(pairs) > 1 else pairs[0][1]
             for gi in range(groups):
-                rows = w[gi * og:(gi + 1) * og]
-                persample_sq_(rows if mode == "sq" else None, rows if mode == "abs" else None,
-                              G[..., gi * og:(gi + 1) * og], A[..., gi * cg:(gi + 1) * cg], backend=backend)
+                rows = w[gi * og : (gi + 1) * og]
+                persample_sq_(
+                    rows if mode == "sq" else None,
+                    rows if mode == "abs" else None,
+                    G[..., gi * og : (gi + 1) * og],
+                    A[..., gi * cg : (gi + 1) * cg],
+                    backend=backend,
+                )
 
     def sig(self, module, calls, names, n, activation):
         out = {}
@@ -305,13 +337,19 @@ class ConvRule(Rule):
                 x = call_input(call)
                 step = self._chunk(module, call.output, n)
                 for lo in range(0, n, step):
-                    a = unfold(module, x[lo:min(n, lo + step)]).abs().sum((0, 1), dtype=torch.float32)
+                    a = unfold(module, x[lo : min(n, lo + step)]).abs().sum((0, 1), dtype=torch.float32)
                     tot += a.view(groups, cg)
             fac = tot.repeat_interleave(og, 0).view(module.weight.shape)
             out["weight"] = (fac, True)
         if "bias" in names:
-            s = sum(_act(activation, c.output).abs().transpose(0, 1).reshape(module.out_channels, -1)
-                    .sum(1, dtype=torch.float32) for c in calls)
+            s = sum(
+                _act(activation, c.output)
+                .abs()
+                .transpose(0, 1)
+                .reshape(module.out_channels, -1)
+                .sum(1, dtype=torch.float32)
+                for c in calls
+            )
             out["bias"] = (s, False)
         return out
 
@@ -431,12 +469,15 @@ class _NormRule(Rule):
     def sig(self, module, calls, names, n, activation):
         out = {}
         if "weight" in names:
-            s = sum(self.feat(module, self.xhat(module, call_input(c)), n).abs().sum((0, 1), dtype=torch.float32)
-                    for c in calls)
+            s = sum(
+                self.feat(module, self.xhat(module, call_input(c)), n).abs().sum((0, 1), dtype=torch.float32)
+                for c in calls
+            )
             out["weight"] = (s, True)
         if "bias" in names:
-            s = sum(self.feat(module, _act(activation, c.output), n).abs().sum((0, 1), dtype=torch.float32)
-                    for c in calls)
+            s = sum(
+                self.feat(module, _act(activation, c.output), n).abs().sum((0, 1), dtype=torch.float32) for c in calls
+            )
             out["bias"] = (s, False)
         return out
 
@@ -480,9 +521,11 @@ class BatchNormRule(_NormRule):
 
     def handles(self, module):
         if module.running_mean is None or module.running_var is None:
-            raise ValueError(f"{type(module).__name__} without running statistics (track_running_stats=False) "
-                             "normalises with batch statistics even in eval mode, which couples the samples: "
-                             "per-sample importances are undefined for it")
+            raise ValueError(
+                f"{type(module).__name__} without running statistics (track_running_stats=False) "
+                "normalises with batch statistics even in eval mode, which couples the samples: "
+                "per-sample importances are undefined for it"
+            )
         return super().handles(module)
 
     def xhat(self, module, x):

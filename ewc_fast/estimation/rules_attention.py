@@ -48,6 +48,7 @@ Unsupported (left to the exact ``torch.func`` fallback by :meth:`MultiheadAttent
 ``add_bias_kv=True`` and ``add_zero_attn=True``. Unbatched (2-D) calls raise ``ValueError``.
 SIG has no rule for MHA (the engine uses |w|).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -63,8 +64,15 @@ from .rules import Call, Rule, reduce_into
 
 __all__ = ["MultiheadAttentionRule"]
 
-_PARAMS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-           "out_proj.weight", "out_proj.bias")
+_PARAMS = (
+    "in_proj_weight",
+    "in_proj_bias",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+    "out_proj.weight",
+    "out_proj.bias",
+)
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _BLOCKS = ("q", "k", "v")
 
@@ -92,8 +100,13 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _same(a: Tensor, b: Tensor) -> bool:
     """Whether two captured (separately detached) tensors are the same data."""
-    return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                        and a.dtype == b.dtype and a.device == b.device)
+    return (a is b) or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
 
 
 class _Chunk:
@@ -132,12 +145,12 @@ class MultiheadAttentionRule(Rule):
         E = module.embed_dim
         if module._qkv_same_embed_dim:
             w = module.in_proj_weight.detach().to(dtype)
-            wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
+            wq, wk, wv = w[:E], w[E : 2 * E], w[2 * E :]
         else:
             wq, wk, wv = (getattr(module, f"{b}_proj_weight").detach().to(dtype) for b in _BLOCKS)
         if module.in_proj_bias is not None:
             b = module.in_proj_bias.detach().to(dtype)
-            bq, bk, bv = b[:E], b[E:2 * E], b[2 * E:]
+            bq, bk, bv = b[:E], b[E : 2 * E], b[2 * E :]
         else:
             bq = bk = bv = None
         return wq, wk, wv, bq, bk, bv, module.out_proj.weight.detach().to(dtype)
@@ -149,14 +162,18 @@ class MultiheadAttentionRule(Rule):
         a = _bind(module, call)
         query, key, value = a["query"], a["key"], a["value"]
         if not isinstance(query, Tensor) or query.dim() != 3:
-            raise ValueError("nn.MultiheadAttention called with unbatched (2-D) inputs: per-sample importances "
-                             "need a batch dimension (pass (N, L, E) with batch_first=True or (L, N, E))")
+            raise ValueError(
+                "nn.MultiheadAttention called with unbatched (2-D) inputs: per-sample importances "
+                "need a batch dimension (pass (N, L, E) with batch_first=True or (L, N, E))"
+            )
         bf = module.batch_first
         bdim = 0 if bf else 1
         for what, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() != 3 or t.shape[bdim] != n:
-                raise ValueError(f"nn.MultiheadAttention (batch_first={bf}): its {what} has shape {tuple(t.shape)}, "
-                                 f"whose batch dimension {bdim} is not the batch size {n}")
+                raise ValueError(
+                    f"nn.MultiheadAttention (batch_first={bf}): its {what} has shape {tuple(t.shape)}, "
+                    f"whose batch dimension {bdim} is not the batch size {n}"
+                )
         leaves = tree_flatten(call.output)[0]
         g_y = g[0] if len(g) > 0 else None
         g_w = g[1] if len(g) > 1 and len(leaves) > 1 and isinstance(leaves[1], Tensor) else None
@@ -203,7 +220,7 @@ class MultiheadAttentionRule(Rule):
             return out
         gp = None
         if gy is not None:
-            gc = heads(torch.matmul(gy, wo))          # G_C (c, H, L, d)
+            gc = heads(torch.matmul(gy, wo))  # G_C (c, H, L, d)
             out.g["v"] = merge(torch.matmul(p.transpose(-2, -1), gc))
             gp = torch.matmul(gc, v.transpose(-2, -1))
         else:  # only the returned weights were used: v gets no gradient
@@ -212,8 +229,8 @@ class MultiheadAttentionRule(Rule):
             gw = g_w[lo:hi].to(dt)
             gw = gw.unsqueeze(1) / H if gw.dim() == 3 else gw  # averaged over heads: spread G_W / H
             gp = gw.expand(c, H, L, S).clone() if gp is None else gp.add_(gw)
-        gs = gp.mul_(p)                               # G_P ⊙ P
-        gs.sub_(p * gs.sum(-1, keepdim=True))         # P ⊙ (G_P - rowsum(G_P ⊙ P))
+        gs = gp.mul_(p)  # G_P ⊙ P
+        gs.sub_(p * gs.sum(-1, keepdim=True))  # P ⊙ (G_P - rowsum(G_P ⊙ P))
         out.g["q"] = merge(torch.matmul(gs, k)).mul_(scale)
         out.g["k"] = merge(torch.matmul(gs.transpose(-2, -1), q)).mul_(scale)
         return out
@@ -233,8 +250,10 @@ class MultiheadAttentionRule(Rule):
             H = module.num_heads
             if m.dim() == 3:
                 if m.shape[0] != n * H:
-                    raise ValueError(f"nn.MultiheadAttention: 3-D attn_mask of shape {tuple(m.shape)}; "
-                                     f"expected (N * num_heads, L, S) = ({n * H}, {L}, {S})")
+                    raise ValueError(
+                        f"nn.MultiheadAttention: 3-D attn_mask of shape {tuple(m.shape)}; "
+                        f"expected (N * num_heads, L, S) = ({n * H}, {L}, {S})"
+                    )
                 m = m.view(n, H, L, S)[lo:hi]
             elif m.dim() != 2:
                 raise ValueError(f"nn.MultiheadAttention: attn_mask must be 2-D or 3-D, got {tuple(m.shape)}")
@@ -250,8 +269,9 @@ class MultiheadAttentionRule(Rule):
         blocks ``"in_proj_weight:q"`` ... or merged (``"in_proj_weight:qkv"``) for self-attention;
         biases: name -> per-sample gradient (c, *shape) summed over the calls."""
         need_qkv = any(not k.startswith("out_proj") for k in names)
-        chunks = [ch for call, g in zip(calls, grads)
-                  if (ch := self._chunk(module, call, g, lo, hi, n, need_qkv)) is not None]
+        chunks = [
+            ch for call, g in zip(calls, grads) if (ch := self._chunk(module, call, g, lo, hi, n, need_qkv)) is not None
+        ]
         pairs: dict[str, list] = {}
         bias: dict[str, Tensor] = {}
         if not chunks:
@@ -263,8 +283,9 @@ class MultiheadAttentionRule(Rule):
             gs = ch.g
             if "in_proj_weight" in names:
                 if merged:
-                    pairs.setdefault("in_proj_weight:qkv", []).append((torch.cat([gs[b] for b in _BLOCKS], -1),
-                                                                       ch.x["q"]))
+                    pairs.setdefault("in_proj_weight:qkv", []).append(
+                        (torch.cat([gs[b] for b in _BLOCKS], -1), ch.x["q"])
+                    )
                 else:
                     for b in _BLOCKS:
                         pairs.setdefault(f"in_proj_weight:{b}", []).append((gs[b], ch.x[b]))
@@ -291,7 +312,7 @@ class MultiheadAttentionRule(Rule):
             return out
         E = module.embed_dim
         i = _BLOCKS.index(key[-1])
-        return out[..., i * E:(i + 1) * E, :]
+        return out[..., i * E : (i + 1) * E, :]
 
     def _bytes_per_sample(self, module, calls, n) -> int:
         """Bytes of one sample's temporaries (bound): ~5 attention maps (H, L, S) and ~8 (T, E) tensors
@@ -313,8 +334,9 @@ class MultiheadAttentionRule(Rule):
         res = {}
         for k in names:
             p = module.get_parameter(k)
-            res[k] = torch.zeros((c,) + tuple(p.shape), dtype=torch.promote_types(p.dtype, torch.float32),
-                                 device=p.device)
+            res[k] = torch.zeros(
+                (c,) + tuple(p.shape), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device
+            )
         pairs, bias = self._pairs(module, calls, grads, names, lo, hi, n)
         for key, pl in pairs.items():
             G, A = self._cat(pl)

@@ -7,4 +7,5 @@
 
 Submodules are imported on demand so that ``import ewc_fast.experiments`` stays cheap.
 """
+
 __all__ = ["models", "continual", "correlate", "prune", "overlap", "plots", "demo"]

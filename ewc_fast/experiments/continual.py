@@ -38,22 +38,23 @@ turns on Kutalev & Lapina's stabilised penalty (``stabilize_lr = lr``).
 write ``λ' Σ Ω (θ − μ)²`` without the ½, so ``λ = 2 λ'``: their Fisher λ'=41 is our λ=82.
 :func:`to_ewc_lam` converts; the CLI accepts ``--lam-convention kutalev`` and prints both.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import MNIST
-from ..tasks import Task, build_tasks
+from .data import MNIST
 from .models import build_model, sig_activations
+from .tasks import Task, build_tasks
 
 __all__ = [
     "METHODS",
@@ -87,8 +88,7 @@ _KUTALEV_LAM = {"fisher": 41.0, "fisher_mc": 41.0, "fisher_exact": 41.0, "mas": 
 # Stabilised λs: their stabilised scripts (aakutalev/ewc-features, section3/*-stabilized.py) use
 # regularizer = Ω·λ·0.5/(Ω·λ·lr + 1) in λ'·Σ reg·(θ−θ*)², i.e. the penalty already carries the ½:
 # these values are in ewc_fast's convention as they stand (no doubling).
-_KUTALEV_LAM_STABILIZED = {"fisher": 85.0, "fisher_mc": 85.0, "fisher_exact": 85.0, "mas": 8.5,
-                           "si": 0.64}
+_KUTALEV_LAM_STABILIZED = {"fisher": 85.0, "fisher_mc": 85.0, "fisher_exact": 85.0, "mas": 8.5, "si": 0.64}
 # Not from a paper: picked on the embedded set (3 permuted tasks, 3 epochs; ewc_fast convention).
 # Starting points only — tune with --lam-grid.
 _UNTUNED_LAM = {"l2": 1e-3, "sig": 10.0, "wva": 100.0, "none": 0.0}
@@ -116,11 +116,13 @@ def default_lam(method: str, *, stabilize: bool = False) -> tuple[float, str]:
     """Default λ (ewc_fast convention) and where it comes from."""
     if stabilize and method in _KUTALEV_LAM_STABILIZED:
         lam = _KUTALEV_LAM_STABILIZED[method]
-        return lam, (f"Kutalev & Lapina 2021 stabilised λ={lam:g} (their stabilised code already "
-                     f"has the ½) → λ={lam:g}")
+        return lam, (
+            f"Kutalev & Lapina 2021 stabilised λ={lam:g} (their stabilised code already has the ½) → λ={lam:g}"
+        )
     if method in _KUTALEV_LAM:
         return to_ewc_lam(_KUTALEV_LAM[method], "kutalev"), (
-            f"Kutalev & Lapina 2021 λ'={_KUTALEV_LAM[method]:g} (no-½) → λ={2 * _KUTALEV_LAM[method]:g}")
+            f"Kutalev & Lapina 2021 λ'={_KUTALEV_LAM[method]:g} (no-½) → λ={2 * _KUTALEV_LAM[method]:g}"
+        )
     if method == "wva":
         return _UNTUNED_LAM["wva"], "untuned default (WVA attenuation strength)"
     return _UNTUNED_LAM.get(method, 1.0), "untuned default; tune with --lam-grid"
@@ -200,10 +202,10 @@ class RunResult:
     lam: float
     seed: int
     task_names: list
-    R: list                      # R[i][j]
-    loss: list                   # test loss matrix, same layout
-    initial: list                # b[j]: untrained accuracy on task j
-    curve: list = field(default_factory=list)   # per-epoch [{"stage", "epoch", "acc": [...]}]
+    R: list  # R[i][j]
+    loss: list  # test loss matrix, same layout
+    initial: list  # b[j]: untrained accuracy on task j
+    curve: list = field(default_factory=list)  # per-epoch [{"stage", "epoch", "acc": [...]}]
     train_time_s: float = 0.0
     importance_time_s: float = 0.0
 
@@ -229,12 +231,21 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method, "lam": self.lam, "seed": self.seed,
-            "task_names": self.task_names, "R": self.R, "loss": self.loss,
-            "initial": self.initial, "mean_acc_seen": self.mean_acc_seen,
-            "mean_acc_all": self.mean_acc_all, "final_mean_acc": self.final_mean_acc,
-            "bwt": self.bwt, "fwt": self.fwt, "curve": self.curve,
-            "train_time_s": self.train_time_s, "importance_time_s": self.importance_time_s,
+            "method": self.method,
+            "lam": self.lam,
+            "seed": self.seed,
+            "task_names": self.task_names,
+            "R": self.R,
+            "loss": self.loss,
+            "initial": self.initial,
+            "mean_acc_seen": self.mean_acc_seen,
+            "mean_acc_all": self.mean_acc_all,
+            "final_mean_acc": self.final_mean_acc,
+            "bwt": self.bwt,
+            "fwt": self.fwt,
+            "curve": self.curve,
+            "train_time_s": self.train_time_s,
+            "importance_time_s": self.importance_time_s,
         }
 
 
@@ -255,8 +266,13 @@ def _lib(name: str):
 
     obj = getattr(ewc_fast, name, None)
     if obj is None:
-        modules = {"EWC": "ewc", "SynapticIntelligence": "si", "WVA": "wva",
-                   "Importance": "importance", "estimate_importance": "estimation"}
+        modules = {
+            "EWC": "ewc",
+            "SynapticIntelligence": "si",
+            "WVA": "wva",
+            "Importance": "importance",
+            "estimate_importance": "estimation",
+        }
         try:
             mod = importlib.import_module(f"ewc_fast.{modules.get(name, name)}")
             obj = getattr(mod, name, None)
@@ -270,40 +286,56 @@ def _lib(name: str):
 def unit_importance(model: nn.Module):
     """Ω = 1 for every trainable parameter (turns EWC into an L2 pull to the anchor)."""
     Importance = _lib("Importance")
-    return Importance({n: torch.ones_like(p, dtype=torch.float32)
-                       for n, p in model.named_parameters() if p.requires_grad},
-                      method="unit", n_samples=0)
+    return Importance(
+        {n: torch.ones_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad},
+        method="unit",
+        n_samples=0,
+    )
 
 
 def importance_subset(x: torch.Tensor, y: torch.Tensor, n: int):
     """The last ``n`` samples (Kutalev & Lapina compute importances on the last 5000)."""
     n = min(int(n), x.shape[0])
-    return x[x.shape[0] - n:], y[y.shape[0] - n:]
+    return x[x.shape[0] - n :], y[y.shape[0] - n :]
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list:
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
 
 
-def estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods, cfg: RunConfig, *,
-             generator: torch.Generator | None = None) -> dict:
+def estimate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    methods,
+    cfg: RunConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> dict:
     """``estimate_importance`` on ``(x, y)`` in eval mode (restores the training mode)."""
     estimate_importance = _lib("estimate_importance")
     was_training = model.training
     model.eval()
     try:
         return estimate_importance(
-            model, _batches(x, y, cfg.importance_batch), methods=tuple(methods),
-            mas_output=cfg.mas_output, mc_samples=cfg.mc_samples, backend=cfg.backend,
-            progress=False, generator=generator,
-            sig_activation=(sig_activations(model) or None) if "sig" in methods else None)
+            model,
+            _batches(x, y, cfg.importance_batch),
+            methods=tuple(methods),
+            mas_output=cfg.mas_output,
+            mc_samples=cfg.mc_samples,
+            backend=cfg.backend,
+            progress=False,
+            generator=generator,
+            sig_activation=(sig_activations(model) or None) if "sig" in methods else None,
+        )
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
-             batch_size: int = 2000) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task, batch_size: int = 2000
+) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``task`` applied to ``(x, y)``."""
     was_training = model.training
     model.eval()
@@ -311,8 +343,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task,
     correct, loss, n = 0, 0.0, int(ys.shape[0])
     dev = next(model.parameters()).device
     for i in range(0, n, batch_size):
-        xb = xs[i:i + batch_size].to(dev, non_blocking=True)
-        yb = ys[i:i + batch_size].to(dev, non_blocking=True)
+        xb = xs[i : i + batch_size].to(dev, non_blocking=True)
+        yb = ys[i : i + batch_size].to(dev, non_blocking=True)
         out = model(xb)
         loss += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
@@ -330,11 +362,19 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, cfg: RunConfig, *, generator: torch.Generator,
-               after_backward: Callable[[], None] | None = None,
-               on_epoch_end: Callable[[int], None] | None = None,
-               progress: bool = False, desc: str = "train") -> None:
+def train_task(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: RunConfig,
+    *,
+    generator: torch.Generator,
+    after_backward: Callable[[], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> None:
     """``cfg.epochs`` epochs of minibatch training on ``(x, y)`` (already task-transformed).
 
     ``after_backward`` runs between ``loss.backward()`` and ``optimizer.step()`` (``EWC.apply_``).
@@ -348,7 +388,7 @@ def train_task(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=generator).to(dev)
         for b in range(n_batches):
-            idx = order[b * bs:(b + 1) * bs]
+            idx = order[b * bs : (b + 1) * bs]
             xb, yb = x.index_select(0, idx), y.index_select(0, idx)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
@@ -399,8 +439,9 @@ class _EWCStrategy(_Strategy):
         if self.importance_method is None:
             imp = unit_importance(self.model)
         else:
-            imp = estimate(self.model, x_imp, y_imp, (self.importance_method,), self.cfg,
-                           generator=generator)[self.importance_method]
+            imp = estimate(self.model, x_imp, y_imp, (self.importance_method,), self.cfg, generator=generator)[
+                self.importance_method
+            ]
         dt = time.perf_counter() - t0
         self.ewc.consolidate(imp)
         return dt
@@ -432,8 +473,9 @@ class _SIStrategy(_Strategy):
         cum = self.si.cumulative
         dt = time.perf_counter() - t0
         if any(bool((t < 0).any()) for t in cum.values()):
-            cum = type(cum)({k: t.clamp_min(0) for k, t in cum.items()}, method=cum.method,
-                            n_samples=cum.n_samples, meta=cum.meta)
+            cum = type(cum)(
+                {k: t.clamp_min(0) for k, t in cum.items()}, method=cum.method, n_samples=cum.n_samples, meta=cum.meta
+            )
         kw = {"stabilize_lr": self.cfg.lr} if self.cfg.stabilize else {}
         self.ewc = self._EWC(self.model, self.cfg.lam, mode="online", **kw).consolidate(cum)
         return dt
@@ -475,14 +517,26 @@ def _make_strategy(model: nn.Module, cfg: RunConfig) -> _Strategy:
 # one run
 # --------------------------------------------------------------------------------------------
 def _to_tensors(data: MNIST):
-    return (torch.from_numpy(data.x_train), torch.from_numpy(data.y_train),
-            torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    return (
+        torch.from_numpy(data.x_train),
+        torch.from_numpy(data.y_train),
+        torch.from_numpy(data.x_test),
+        torch.from_numpy(data.y_test),
+    )
 
 
-def run_sequence(data: MNIST, tasks: list[Task], cfg: RunConfig, *, seed: int = 0,
-                 progress: bool = False, model: nn.Module | None = None,
-                 on_task_end: Callable | None = None, log: Callable[[str], None] | None = None,
-                 setup: Callable | None = None) -> RunResult:
+def run_sequence(
+    data: MNIST,
+    tasks: list[Task],
+    cfg: RunConfig,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    model: nn.Module | None = None,
+    on_task_end: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+    setup: Callable | None = None,
+) -> RunResult:
     """Train a fresh model (seeded ``seed``) on ``tasks`` in order; return the accuracy matrix.
 
     ``setup(model, optimizer)`` runs once after the method's own hooks are attached (e.g. to
@@ -528,9 +582,18 @@ def run_sequence(data: MNIST, tasks: list[Task], cfg: RunConfig, *, seed: int = 
                 curve.append({"stage": _i, "epoch": epoch + 1, "acc": accs})
 
         t0 = time.perf_counter()
-        train_task(model, optimizer, x_task, y_task, cfg, generator=gen,
-                   after_backward=strategy.after_backward, on_epoch_end=on_epoch_end,
-                   progress=progress, desc=f"{cfg.method} task {i + 1}/{T}")
+        train_task(
+            model,
+            optimizer,
+            x_task,
+            y_task,
+            cfg,
+            generator=gen,
+            after_backward=strategy.after_backward,
+            on_epoch_end=on_epoch_end,
+            progress=progress,
+            desc=f"{cfg.method} task {i + 1}/{T}",
+        )
         train_time += time.perf_counter() - t0
         x_imp, y_imp = importance_subset(x_task, y_task, cfg.n_importance)
         if i < T - 1 or on_task_end is not None:  # the last task needs no consolidation
@@ -540,14 +603,14 @@ def run_sequence(data: MNIST, tasks: list[Task], cfg: RunConfig, *, seed: int = 
         L.append(losses)
         curve.append({"stage": i, "epoch": cfg.epochs, "acc": accs})
         if log is not None:
-            log(f"  [{cfg.method} λ={cfg.lam:g} seed={seed}] after task {i + 1}/{T}: "
-                f"mean acc (seen) {np.mean(accs[:i + 1]):.4f}  "
-                + " ".join(f"{a:.3f}" for a in accs))
+            log(
+                f"  [{cfg.method} λ={cfg.lam:g} seed={seed}] after task {i + 1}/{T}: "
+                f"mean acc (seen) {np.mean(accs[: i + 1]):.4f}  " + " ".join(f"{a:.3f}" for a in accs)
+            )
         if on_task_end is not None:
             on_task_end(i, model, x_imp, y_imp, strategy)
         del x_task, y_task
-    return RunResult(cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve,
-                     train_time, imp_time)
+    return RunResult(cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,20 +633,40 @@ def summarize_runs(results: list[RunResult]) -> dict:
     }
 
 
-def run_experiment(data: MNIST, base: RunConfig, methods, *, lams: dict | None = None,
-                   n_tasks: int = 10, task_kind: str = "permuted", first_identity: bool = True,
-                   runs: int = 1, seed: int = 0, progress: bool = False, relabel: bool = False,
-                   log: Callable[[str], None] | None = None) -> dict:
+def run_experiment(
+    data: MNIST,
+    base: RunConfig,
+    methods,
+    *,
+    lams: dict | None = None,
+    n_tasks: int = 10,
+    task_kind: str = "permuted",
+    first_identity: bool = True,
+    runs: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    relabel: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Every method in ``methods`` × every λ in ``lams[method]`` × ``runs`` seeds.
 
     Run ``k`` uses seed ``seed + k`` for the initial weights, the task permutations and the
     shuffling, shared by all methods (paired comparison). Returns a JSON-ready dict:
     ``{"methods": {m: {"lams": {λ: {"summary", "runs"}}, "best_lam"}}}``.
     """
-    out = {"config": base.to_dict(), "n_tasks": n_tasks, "task_kind": task_kind,
-           "first_identity": first_identity, "relabel": relabel, "runs": runs, "seed": seed,
-           "data": data.source, "n_train": int(data.x_train.shape[0]),
-           "n_test": int(data.x_test.shape[0]), "methods": {}}
+    out = {
+        "config": base.to_dict(),
+        "n_tasks": n_tasks,
+        "task_kind": task_kind,
+        "first_identity": first_identity,
+        "relabel": relabel,
+        "runs": runs,
+        "seed": seed,
+        "data": data.source,
+        "n_train": int(data.x_train.shape[0]),
+        "n_test": int(data.x_test.shape[0]),
+        "methods": {},
+    }
     for method in methods:
         grid = (lams or {}).get(method) or [default_lam(method, stabilize=base.stabilize)[0]]
         if method == "none":
@@ -594,16 +677,21 @@ def run_experiment(data: MNIST, base: RunConfig, methods, *, lams: dict | None =
             results = []
             for k in range(runs):
                 s = seed + k
-                tasks = build_tasks(task_kind, n_tasks, s, first_identity=first_identity,
-                                    n_pixels=data.n_features, relabel=relabel)
+                tasks = build_tasks(
+                    task_kind, n_tasks, s, first_identity=first_identity, n_pixels=data.n_features, relabel=relabel
+                )
                 results.append(run_sequence(data, tasks, cfg, seed=s, progress=progress, log=log))
             summary = summarize_runs(results)
-            per_lam[f"{lam:g}"] = {"lam": float(lam), "summary": summary,
-                                   "runs": [r.to_dict() for r in results]}
+            per_lam[f"{lam:g}"] = {"lam": float(lam), "summary": summary, "runs": [r.to_dict() for r in results]}
             if log is not None:
-                log(f"{method:>12s} λ={lam:<8g} final mean acc {summary['final_mean_acc']:.4f}"
-                    f" ± {summary['final_mean_acc_std']:.4f}  BWT {summary['bwt']:+.4f}")
+                log(
+                    f"{method:>12s} λ={lam:<8g} final mean acc {summary['final_mean_acc']:.4f}"
+                    f" ± {summary['final_mean_acc_std']:.4f}  BWT {summary['bwt']:+.4f}"
+                )
         best = max(per_lam.values(), key=lambda v: v["summary"]["final_mean_acc"])
-        out["methods"][method] = {"lams": per_lam, "best_lam": best["lam"],
-                                  "best_final_mean_acc": best["summary"]["final_mean_acc"]}
+        out["methods"][method] = {
+            "lams": per_lam,
+            "best_lam": best["lam"],
+            "best_final_mean_acc": best["summary"]["final_mean_acc"],
+        }
     return out

@@ -11,20 +11,20 @@ and of FIS vs MAS², are recorded.
 Output rows: ``stage`` (tasks learned − 1), ``param``, ``pair``, ``pearson``, ``spearman``.
 A constant vector has no correlation: NaN (e.g. an all-zero SI tensor).
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from ..data import MNIST
-from ..tasks import build_tasks
 from .continual import RunConfig, _lib, estimate, run_sequence
+from .data import MNIST
+from .tasks import build_tasks
 
-__all__ = ["rankdata", "pearson", "spearman", "correlation_table", "run_correlate",
-           "IMPORTANCE_NAMES", "PAIRS"]
+__all__ = ["rankdata", "pearson", "spearman", "correlation_table", "run_correlate", "IMPORTANCE_NAMES", "PAIRS"]
 
 IMPORTANCE_NAMES = ("FIS", "MAS", "SI", "SIG")
 PAIRS = tuple(itertools.combinations(IMPORTANCE_NAMES, 2)) + (("FIS", "MAS²"),)
@@ -86,8 +86,15 @@ def correlation_table(importances: dict, *, stage: int = 0, names=None) -> list[
                 if not {a, b} <= labels:
                     continue
                 va, vb = _as_np(importances[a][pname]), _as_np(importances[b][pname])
-            rows.append({"stage": stage, "param": pname, "pair": f"{a}-{b}",
-                         "pearson": pearson(va, vb), "spearman": spearman(va, vb)})
+            rows.append(
+                {
+                    "stage": stage,
+                    "param": pname,
+                    "pair": f"{a}-{b}",
+                    "pearson": pearson(va, vb),
+                    "spearman": spearman(va, vb),
+                }
+            )
     return rows
 
 
@@ -100,13 +107,19 @@ def _add(acc: dict | None, imp) -> dict:
     return acc
 
 
-def run_correlate(data: MNIST, cfg: RunConfig, *, n_tasks: int = 10, seed: int = 0,
-                  first_identity: bool = True, progress: bool = False,
-                  log: Callable[[str], None] | None = None) -> dict:
+def run_correlate(
+    data: MNIST,
+    cfg: RunConfig,
+    *,
+    n_tasks: int = 10,
+    seed: int = 0,
+    first_identity: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Sequential training with ``cfg.method`` (MAS) penalty; correlations after each task."""
     SI = _lib("SynapticIntelligence")
-    tasks = build_tasks("permuted", n_tasks, seed, first_identity=first_identity,
-                        n_pixels=data.n_features)
+    tasks = build_tasks("permuted", n_tasks, seed, first_identity=first_identity, n_pixels=data.n_features)
     state: dict = {"acc": {"FIS": None, "MAS": None, "SIG": None}, "rows": [], "si": None}
 
     def setup(model, optimizer):
@@ -128,15 +141,27 @@ def run_correlate(data: MNIST, cfg: RunConfig, *, n_tasks: int = 10, seed: int =
             summary = {}
             for r in weights:
                 summary.setdefault(r["pair"], []).append(r["pearson"])
-            log(f"  after task {stage + 1}: Pearson per weight layer  " + "  ".join(
-                f"{p} " + "/".join("nan" if np.isnan(v) else f"{v:+.2f}" for v in vals)
-                for p, vals in summary.items()))
+            log(
+                f"  after task {stage + 1}: Pearson per weight layer  "
+                + "  ".join(
+                    f"{p} " + "/".join("nan" if np.isnan(v) else f"{v:+.2f}" for v in vals)
+                    for p, vals in summary.items()
+                )
+            )
 
-    result = run_sequence(data, tasks, cfg, seed=seed, progress=progress,
-                          on_task_end=on_task_end, setup=setup, log=None)
+    result = run_sequence(
+        data, tasks, cfg, seed=seed, progress=progress, on_task_end=on_task_end, setup=setup, log=None
+    )
     params = list(dict.fromkeys(r["param"] for r in state["rows"]))
-    return {"rows": state["rows"], "params": params, "pairs": [f"{a}-{b}" for a, b in PAIRS],
-            "run": result.to_dict(), "config": cfg.to_dict(), "n_tasks": n_tasks, "seed": seed}
+    return {
+        "rows": state["rows"],
+        "params": params,
+        "pairs": [f"{a}-{b}" for a, b in PAIRS],
+        "run": result.to_dict(),
+        "config": cfg.to_dict(),
+        "n_tasks": n_tasks,
+        "seed": seed,
+    }
 
 
 def surfaces(out: dict, kind: str = "pearson", *, weights_only: bool = True):

@@ -13,6 +13,7 @@
 Every model is an ``nn.Sequential`` with named children and explicit activation modules, so the
 parameter names (``fc1.weight`` …) are readable in tables and each layer's activation is a module.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -20,8 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-__all__ = ["MLP", "SeedCNN", "SmallCNN", "build_model", "MODEL_NAMES", "weight_layers",
-           "sig_activations"]
+__all__ = ["MLP", "SeedCNN", "SmallCNN", "build_model", "MODEL_NAMES", "weight_layers", "sig_activations"]
 
 MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
 
@@ -29,8 +29,7 @@ MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
 class MLP(nn.Sequential):
     """Fully connected net ``n_in → hidden… → n_out`` with leaky-ReLU between layers."""
 
-    def __init__(self, n_in: int = 784, hidden=(300, 150), n_out: int = 10,
-                 negative_slope: float = 0.01):
+    def __init__(self, n_in: int = 784, hidden=(300, 150), n_out: int = 10, negative_slope: float = 0.01):
         layers: list[tuple[str, nn.Module]] = []
         width = n_in
         for i, h in enumerate(hidden, start=1):
@@ -48,21 +47,25 @@ class SeedCNN(nn.Sequential):
         if image_size % 2:
             raise ValueError("SeedCNN needs an even image size")
         flat = 64 * (image_size // 2) ** 2
-        super().__init__(OrderedDict([
-            ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
-            ("drop0", nn.Dropout(0.2)),
-            ("conv1", nn.Conv2d(1, 64, 3, padding=1)),
-            ("act1", nn.ReLU()),
-            ("pool1", nn.MaxPool2d(2)),
-            ("flatten", nn.Flatten()),
-            ("fc1", nn.Linear(flat, 1024)),
-            ("act2", nn.ReLU()),
-            ("drop1", nn.Dropout(0.5)),
-            ("fc2", nn.Linear(1024, 1024)),
-            ("act3", nn.ReLU()),
-            ("drop2", nn.Dropout(0.5)),
-            ("out", nn.Linear(1024, n_out)),
-        ]))
+        super().__init__(
+            OrderedDict(
+                [
+                    ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
+                    ("drop0", nn.Dropout(0.2)),
+                    ("conv1", nn.Conv2d(1, 64, 3, padding=1)),
+                    ("act1", nn.ReLU()),
+                    ("pool1", nn.MaxPool2d(2)),
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(flat, 1024)),
+                    ("act2", nn.ReLU()),
+                    ("drop1", nn.Dropout(0.5)),
+                    ("fc2", nn.Linear(1024, 1024)),
+                    ("act3", nn.ReLU()),
+                    ("drop2", nn.Dropout(0.5)),
+                    ("out", nn.Linear(1024, n_out)),
+                ]
+            )
+        )
 
 
 class SmallCNN(nn.Sequential):
@@ -71,15 +74,19 @@ class SmallCNN(nn.Sequential):
     def __init__(self, image_size: int = 28, n_out: int = 10):
         s1 = (image_size + 2 * 2 - 5) // 2 + 1
         s2 = (s1 + 2 * 1 - 3) // 2 + 1
-        super().__init__(OrderedDict([
-            ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
-            ("conv1", nn.Conv2d(1, 8, 5, stride=2, padding=2)),
-            ("act1", nn.ReLU()),
-            ("conv2", nn.Conv2d(8, 16, 3, stride=2, padding=1)),
-            ("act2", nn.ReLU()),
-            ("flatten", nn.Flatten()),
-            ("out", nn.Linear(16 * s2 * s2, n_out)),
-        ]))
+        super().__init__(
+            OrderedDict(
+                [
+                    ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
+                    ("conv1", nn.Conv2d(1, 8, 5, stride=2, padding=2)),
+                    ("act1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(8, 16, 3, stride=2, padding=1)),
+                    ("act2", nn.ReLU()),
+                    ("flatten", nn.Flatten()),
+                    ("out", nn.Linear(16 * s2 * s2, n_out)),
+                ]
+            )
+        )
 
 
 def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Module:
@@ -89,7 +96,7 @@ def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Mo
     if name == "small-mlp":
         return MLP(n_in, (100,), n_out)
     if name in ("cnn", "small-cnn"):
-        side = int(round(n_in ** 0.5))
+        side = int(round(n_in**0.5))
         if side * side != n_in:
             raise ValueError(f"{name} needs square images, got {n_in} features")
         return SeedCNN(side, n_out) if name == "cnn" else SmallCNN(side, n_out)
@@ -98,8 +105,7 @@ def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Mo
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the Linear/Conv layers in forward order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Softmax)

@@ -1,7 +1,7 @@
 """Seed 003 (Kirkpatrick et al. 2017, Fig. 3C): Fisher overlap vs task similarity.
 
 Task A is unpermuted MNIST; task B permutes a fraction ``f`` of the pixels
-(:func:`ewc_fast.tasks.partial_permutation`, nested sets as ``f`` grows). A network is trained on
+(:func:`ewc_fast.experiments.tasks.partial_permutation`, nested sets as ``f`` grows). A network is trained on
 A once; for each ``f`` a copy continues on B (with EWC on A's Fisher by default, as in the paper;
 ``method="none"`` for plain fine-tuning). The empirical Fisher diagonals of A and B are then
 computed on the last ``n_importance`` training samples of each task — both at the final
@@ -13,19 +13,19 @@ at the end of its own task (``fisher_at="own"``) — and their overlap
 is reported per parameter tensor (each normalised over that tensor) and for the whole network
 (``"all"``, normalised over all parameters).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..data import MNIST
-from ..tasks import Task, partial_permutation
-from .continual import (RunConfig, _make_strategy, estimate, evaluate, importance_subset,
-                        resolve_device, train_task)
+from .continual import RunConfig, _make_strategy, estimate, evaluate, importance_subset, resolve_device, train_task
+from .data import MNIST
 from .models import build_model
+from .tasks import Task, partial_permutation
 
 __all__ = ["fisher_overlap", "overlap_table", "run_overlap"]
 
@@ -45,14 +45,23 @@ def fisher_overlap(fa, fb) -> float:
 def overlap_table(fa, fb) -> dict:
     """Overlap per parameter name, plus ``"all"`` (all parameters as one vector)."""
     out = {name: fisher_overlap(fa[name], fb[name]) for name in fa}
-    out["all"] = fisher_overlap(torch.cat([fa[n].reshape(-1).double().cpu() for n in fa]),
-                                torch.cat([fb[n].reshape(-1).double().cpu() for n in fa]))
+    out["all"] = fisher_overlap(
+        torch.cat([fa[n].reshape(-1).double().cpu() for n in fa]),
+        torch.cat([fb[n].reshape(-1).double().cpu() for n in fa]),
+    )
     return out
 
 
-def run_overlap(data: MNIST, cfg: RunConfig, *, fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                seed: int = 0, fisher_at: str = "final", progress: bool = False,
-                log: Callable[[str], None] | None = None) -> dict:
+def run_overlap(
+    data: MNIST,
+    cfg: RunConfig,
+    *,
+    fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    seed: int = 0,
+    fisher_at: str = "final",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     if fisher_at not in ("final", "own"):
         raise ValueError("fisher_at must be 'final' or 'own'")
     dev = resolve_device(cfg.device)
@@ -72,8 +81,7 @@ def run_overlap(data: MNIST, cfg: RunConfig, *, fractions=(0.0, 0.2, 0.4, 0.6, 0
         log(f"  task A trained: accuracy {acc_a:.4f}")
     rows, per_fraction = [], []
     for f in fractions:
-        task_b = Task(f"B-partial{f:g}", partial_permutation(float(f), seed,
-                                                             n_pixels=data.n_features))
+        task_b = Task(f"B-partial{f:g}", partial_permutation(float(f), seed, n_pixels=data.n_features))
         m = copy.deepcopy(model)
         strategy = _make_strategy(m, cfg)
         opt_b = torch.optim.Adam(m.parameters(), lr=cfg.lr, foreach=True)
@@ -81,29 +89,42 @@ def run_overlap(data: MNIST, cfg: RunConfig, *, fractions=(0.0, 0.2, 0.4, 0.6, 0
         if cfg.method != "none":
             strategy.end_task(xa_imp, ya_imp, gen)  # consolidate task A (on the copy)
         xb, yb = task_b.apply(x_tr, y_tr)
-        train_task(m, opt_b, xb, yb, cfg, generator=gen, after_backward=strategy.after_backward,
-                   progress=progress, desc=f"task B f={f:g}")
+        train_task(
+            m,
+            opt_b,
+            xb,
+            yb,
+            cfg,
+            generator=gen,
+            after_backward=strategy.after_backward,
+            progress=progress,
+            desc=f"task B f={f:g}",
+        )
         xb_imp, yb_imp = importance_subset(xb, yb, cfg.n_importance)
         fisher_b = estimate(m, xb_imp, yb_imp, ("fisher",), cfg)["fisher"]
-        fisher_a = (estimate(m, xa_imp, ya_imp, ("fisher",), cfg)["fisher"]
-                    if fisher_at == "final" else fisher_a_own)
+        fisher_a = estimate(m, xa_imp, ya_imp, ("fisher",), cfg)["fisher"] if fisher_at == "final" else fisher_a_own
         table = overlap_table(fisher_a, fisher_b)
         acc_after = [evaluate(m, x_te, y_te, task_a)[0], evaluate(m, x_te, y_te, task_b)[0]]
-        per_fraction.append({"fraction": float(f), "overlap": table, "acc_A": acc_after[0],
-                             "acc_B": acc_after[1]})
+        per_fraction.append({"fraction": float(f), "overlap": table, "acc_A": acc_after[0], "acc_B": acc_after[1]})
         for name, v in table.items():
             rows.append({"fraction": float(f), "param": name, "overlap": v})
         if log is not None:
-            log(f"  f={f:<5g} acc A {acc_after[0]:.3f} B {acc_after[1]:.3f}  overlap all "
-                f"{table['all']:.3f}  " + " ".join(f"{k}={v:.3f}" for k, v in table.items()
-                                                 if k.endswith("weight")))
-    return {"fractions": [float(f) for f in fractions], "rows": rows,
-            "per_fraction": per_fraction, "acc_A_before": acc_a, "fisher_at": fisher_at,
-            "config": cfg.to_dict(), "seed": seed}
+            log(
+                f"  f={f:<5g} acc A {acc_after[0]:.3f} B {acc_after[1]:.3f}  overlap all "
+                f"{table['all']:.3f}  " + " ".join(f"{k}={v:.3f}" for k, v in table.items() if k.endswith("weight"))
+            )
+    return {
+        "fractions": [float(f) for f in fractions],
+        "rows": rows,
+        "per_fraction": per_fraction,
+        "acc_A_before": acc_a,
+        "fisher_at": fisher_at,
+        "config": cfg.to_dict(),
+        "seed": seed,
+    }
 
 
 def overlap_series(out: dict, *, weights_only: bool = True) -> dict:
     """``{label: [overlap at each fraction]}`` for plotting (weight tensors and ``all``)."""
-    names = [k for k in out["per_fraction"][0]["overlap"]
-             if k == "all" or not weights_only or k.endswith("weight")]
+    names = [k for k in out["per_fraction"][0]["overlap"] if k == "all" or not weights_only or k.endswith("weight")]
     return {n: [pf["overlap"][n] for pf in out["per_fraction"]] for n in names}

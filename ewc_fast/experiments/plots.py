@@ -3,6 +3,7 @@
 matplotlib is optional (``pip install ewc_fast[plots]``): without it every function returns
 ``None`` and writes nothing; :func:`available` tells which.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["available", "accuracy_heatmaps", "task_curves", "lam_grid", "correlation_surfaces",
-           "prune_curves", "overlap_curves"]
+__all__ = [
+    "available",
+    "accuracy_heatmaps",
+    "task_curves",
+    "lam_grid",
+    "correlation_surfaces",
+    "prune_curves",
+    "overlap_curves",
+]
 
 
 def _plt():
@@ -61,15 +69,28 @@ def accuracy_heatmaps(matrices: dict, path, *, title: str = "accuracy matrix R[i
         if R.shape[1] <= 10:
             for i in range(R.shape[0]):
                 for j in range(R.shape[1]):
-                    ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if R[i, j] < 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{R[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if R[i, j] < 0.6 else "black",
+                    )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def task_curves(curves: dict, n_tasks: int, epochs: int, path, *,
-                title: str = "test accuracy of each task during sequential training"):
+def task_curves(
+    curves: dict,
+    n_tasks: int,
+    epochs: int,
+    path,
+    *,
+    title: str = "test accuracy of each task during sequential training",
+):
     """Per label a panel: x = tasks trained so far (fractional within a task), one line per task."""
     plt = _plt()
     if plt is None or not curves:
@@ -83,8 +104,7 @@ def task_curves(curves: dict, n_tasks: int, epochs: int, path, *,
         for j in range(acc.shape[1]):
             start = j  # a task's curve starts when its training starts
             mask = np.asarray(xs) > start
-            ax.plot(np.asarray(xs)[mask], acc[mask, j], marker=".", ms=3, color=cmap(j % 20),
-                    label=f"task {j}")
+            ax.plot(np.asarray(xs)[mask], acc[mask, j], marker=".", ms=3, color=cmap(j % 20), label=f"task {j}")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("tasks trained")
         ax.set_ylim(0, 1.02)
@@ -107,8 +127,7 @@ def lam_grid(grid: dict, path, *, title: str = "final mean accuracy vs λ"):
             continue
         means = [points[l][0] for l in lams]
         stds = [points[l][1] for l in lams]
-        ax.errorbar([max(l, 1e-12) for l in lams], means, yerr=stds, marker="o", capsize=3,
-                    label=method)
+        ax.errorbar([max(l, 1e-12) for l in lams], means, yerr=stds, marker="o", capsize=3, label=method)
     ax.set_xscale("log")
     ax.set_xlabel("λ (ewc_fast convention, (λ/2)ΣΩ(θ−μ)²)")
     ax.set_ylabel("mean accuracy over tasks, after the last")
@@ -118,8 +137,7 @@ def lam_grid(grid: dict, path, *, title: str = "final mean accuracy vs λ"):
     return _save(fig, path)
 
 
-def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *,
-                         kind: str = "pearson"):
+def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *, kind: str = "pearson"):
     """``values[pair] = array (n_tasks, n_layers)`` → one 3-D surface per pair (layer × task)."""
     plt = _plt()
     if plt is None or not values:
@@ -133,8 +151,7 @@ def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *,
         Z = np.asarray(Z, dtype=float)
         ax = fig.add_subplot(rows, cols, k + 1, projection="3d")
         if Z.shape[0] >= 2 and Z.shape[1] >= 2:
-            ax.plot_surface(L, Tk, np.nan_to_num(Z), cmap="coolwarm", vmin=-1, vmax=1,
-                            edgecolor="k", linewidth=0.3)
+            ax.plot_surface(L, Tk, np.nan_to_num(Z), cmap="coolwarm", vmin=-1, vmax=1, edgecolor="k", linewidth=0.3)
         else:
             ax.scatter(L.ravel(), Tk.ravel(), np.nan_to_num(Z).ravel(), c="C0")
         ax.set_zlim(-1, 1)
@@ -168,16 +185,23 @@ def prune_curves(curves: dict, fractions, path, *, title: str = "importance-orde
     return _save(fig, path)
 
 
-def overlap_curves(fractions, overlaps: dict, path, *,
-                   title: str = "Fisher overlap between task A and a partly permuted task B"):
+def overlap_curves(
+    fractions, overlaps: dict, path, *, title: str = "Fisher overlap between task A and a partly permuted task B"
+):
     """``overlaps[layer] = [overlap at each fraction]``."""
     plt = _plt()
     if plt is None or not overlaps:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, vals in overlaps.items():
-        ax.plot(fractions, vals, marker="o", label=label,
-                lw=2.5 if label == "all" else 1.2, color="k" if label == "all" else None)
+        ax.plot(
+            fractions,
+            vals,
+            marker="o",
+            label=label,
+            lw=2.5 if label == "all" else 1.2,
+            color="k" if label == "all" else None,
+        )
     ax.set_xlabel("fraction of pixels permuted")
     ax.set_ylabel("Fisher overlap Σ√(f̂₁f̂₂)")
     ax.set_ylim(0, 1.02)

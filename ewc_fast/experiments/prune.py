@@ -26,29 +26,49 @@ stable sort (index order).
 The ordering table ranks the importances by the area under the accuracy-vs-fraction curve
 (trapezoid rule; larger = the importance identifies what matters better).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..data import MNIST
-from ..tasks import Task
 from .continual import RunConfig, _lib, estimate, evaluate, run_sequence
+from .data import MNIST
+from .tasks import Task
 
-__all__ = ["PruneGroups", "build_groups", "apply_pruning", "prune_curve", "auc", "run_prune",
-           "ordering_table", "IMPORTANCE_CHOICES", "AGGREGATIONS", "REDUCES", "SCOPES"]
+__all__ = [
+    "PruneGroups",
+    "build_groups",
+    "apply_pruning",
+    "prune_curve",
+    "auc",
+    "run_prune",
+    "ordering_table",
+    "IMPORTANCE_CHOICES",
+    "AGGREGATIONS",
+    "REDUCES",
+    "SCOPES",
+]
 
 AGGREGATIONS = ("weight", "unit", "filter")
 REDUCES = ("mean", "min", "max")
 SCOPES = ("global", "layer")
-IMPORTANCE_CHOICES = ("fisher", "fisher_mc", "fisher_exact", "fisher_batched", "mas", "si",
-                      "sig", "magnitude", "random")
-LABELS = {"fisher": "FIS", "mas": "MAS", "si": "SI", "sig": "SIG", "magnitude": "|w|",
-          "random": "random"}
+IMPORTANCE_CHOICES = (
+    "fisher",
+    "fisher_mc",
+    "fisher_exact",
+    "fisher_batched",
+    "mas",
+    "si",
+    "sig",
+    "magnitude",
+    "random",
+)
+LABELS = {"fisher": "FIS", "mas": "MAS", "si": "SI", "sig": "SIG", "magnitude": "|w|", "random": "random"}
 
 
 @dataclass
@@ -104,8 +124,7 @@ def build_groups(model: nn.Module, aggregation: str = "weight") -> PruneGroups:
             gid[name] = ids.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).contiguous()
         elif aggregation == "filter" and is_conv and local == "weight":
             n_f = p.shape[0] * p.shape[1]
-            ids = torch.arange(offset, offset + n_f, device=dev).view(p.shape[0], p.shape[1],
-                                                                       *([1] * (p.dim() - 2)))
+            ids = torch.arange(offset, offset + n_f, device=dev).view(p.shape[0], p.shape[1], *([1] * (p.dim() - 2)))
             gid[name] = ids.expand(p.shape).contiguous()
             layer_of_group.extend([layer_idx[mname]] * n_f)
             offset += n_f
@@ -122,8 +141,7 @@ def group_scores(groups: PruneGroups, importance, reduce: str = "mean") -> torch
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}")
     ids = torch.cat([groups.gid[n].reshape(-1).cpu() for n in groups.gid])
-    vals = torch.cat([importance[n].detach().reshape(-1).to("cpu", torch.float64)
-                      for n in groups.gid])
+    vals = torch.cat([importance[n].detach().reshape(-1).to("cpu", torch.float64) for n in groups.gid])
     out = torch.zeros(groups.n_groups, dtype=torch.float64)
     op = {"mean": "mean", "min": "amin", "max": "amax"}[reduce]
     return out.scatter_reduce(0, ids, vals, reduce=op, include_self=False)
@@ -156,9 +174,17 @@ def _thresholds(groups: PruneGroups, fraction: float, scope: str) -> torch.Tenso
 
 
 @torch.no_grad()
-def apply_pruning(model: nn.Module, groups: PruneGroups, ranks: torch.Tensor, fraction: float,
-                  *, scope: str = "global", replace: str = "zero",
-                  original: dict | None = None, generator: torch.Generator | None = None) -> int:
+def apply_pruning(
+    model: nn.Module,
+    groups: PruneGroups,
+    ranks: torch.Tensor,
+    fraction: float,
+    *,
+    scope: str = "global",
+    replace: str = "zero",
+    original: dict | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
     """Prune ``model`` in place (from ``original`` state if given); returns entries removed."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
@@ -193,9 +219,21 @@ def auc(fractions, values) -> float:
     return float(np.sum((f[1:] - f[:-1]) * (v[1:] + v[:-1]) / 2.0))
 
 
-def prune_curve(model: nn.Module, importance, x_test, y_test, fractions, *,
-                aggregation="weight", reduce="mean", scope="global", replace="zero",
-                task: Task | None = None, seed: int = 0, eval_batch: int = 2000) -> dict:
+def prune_curve(
+    model: nn.Module,
+    importance,
+    x_test,
+    y_test,
+    fractions,
+    *,
+    aggregation="weight",
+    reduce="mean",
+    scope="global",
+    replace="zero",
+    task: Task | None = None,
+    seed: int = 0,
+    eval_batch: int = 2000,
+) -> dict:
     """Accuracy and loss of ``model`` pruned by ``importance`` at each fraction (restored after)."""
     task = task or Task("identity")
     groups = build_groups(model, aggregation)
@@ -205,8 +243,11 @@ def prune_curve(model: nn.Module, importance, x_test, y_test, fractions, *,
     accs, losses, removed = [], [], []
     try:
         for f in fractions:
-            removed.append(apply_pruning(model, groups, ranks, float(f), scope=scope,
-                                         replace=replace, original=original, generator=gen))
+            removed.append(
+                apply_pruning(
+                    model, groups, ranks, float(f), scope=scope, replace=replace, original=original, generator=gen
+                )
+            )
             a, l = evaluate(model, x_test, y_test, task, eval_batch)
             accs.append(a)
             losses.append(l)
@@ -228,21 +269,36 @@ def ordering_table(curves: dict, fractions) -> list[dict]:
     """Rows sorted by accuracy AUC (best first): label, acc_auc, loss_auc, acc at 50% / 90%."""
     rows = []
     for label, c in curves.items():
-        rows.append({"importance": label, "acc_auc": auc(fractions, c["acc"]),
-                     "loss_auc": auc(fractions, c["loss"]),
-                     "acc_at_0.5": _interp(fractions, c["acc"], 0.5),
-                     "acc_at_0.9": _interp(fractions, c["acc"], 0.9)})
+        rows.append(
+            {
+                "importance": label,
+                "acc_auc": auc(fractions, c["acc"]),
+                "loss_auc": auc(fractions, c["loss"]),
+                "acc_at_0.5": _interp(fractions, c["acc"], 0.5),
+                "acc_at_0.9": _interp(fractions, c["acc"], 0.9),
+            }
+        )
     rows.sort(key=lambda r: -r["acc_auc"])
     for i, r in enumerate(rows, start=1):
         r["rank"] = i
     return rows
 
 
-def run_prune(data: MNIST, cfg: RunConfig, *, importances=("fisher", "mas", "si", "sig",
-              "magnitude", "random"), fractions=None, scopes=("global",),
-              aggregations=("weight",), reduces=("mean",), replace: str = "zero",
-              runs: int = 1, seed: int = 0, progress: bool = False,
-              log: Callable[[str], None] | None = None) -> dict:
+def run_prune(
+    data: MNIST,
+    cfg: RunConfig,
+    *,
+    importances=("fisher", "mas", "si", "sig", "magnitude", "random"),
+    fractions=None,
+    scopes=("global",),
+    aggregations=("weight",),
+    reduces=("mean",),
+    replace: str = "zero",
+    runs: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Train one task per run, prune by every importance × scope × aggregation × reduce."""
     for m in importances:
         if m not in IMPORTANCE_CHOICES:
@@ -260,12 +316,12 @@ def run_prune(data: MNIST, cfg: RunConfig, *, importances=("fisher", "mas", "si"
     for k in range(runs):
         holder: dict = {}
 
-        def setup(model, optimizer):
+        def setup(model, optimizer, holder=holder):
             if SI is not None:
                 holder["si"] = SI(model, xi=cfg.si_xi, variant=cfg.si_variant)
                 holder["si"].attach(optimizer)
 
-        def on_task_end(stage, model, x_imp, y_imp, strategy):
+        def on_task_end(stage, model, x_imp, y_imp, strategy, holder=holder, k=k):
             est = [m for m in importances if m != "si"]
             gen = torch.Generator().manual_seed(seed + k)
             imps = dict(estimate(model, x_imp, y_imp, est, cfg, generator=gen)) if est else {}
@@ -273,27 +329,48 @@ def run_prune(data: MNIST, cfg: RunConfig, *, importances=("fisher", "mas", "si"
                 imps["si"] = holder["si"].consolidate()
             holder["model"], holder["imps"] = model, imps
 
-        res = run_sequence(data, [task], cfg, seed=seed + k, progress=progress,
-                           on_task_end=on_task_end, setup=setup)
+        res = run_sequence(data, [task], cfg, seed=seed + k, progress=progress, on_task_end=on_task_end, setup=setup)
         base_acc.append(res.R[0][0])
         model = holder["model"]
         dev = next(model.parameters()).device
         for s, a, r in settings:
             key = f"{s}/{a}/{r}"
             for m in importances:
-                c = prune_curve(model, holder["imps"][m], x_te.to(dev), y_te.to(dev), fractions,
-                                aggregation=a, reduce=r, scope=s, replace=replace, task=task,
-                                seed=seed + k, eval_batch=cfg.eval_batch)
+                c = prune_curve(
+                    model,
+                    holder["imps"][m],
+                    x_te.to(dev),
+                    y_te.to(dev),
+                    fractions,
+                    aggregation=a,
+                    reduce=r,
+                    scope=s,
+                    replace=replace,
+                    task=task,
+                    seed=seed + k,
+                    eval_batch=cfg.eval_batch,
+                )
                 per_run[key].setdefault(LABELS.get(m, m), []).append(c)
         if log is not None:
             log(f"  run {k + 1}/{runs}: trained accuracy {res.R[0][0]:.4f}")
     results = {}
     for key, by_label in per_run.items():
-        curves = {label: {"acc": np.mean([c["acc"] for c in cs], axis=0).tolist(),
-                          "loss": np.mean([c["loss"] for c in cs], axis=0).tolist(),
-                          "removed": cs[0]["removed"]}
-                  for label, cs in by_label.items()}
+        curves = {
+            label: {
+                "acc": np.mean([c["acc"] for c in cs], axis=0).tolist(),
+                "loss": np.mean([c["loss"] for c in cs], axis=0).tolist(),
+                "removed": cs[0]["removed"],
+            }
+            for label, cs in by_label.items()
+        }
         results[key] = {"curves": curves, "ordering": ordering_table(curves, fractions)}
-    return {"fractions": fractions, "results": results, "trained_acc": base_acc,
-            "config": cfg.to_dict(), "runs": runs, "seed": seed, "replace": replace,
-            "importances": list(importances)}
+    return {
+        "fractions": fractions,
+        "results": results,
+        "trained_acc": base_acc,
+        "config": cfg.to_dict(),
+        "runs": runs,
+        "seed": seed,
+        "replace": replace,
+        "importances": list(importances),
+    }

@@ -1,11 +1,12 @@
 """Validation and layout helpers shared by the op layer (not by kernels)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
 
-from .. import _backend
+from . import backends as _backend
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -59,22 +60,13 @@ def contiguous_in(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def impl_module(backend: str, family: str = "consolidation"):
-    """The module holding a backend's implementations of an op family (same function names in each).
-
-    torch: ``ewc_fast/ops/_torch_<family>.py`` (``_torch_impl`` for consolidation); C++:
-    ``ewc_fast/_cpp_<family>.py`` (``_cpp_ops`` for consolidation); Triton: ``kernels/<family>.py``.
-    """
+    """The module holding a backend's implementations of an op family: ``ewc_fast/ops/<family>/_<backend>.py``
+    (same function names and signatures in each backend)."""
     import importlib
 
-    if backend == "torch":
-        name = "_torch_impl" if family == "consolidation" else f"_torch_{family}"
-        return importlib.import_module(f"ewc_fast.ops.{name}")
-    if backend == "cpp":
-        name = "_cpp_ops" if family == "consolidation" else f"_cpp_{family}"
-        return importlib.import_module(f"ewc_fast.{name}")
-    if backend == "triton":
-        return importlib.import_module(f"ewc_fast.kernels.{family}")
-    raise ValueError(f"unknown backend {backend!r}")
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    return importlib.import_module(f"ewc_fast.ops.{family}._{backend}")
 
 
 def run_op(op, eager_fn, *args):

@@ -1,0 +1,200 @@
+"""Helpers shared by the consolidation-state classes (:mod:`ewc_fast.ewc`, :mod:`ewc_fast.si`,
+:mod:`ewc_fast.wva`): parameter selection, importance validation, and the registry through which an
+``EWC`` object tells Zenke-style SI trackers which part of a gradient is its own penalty.
+
+Nothing here is public API.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._common import PARAM_DTYPES, STATE_DTYPES
+from ..ops.backends import BACKENDS
+
+__all__ = [
+    "trainable_params",
+    "check_importance",
+    "check_finite_scalar",
+    "check_state_dtype",
+    "check_backend",
+    "ExclusionRegistry",
+    "ZENKE_REGISTRY",
+]
+
+
+def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, param)`` for every parameter of ``model`` with ``requires_grad``, in module order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_finite_scalar(
+    owner: str, name: str, value, *, low: float | None = None, low_open: bool = False, high: float | None = None
+) -> float:
+    """``float(value)``, refusing non-numbers, NaN/Inf and values outside ``[low, high]``
+    (``(low, high]`` if ``low_open``). Raises ``TypeError`` / ``ValueError``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        and not (isinstance(value, Tensor) and value.numel() == 1)
+    ):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{owner}: {name} must be <= {high}, got {value}")
+    return value
+
+
+def check_backend(owner: str, backend) -> str:
+    """``backend`` if it names a backend or ``"auto"`` (whether it can run is decided by each op)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{owner}: unknown backend {backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
+    return backend
+
+
+def check_state_dtype(owner: str, dtype) -> torch.dtype:
+    if dtype not in STATE_DTYPES:
+        raise TypeError(f"{owner}: state_dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def _bad_value_flags(tensors: list[Tensor], *, nonnegative: bool) -> list[bool]:
+    """Per tensor: does it hold NaN/Inf (or, if ``nonnegative``, a negative value)?
+
+    One host synchronisation per device, however many tensors."""
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        bad = ~torch.isfinite(t)
+        if nonnegative:
+            bad = bad | (t < 0)
+        by_device.setdefault(t.device, []).append((i, bad.any()))
+    out = [False] * len(tensors)
+    for items in by_device.values():
+        for (i, _), v in zip(items, torch.stack([f for _, f in items]).tolist()):
+            out[i] = bool(v)
+    return out
+
+
+def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str], list[nn.Parameter], list[Tensor]]:
+    """Validate ``importance`` against ``model`` without touching any state.
+
+    Every trainable parameter (``requires_grad``) must have an entry with the parameter's shape and
+    device, a dtype in {fp32, fp64, bf16, fp16}, finite and non-negative values; the parameter itself
+    must be finite (it becomes an anchor). Names that are not parameters of ``model`` are refused;
+    entries for frozen parameters are accepted and ignored. Returns ``(names, params, tensors)`` of the
+    trainable parameters in module order.
+    """
+    if not isinstance(importance, Mapping):
+        raise TypeError(
+            f"{owner}: importance must be an ewc_fast.Importance or a mapping name -> tensor, "
+            f"got {type(importance).__name__}"
+        )
+    named = dict(model.named_parameters())
+    unknown = [k for k in importance.keys() if k not in named]
+    if unknown:
+        raise ValueError(
+            f"{owner}: importance has entries for names that are not parameters of the model: "
+            f"{sorted(map(str, unknown))[:10]}"
+        )
+    names, params, tensors = [], [], []
+    for name, p in named.items():
+        if not p.requires_grad:
+            continue
+        if name not in importance:
+            raise ValueError(f"{owner}: importance is missing trainable parameter {name!r}")
+        t = importance[name]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{owner}: importance[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.dtype not in PARAM_DTYPES:
+            raise TypeError(
+                f"{owner}: importance[{name!r}] has dtype {t.dtype}; allowed: {[str(d) for d in PARAM_DTYPES]}"
+            )
+        if t.layout != torch.strided:
+            raise TypeError(f"{owner}: importance[{name!r}] must be a dense tensor, got layout {t.layout}")
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{owner}: importance[{name!r}] has shape {tuple(t.shape)}, parameter has {tuple(p.shape)}"
+            )
+        if t.device != p.device:
+            raise ValueError(f"{owner}: importance[{name!r}] is on {t.device}, parameter is on {p.device}")
+        names.append(name)
+        params.append(p)
+        tensors.append(t.detach())
+    for name, bad in zip(names, _bad_value_flags(tensors, nonnegative=True)):
+        if bad:
+            raise ValueError(f"{owner}: importance[{name!r}] holds NaN/Inf or negative values")
+    for name, bad in zip(names, _bad_value_flags([p.detach() for p in params], nonnegative=False)):
+        if bad:
+            raise ValueError(f"{owner}: parameter {name!r} holds NaN/Inf; refusing to anchor at it")
+    return names, params, tensors
+
+
+class ExclusionRegistry:
+    """The attached Zenke-variant SI trackers, so that EWC can tell them about penalty gradients.
+
+    SI (Zenke 2017) integrates the gradient of the *task loss*, without any penalty. When
+    :meth:`ewc_fast.EWC.apply_` or the backward of :meth:`ewc_fast.EWC.penalty` adds a penalty
+    gradient to ``.grad``, it calls :meth:`links` for its parameter list and hands each linked tracker
+    either a snapshot of ``.grad`` taken before the addition (``tracker._exclude_snapshot``) or the
+    contribution it added (``tracker._exclude_record``). Trackers are matched to parameters by tensor
+    identity. While no tracker is registered, ``bool(registry)`` is False and EWC does no extra work.
+
+    Trackers are held by weak reference; :attr:`version` changes whenever the set changes, so callers
+    may cache :meth:`links` results under it.
+    """
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+        self.version = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._refs)
+
+    def _drop(self, ref) -> None:
+        if ref in self._refs:
+            self._refs.remove(ref)
+            self.version += 1
+
+    def add(self, tracker) -> None:
+        if any(r() is tracker for r in self._refs):
+            return
+        self._refs.append(weakref.ref(tracker, self._drop))
+        self.version += 1
+
+    def remove(self, tracker) -> None:
+        for r in list(self._refs):
+            if r() is tracker:
+                self._refs.remove(r)
+                self.version += 1
+
+    def links(self, params: Iterable[Tensor]) -> list[tuple[object, list[int], list[int]]]:
+        """For each registered tracker sharing parameters with ``params``: ``(tracker, idx, tidx)``
+        with ``params[idx[k]]`` being the tracker's parameter number ``tidx[k]``."""
+        params = list(params)
+        out = []
+        for r in self._refs:
+            tracker = r()
+            if tracker is None:
+                continue
+            index = tracker._param_index
+            idx, tidx = [], []
+            for i, p in enumerate(params):
+                j = index.get(id(p))
+                if j is not None and tracker._params[j] is p:
+                    idx.append(i)
+                    tidx.append(j)
+            if idx:
+                out.append((tracker, idx, tidx))
+        return out
+
+
+ZENKE_REGISTRY = ExclusionRegistry()

@@ -1,0 +1,399 @@
+"""``SynapticIntelligence``: the SI path-integral importance (Zenke et al. 2017), tracked through
+optimizer hooks so that the training loop stays unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..importance import Importance
+from ._checks import ZENKE_REGISTRY, check_backend, check_finite_scalar, check_state_dtype, trainable_params
+
+__all__ = ["SynapticIntelligence"]
+
+_VARIANTS = ("zenke", "kutalev")
+_NONE, _SNAP, _REC = 0, 1, 2
+_FORMAT = "ewc_fast.SynapticIntelligence"
+_VERSION = 1
+
+
+class SynapticIntelligence:
+    r"""Synaptic Intelligence importance, accumulated along the optimisation path.
+
+    At every optimizer step (through ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``
+    installed by :meth:`attach`): ``omega_i <- omega_i - g_i * (theta_i^after - theta_i^before)``
+    (:func:`ewc_fast.ops.si_accumulate_`). At the end of a task :meth:`consolidate` returns the task's
+    importance ``Omega_task = omega / ((theta - theta_start)^2 + xi)`` (:func:`ewc_fast.ops.si_consolidate_`),
+    clipped at 0 if ``clip``, and restarts ``omega`` and ``theta_start`` for the next task.
+
+    Variants (``../shared/NOTES.md`` §1):
+
+    * ``"zenke"`` (Zenke, Poole & Ganguli 2017, official code ganguli-lab/pathint): ``g`` is the
+      gradient of the *task loss only*. Penalty gradients added by :class:`ewc_fast.EWC` are excluded:
+      :meth:`EWC.apply_ <ewc_fast.EWC.apply_>` hands this tracker a snapshot of ``.grad`` taken just
+      before it adds the penalty (exact), and the backward of :meth:`EWC.penalty
+      <ewc_fast.EWC.penalty>` records its contribution, which is subtracted from ``.grad`` at the step
+      (exact up to one rounding in the gradient's dtype, the rounding of the ``.grad`` accumulation).
+      Penalties that do not come from ``ewc_fast.EWC`` cannot be excluded. Default ``clip=True``.
+    * ``"kutalev"`` (Kutalev's code, aakutalev/wva): ``g`` is the total ``.grad`` (penalty included),
+      no clipping by default (``clip=False``).
+
+    ``xi`` is the damping ``xi`` of the denominator (0.1 for permuted MNIST, 1e-3 for split MNIST/CIFAR
+    in Zenke's paper; Kutalev uses 0.1).
+
+    **Per-task vs cumulative.** :meth:`consolidate` returns the importance of the finished task
+    alone, ``max(0, omega/((theta_end - theta_start)^2 + xi))`` with clipping -- the form to feed into
+    :meth:`EWC.consolidate <ewc_fast.EWC.consolidate>` in ``"separate"`` mode (a penalty per task, each
+    at its own anchor). Zenke's own algorithm instead keeps one running importance, updated at each
+    task end as ``Omega <- max(0, Omega + omega/(Delta^2 + xi))``, used with the latest anchor only;
+    :attr:`cumulative` holds exactly that (without ``clip``: the plain running sum). The two differ
+    in two ways: a negative task term can lower Zenke's running ``Omega`` (the sum of clipped
+    per-task importances never decreases), and Zenke penalises around the latest parameters only.
+    To reproduce Zenke's penalty, build it after each task from the cumulative importance alone:
+    ``EWC(model, lam=2*c, mode="online").consolidate(si.cumulative)`` (a fresh EWC object per task;
+    Zenke's ``c`` has no 1/2, hence ``2*c``).
+    Unclipped importances (the ``"kutalev"`` default) can be negative; :class:`ewc_fast.EWC` and
+    :class:`ewc_fast.WVA` refuse negative values, so clamp them (or use ``clip=True``) before
+    consolidating them there.
+
+    **Parameters and steps.** Tracked parameters are those with ``requires_grad`` at construction
+    (by identity: replace a parameter object and it is no longer tracked). A parameter whose ``.grad``
+    is ``None`` at a step is skipped for that step (its ``omega`` is unchanged; any movement it makes
+    without a gradient is attributed to its next step with a gradient). Movement between optimizer
+    steps (e.g. manual edits) is attributed to the next step; attach other hooks that move
+    parameters after the step, such as :class:`ewc_fast.WVA`, *before* this tracker so that it sees
+    the final position. Gradients are read when the step is taken, after any clipping; optimizers
+    that recompute gradients inside ``step(closure)`` (LBFGS) are not supported. Penalty exclusion
+    assumes unscaled gradients (use ``EWC.apply_(grad_scale=1)``; a skipped step, e.g. by a
+    ``GradScaler``, leaves the exclusion state of that iteration behind unless
+    :meth:`clear_exclusions` is called).
+
+    State: ``omega`` (``state_dtype``, fp32 default), ``theta_start`` and ``theta_prev`` (parameter
+    dtype), :attr:`cumulative` (``state_dtype``), and, for the Zenke variant when an EWC penalty is
+    linked, one gradient-sized buffer per parameter.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        xi: float = 0.1,
+        variant: str = "zenke",
+        clip: bool | None = None,
+        backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SynapticIntelligence: model must be a torch.nn.Module, got {type(model).__name__}")
+        if variant not in _VARIANTS:
+            raise ValueError(f"SynapticIntelligence: variant must be one of {_VARIANTS}, got {variant!r}")
+        self._xi = check_finite_scalar("SynapticIntelligence", "xi", xi, low=0.0, low_open=True)
+        self._variant = variant
+        self._clip = (variant == "zenke") if clip is None else bool(clip)
+        self._backend = check_backend("SynapticIntelligence", backend)
+        self._state_dtype = check_state_dtype("SynapticIntelligence", state_dtype)
+        named = trainable_params(model)
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._param_index = {id(p): j for j, p in enumerate(self._params)}
+        with torch.no_grad():
+            self._omega = [torch.zeros(p.shape, dtype=state_dtype, device=p.device) for p in self._params]
+            self._start = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
+            self._prev = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
+        self._cum: list[Tensor] | None = None
+        self._steps = 0
+        self._cum_steps = 0
+        self._n_tasks = 0
+        self._handles: list = []
+        self._pending = None
+        self._xmode = [_NONE] * len(self._params)
+        self._xbuf: list[Tensor | None] = [None] * len(self._params)
+        self._xany = False
+
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def xi(self) -> float:
+        return self._xi
+
+    @property
+    def variant(self) -> str:
+        return self._variant
+
+    @property
+    def clip(self) -> bool:
+        return self._clip
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps accumulated in the current task."""
+        return self._steps
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of :meth:`consolidate` calls."""
+        return self._n_tasks
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    @property
+    def omega(self) -> dict[str, Tensor]:
+        """``name -> omega``, the running path integral of the current task (live tensors)."""
+        return dict(zip(self._names, self._omega))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def cumulative(self) -> Importance:
+        """Zenke's running importance ``Omega <- max(0, Omega + omega/(Delta^2 + xi))`` over all
+        consolidated tasks (no ``max`` without ``clip``); zeros before the first :meth:`consolidate`.
+        The returned tensors are copies."""
+        if self._cum is None:
+            tensors = {n: torch.zeros_like(w) for n, w in zip(self._names, self._omega)}
+        else:
+            tensors = {n: t.clone() for n, t in zip(self._names, self._cum)}
+        return Importance(tensors, method="si", n_samples=self._cum_steps, meta=self._meta(cumulative=True))
+
+    def __repr__(self) -> str:
+        return (
+            f"SynapticIntelligence(variant={self._variant!r}, xi={self._xi}, clip={self._clip}, "
+            f"params={len(self._params)}, steps={self._steps}, n_tasks={self._n_tasks}, "
+            f"attached={self.attached}, backend={self._backend!r})"
+        )
+
+    def _meta(self, **extra) -> dict:
+        return {"variant": self._variant, "xi": self._xi, "clip": self._clip, **extra}
+
+    # ------------------------------------------------------------------------------ attach/detach
+    def attach(self, optimizer: torch.optim.Optimizer) -> SynapticIntelligence:
+        """Track ``optimizer``'s steps (pre- and post-step hooks); the path integral restarts from the
+        current parameters (``theta_prev <- theta``). Returns ``self``."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"SynapticIntelligence.attach: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if self._handles:
+            raise RuntimeError("SynapticIntelligence.attach: already attached; call detach() first")
+        with torch.no_grad():
+            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+        if self._variant == "zenke":
+            ZENKE_REGISTRY.add(self)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (the accumulated ``omega`` is kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._pending = None
+        ZENKE_REGISTRY.remove(self)
+        self.clear_exclusions()
+
+    def clear_exclusions(self) -> None:
+        """Forget penalty gradients reported by EWC since the last step (done at every step)."""
+        if self._xany:
+            self._xmode = [_NONE] * len(self._params)
+            self._xany = False
+
+    # ----------------------------------------------------------------------- EWC exclusion hooks
+    def _buffer(self, j: int, like: Tensor) -> Tensor:
+        buf = self._xbuf[j]
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self._xbuf[j] = buf
+        return buf
+
+    def _exclude_snapshot(self, tidx: list[int], grads: list[Tensor]) -> None:
+        """Called by ``EWC.apply_`` just before it adds its gradient: the task gradient is ``.grad`` now
+        (minus contributions recorded earlier by ``EWC.penalty``'s backward). The first snapshot of a
+        step wins."""
+        for j, g in zip(tidx, grads):
+            mode = self._xmode[j]
+            if mode == _SNAP:
+                continue
+            buf = self._buffer(j, g)
+            if mode == _REC:
+                buf.neg_().add_(g)
+            else:
+                buf.copy_(g)
+            self._xmode[j] = _SNAP
+            self._xany = True
+
+    def _exclude_record(self, tidx: list[int], contributions: list[Tensor]) -> None:
+        """Called by the backward of ``EWC.penalty``: gradient that autograd is about to add to ``.grad``."""
+        for j, g in zip(tidx, contributions):
+            mode = self._xmode[j]
+            if mode == _SNAP:
+                continue
+            if mode == _REC:
+                self._xbuf[j].add_(g)
+            else:
+                self._buffer(j, g).copy_(g)
+                self._xmode[j] = _REC
+            self._xany = True
+
+    # ---------------------------------------------------------------------------- step hooks
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        idx, grads = [], []
+        with torch.no_grad():
+            for j, p in enumerate(self._params):
+                g = p.grad
+                if g is None:
+                    continue
+                mode = self._xmode[j]
+                if mode == _SNAP:
+                    g = self._xbuf[j]
+                elif mode == _REC:
+                    g = self._xbuf[j].neg_().add_(g)
+                idx.append(j)
+                grads.append(g)
+        self._pending = (idx, grads)
+        return None
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        pending, self._pending = self._pending, None
+        self.clear_exclusions()
+        if pending is None:
+            return
+        idx, grads = pending
+        if idx:
+            if len(idx) == len(self._params):
+                omega, params, prev = self._omega, self._params, self._prev
+            else:
+                omega = [self._omega[j] for j in idx]
+                params = [self._params[j] for j in idx]
+                prev = [self._prev[j] for j in idx]
+            with torch.no_grad():
+                ops.si_accumulate_(omega, grads, params, prev, backend=self._backend)
+        self._steps += 1
+
+    # ----------------------------------------------------------------------------- consolidate
+    @torch.no_grad()
+    def consolidate(self) -> Importance:
+        """End the current task: return its importance and restart ``omega`` and ``theta_start``.
+
+        ``Omega_task = omega / ((theta - theta_start)^2 + xi)``, clipped at 0 if ``clip``; ``n_samples``
+        is the number of optimizer steps of the task. Also updates :attr:`cumulative`
+        (``max(0, Omega + omega/(Delta^2 + xi))``, no ``max`` without ``clip``).
+        """
+        params = [p.detach() for p in self._params]
+        out = [torch.zeros_like(w) for w in self._omega]
+        # Unclipped into zeros, so that the same fp32 terms also feed the cumulative update; clipping
+        # 0 + t afterwards is identical to the op's own clip.
+        ops.si_consolidate_(self._omega, params, self._start, out, self._xi, clip=False, backend=self._backend)
+        if self._cum is None:
+            self._cum = [torch.zeros_like(t) for t in out]
+        if out:
+            torch._foreach_add_(self._cum, out)
+            if self._clip:
+                torch._foreach_clamp_min_(self._cum, 0.0)
+                torch._foreach_clamp_min_(out, 0.0)
+            torch._foreach_copy_(self._prev, params)
+        imp = Importance(
+            dict(zip(self._names, out)), method="si", n_samples=self._steps, meta=self._meta(task=self._n_tasks)
+        )
+        self._cum_steps += self._steps
+        self._steps = 0
+        self._n_tasks += 1
+        return imp
+
+    # ----------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """Settings, ``omega``, ``theta_start``, ``theta_prev``, cumulative and counters (cloned tensors)."""
+
+        def clone(ts):
+            return {n: t.detach().clone() for n, t in zip(self._names, ts)}
+
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "variant": self._variant,
+            "xi": self._xi,
+            "clip": self._clip,
+            "names": list(self._names),
+            "omega": clone(self._omega),
+            "start": clone(self._start),
+            "prev": clone(self._prev),
+            "cumulative": None if self._cum is None else clone(self._cum),
+            "steps": self._steps,
+            "cum_steps": self._cum_steps,
+            "n_tasks": self._n_tasks,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output; the tracked parameter names and shapes must match.
+
+        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the tracker
+        (settings, tensors and counters) is exactly as before."""
+        owner = "SynapticIntelligence.load_state_dict"
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
+            raise ValueError(f"{owner}: not a SynapticIntelligence state dict of version {_VERSION}")
+        missing = [
+            k
+            for k in (
+                "names",
+                "variant",
+                "xi",
+                "clip",
+                "omega",
+                "start",
+                "prev",
+                "cumulative",
+                "steps",
+                "cum_steps",
+                "n_tasks",
+            )
+            if k not in state
+        ]
+        if missing:
+            raise ValueError(f"{owner}: missing keys {missing}")
+        if list(state["names"]) != self._names:
+            raise ValueError(f"{owner}: tracked parameter names differ from the state dict's")
+        if state["variant"] != self._variant:
+            raise ValueError(f"{owner}: state is for variant {state['variant']!r}, this tracker is {self._variant!r}")
+        xi = check_finite_scalar(owner, "xi", state["xi"], low=0.0, low_open=True)
+        clip = state["clip"]
+        if not isinstance(clip, bool):
+            raise TypeError(f"{owner}: clip must be a bool, got {clip!r}")
+        counters = []
+        for key in ("steps", "cum_steps", "n_tasks"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{owner}: {key} must be an int >= 0, got {v!r}")
+            counters.append(v)
+        groups = {}
+        for key in ("omega", "start", "prev", "cumulative"):
+            sd = state[key]
+            if sd is None and key == "cumulative":
+                groups[key] = None
+                continue
+            if not isinstance(sd, Mapping):
+                raise ValueError(f"{owner}: {key} must be a dict name -> tensor")
+            ts = []
+            for n, p in zip(self._names, self._params):
+                t = sd.get(n)
+                if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{owner}: {key}[{n!r}] missing or of the wrong shape")
+                ref = self._omega if key in ("omega", "cumulative") else self._start
+                ts.append(t.to(device=p.device, dtype=ref[len(ts)].dtype, copy=True))
+            groups[key] = ts
+        # Commit (everything is validated: nothing below can fail).
+        self._xi, self._clip = xi, clip
+        self._omega, self._start, self._prev, self._cum = (
+            groups["omega"],
+            groups["start"],
+            groups["prev"],
+            groups["cumulative"],
+        )
+        self._steps, self._cum_steps, self._n_tasks = counters
+        self.clear_exclusions()

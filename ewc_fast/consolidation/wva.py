@@ -1,0 +1,212 @@
+"""``WVA``: weight-velocity attenuation (Kutalev 2020/2022), applied through optimizer hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ._checks import check_backend, check_finite_scalar, check_importance, check_state_dtype
+
+__all__ = ["WVA"]
+
+_FORMAT = "ewc_fast.WVA"
+_VERSION = 1
+
+
+class WVA:
+    r"""Weight-velocity attenuation: no penalty; every optimizer step is shrunk per weight.
+
+    After each step (``Optimizer.register_step_post_hook``), every consolidated parameter is moved back
+    towards where the step started: ``theta <- theta_old + (theta - theta_old) / (1 + lam * A)``
+    (:func:`ewc_fast.ops.wva_attenuate_`), with ``A`` the sum of all importances passed to
+    :meth:`consolidate` and ``theta_old`` snapshotted by a pre-step hook (one multi-tensor copy). For plain
+    SGD this is the step ``-lr * g / (1 + lam*A)``. ``lam`` is Kutalev's (no factor 1/2 involved:
+    the denominator is ``1 + lam*A``); he prefers this hyperbolic form over ``exp(-lam*A)``.
+
+    Until the first :meth:`consolidate`, the hooks do nothing. Parameters consolidated are those
+    with ``requires_grad`` at that time (held by identity; the accumulator follows them to another
+    device on the next step). Importance validation is the same as :meth:`EWC.consolidate
+    <ewc_fast.EWC.consolidate>` (every trainable parameter covered, no unknown names, matching
+    shape/device, finite non-negative values; frozen parameters' entries ignored) and happens before
+    any state changes. Parameters added later are not attenuated until consolidated. Attach WVA before
+    a :class:`ewc_fast.SynapticIntelligence` tracker on the same optimizer so that SI sees the
+    attenuated step.
+
+    State: ``A`` (``state_dtype``, fp32 default) and the ``theta_old`` snapshot (parameter dtype).
+    """
+
+    def __init__(
+        self, model: nn.Module, lam: float, backend: str = "auto", state_dtype: torch.dtype = torch.float32
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"WVA: model must be a torch.nn.Module, got {type(model).__name__}")
+        self._model = model
+        self.lam = lam
+        self._backend = check_backend("WVA", backend)
+        self._state_dtype = check_state_dtype("WVA", state_dtype)
+        self._names: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._params: list[nn.Parameter] = []
+        self._accum: list[Tensor] = []
+        self._old: list[Tensor] = []
+        self._n_tasks = 0
+        self._handles: list = []
+        self._armed = False
+
+    @property
+    def lam(self) -> float:
+        """Attenuation strength ``>= 0``: steps are divided by ``1 + lam * A``."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = check_finite_scalar("WVA", "lam", value, low=0.0)
+
+    @property
+    def n_tasks(self) -> int:
+        return self._n_tasks
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    @property
+    def accum(self) -> dict[str, Tensor]:
+        """``name -> A`` (live state tensors; do not modify them)."""
+        return dict(zip(self._names, self._accum))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def __repr__(self) -> str:
+        return (
+            f"WVA(lam={self._lam}, n_tasks={self._n_tasks}, params={len(self._names)}, "
+            f"attached={self.attached}, backend={self._backend!r})"
+        )
+
+    @torch.no_grad()
+    def consolidate(self, importance: Mapping[str, Tensor]) -> WVA:
+        """``A += importance`` for every trainable parameter (validated first; see the class doc)."""
+        names, params, tensors = check_importance("WVA.consolidate", self._model, importance)
+        new_bufs = {}
+        for name, p in zip(names, params):
+            i = self._pos.get(name)
+            if i is None:
+                new_bufs[name] = torch.zeros(p.shape, dtype=self._state_dtype, device=p.device)
+            elif self._accum[i].shape != p.shape:
+                raise ValueError(
+                    f"WVA.consolidate: parameter {name!r} has shape {tuple(p.shape)}, its WVA state "
+                    f"{tuple(self._accum[i].shape)}"
+                )
+        for name, p, t in zip(names, params, tensors):
+            i = self._pos.get(name)
+            if i is None:
+                self._pos[name] = len(self._names)
+                self._names.append(name)
+                self._params.append(p)
+                self._accum.append(new_bufs[name].add_(t))
+                self._old.append(p.detach().clone(memory_format=torch.contiguous_format))
+            else:
+                self._params[i] = p
+                if self._accum[i].device != p.device:
+                    self._accum[i] = self._accum[i].to(p.device)
+                    self._old[i] = self._old[i].to(p.device)
+                self._accum[i].add_(t)
+        self._n_tasks += 1
+        return self
+
+    # ---------------------------------------------------------------------------------- hooks
+    def attach(self, optimizer: torch.optim.Optimizer) -> WVA:
+        """Attenuate every step of ``optimizer`` (pre- and post-step hooks). Returns ``self``."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"WVA.attach: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._handles:
+            raise RuntimeError("WVA.attach: already attached; call detach() first")
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks (the accumulator is kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._armed = False
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._armed = False
+        if not self._params:
+            return None
+        with torch.no_grad():
+            for i, p in enumerate(self._params):
+                if self._accum[i].device != p.device:
+                    self._accum[i] = self._accum[i].to(p.device)
+                    self._old[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            torch._foreach_copy_(self._old, self._params)
+        self._armed = True
+        return None
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        with torch.no_grad():
+            ops.wva_attenuate_(self._params, self._old, self._accum, self._lam, backend=self._backend)
+
+    # ----------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """``lam``, names, ``A`` (cloned) and the task count."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "lam": self._lam,
+            "n_tasks": self._n_tasks,
+            "names": list(self._names),
+            "accum": {n: a.detach().clone() for n, a in zip(self._names, self._accum)},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict` output (names must be parameters of the model with those shapes).
+
+        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the state
+        (``lam``, ``A``, names, task count) is exactly as before."""
+        owner = "WVA.load_state_dict"
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
+            raise ValueError(f"{owner}: not a WVA state dict of version {_VERSION}")
+        missing = [k for k in ("lam", "n_tasks", "names", "accum") if k not in state]
+        if missing:
+            raise ValueError(f"{owner}: missing keys {missing}")
+        lam = check_finite_scalar(owner, "lam", state["lam"], low=0.0)
+        n_tasks = state["n_tasks"]
+        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
+            raise ValueError(f"{owner}: n_tasks must be an int >= 0, got {n_tasks!r}")
+        names, accum_sd = list(state["names"]), state["accum"]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{owner}: names must be unique strings")
+        if not isinstance(accum_sd, Mapping) or set(accum_sd) != set(names):
+            raise ValueError(f"{owner}: accum entries do not match names")
+        named = dict(self._model.named_parameters())
+        params, accum = [], []
+        for n in names:
+            p, a = named.get(n), accum_sd[n]
+            if p is None or not isinstance(a, Tensor) or tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"{owner}: {n!r} is not a parameter of the model or its state has the wrong shape")
+            if a.dtype != self._state_dtype:
+                raise TypeError(f"{owner}: A[{n!r}] has dtype {a.dtype}, expected {self._state_dtype}")
+            if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+                raise ValueError(f"{owner}: A[{n!r}] holds NaN/Inf or negative values")
+            params.append(p)
+            accum.append(a.to(p.device, copy=True))
+        # Commit (everything is validated: nothing below can fail).
+        self._lam, self._n_tasks = lam, n_tasks
+        self._names, self._params, self._accum = names, params, accum
+        self._pos = {n: i for i, n in enumerate(names)}
+        self._old = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+        self._armed = False

@@ -1,0 +1,383 @@
+"""estimate_importance: state restoration, clear errors, MC-vs-exact Fisher, pluggable rules, DDP."""
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import ewc_fast
+from ewc_fast.estimation import Rule, register_rule
+from ewc_fast.estimation.rules import RULES
+from ewc_fast.testing.importance import reference_importance
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mlp(n_in=6, n_out=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, n_out))
+
+
+def data_of(n=8, n_in=6, n_cls=3, sizes=(3, 1, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, n_in, generator=g), torch.randint(0, n_cls, (n,), generator=g)
+    out, s = [], 0
+    for k in sizes:
+        out.append((x[s : s + k], y[s : s + k]))
+        s += k
+    return out
+
+
+def rel(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+def hooks_left(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def snapshot(model):
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+    )
+
+
+# --------------------------------------------------------------------------------------- state
+def _prepared_model():
+    model = mlp()
+    model.train()
+    model[2].eval()
+    model[0].bias.requires_grad_(False)
+    model[3].weight.grad = torch.full_like(model[3].weight, 7.0)
+    return model
+
+
+def test_state_restored_after_success_and_eval_mode_used():
+    model = _prepared_model()
+    before = snapshot(model)
+    data = data_of()
+    res = ewc_fast.estimate_importance(model, data, ("fisher", "mas", "sig"), progress=False)
+    after = snapshot(model)
+    assert before[0] == after[0] and before[1] == after[1]
+    assert all(a is b for a, b in zip(before[2], after[2]))
+    assert hooks_left(model) == 0
+    ref = reference_importance(model, data, ("fisher",))  # the oracle runs in eval mode: dropout off
+    assert "0.bias" not in res["fisher"]
+    for k in ref["fisher"]:
+        assert rel(res["fisher"][k], ref["fisher"][k]) <= 1e-5
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["loss", "forward"])
+def test_state_restored_after_exception_mid_pass(where):
+    model = _prepared_model()
+    before = snapshot(model)
+    calls = {"n": 0}
+
+    def bad_loss(out, y):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Boom("loss failed in the middle of the pass")
+        return F.cross_entropy(out, y, reduction="none")
+
+    if where == "forward":
+        orig = model[1].forward
+
+        def bad_forward(x):  # raise inside the model, after hooked modules already ran this batch
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise Boom("forward failed in the middle of the pass")
+            return orig(x)
+
+        model[1].forward = bad_forward
+    with pytest.raises(Boom):
+        ewc_fast.estimate_importance(
+            model, data_of(), ("fisher", "mas"), progress=False, loss_fn=bad_loss if where == "loss" else None
+        )
+    after = snapshot(model)
+    assert before[0] == after[0] and before[1] == after[1]
+    assert all(a is b for a, b in zip(before[2], after[2]))
+    assert hooks_left(model) == 0
+
+
+# -------------------------------------------------------------------------------------- errors
+def test_errors_are_clear():
+    model = mlp()
+    data = data_of()
+    with pytest.raises(ValueError, match="no samples"):
+        ewc_fast.estimate_importance(model, [], "fisher", progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        ewc_fast.estimate_importance(
+            model, [(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))], "fisher", progress=False
+        )
+    frozen = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ewc_fast.estimate_importance(frozen, data, "fisher", progress=False)
+    with pytest.raises(ValueError, match="unknown importance method 'fishr'.*fisher_exact"):
+        ewc_fast.estimate_importance(model, data, ("fisher", "fishr"), progress=False)
+    reg = nn.Sequential(nn.Linear(6, 1), nn.Flatten(0))  # outputs (N,): not classification
+    for m in ("fisher_exact", "fisher_mc"):
+        with pytest.raises(ValueError, match=m):
+            ewc_fast.estimate_importance(reg, data, m, progress=False)
+    seq = nn.Linear(6, 3)
+    with pytest.raises(ValueError, match="fisher_exact needs classification outputs"):
+        ewc_fast.estimate_importance(seq, [torch.randn(2, 4, 6)], "fisher_exact", progress=False)
+    with pytest.raises(ValueError, match="no targets"):
+        ewc_fast.estimate_importance(model, [x for x, _ in data], "fisher", progress=False)
+    ok = ewc_fast.estimate_importance(model, [x for x, _ in data], ("mas", "fisher_mc"), progress=False)
+    assert ok["mas"].n_samples == 8
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        ewc_fast.estimate_importance(model, data, "fisher", loss_fn=lambda o, y: F.cross_entropy(o, y), progress=False)
+    with pytest.raises(ValueError, match="device meta"):
+        ewc_fast.estimate_importance(
+            model, [(torch.randn(2, 6, device="meta"), torch.zeros(2, dtype=torch.long))], "fisher", progress=False
+        )
+    with pytest.raises(ValueError, match="mc_samples"):
+        ewc_fast.estimate_importance(model, data, "fisher_mc", mc_samples=0, progress=False)
+    with pytest.raises(ValueError, match="mas_output"):
+        ewc_fast.estimate_importance(model, data, "mas", mas_output="probs", progress=False)
+    bn = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="running statistics"):
+        ewc_fast.estimate_importance(bn, data, "fisher", progress=False)
+    assert hooks_left(model) == 0 and hooks_left(bn) == 0
+
+
+def test_non_finite_outputs_and_losses_name_the_batch():
+    data = data_of()
+    data[1][0][0, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*outputs in batch 1"):
+        ewc_fast.estimate_importance(mlp(), data, "fisher", progress=False)
+    n = {"k": 0}
+
+    def inf_loss(out, y):
+        n["k"] += 1
+        loss = F.cross_entropy(out, y, reduction="none")
+        return loss * float("inf") if n["k"] == 3 else loss
+
+    with pytest.raises(ValueError, match="non-finite.*loss in batch 2"):
+        ewc_fast.estimate_importance(mlp(), data_of(), "fisher", loss_fn=inf_loss, progress=False)
+
+
+def test_progress_bar(capsys):
+    res = ewc_fast.estimate_importance(mlp(), data_of(), "fisher", progress=True)
+    assert res["fisher"].n_samples == 8
+    assert "importance" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ MC vs exact Fisher
+def test_mc_fisher_consistent_with_exact_fisher():
+    """F_mc - F_exact = (1/N) sum_n [(1/K) sum_k v_{n,y_k} - mu_n] with v_ny = g_ny^2 elementwise, so
+    its exact standard deviation is sigma = sqrt(sum_n Var_n / K) / N, Var_n = sum_y p_ny v_ny^2 - mu_n^2
+    (computed in float64 from the per-class per-sample gradients). Each element must lie within 6 sigma
+    (plus fp32 rounding); with ~60 elements the chance of a false failure is < 1e-7 (CLT over N*K = 2000
+    draws). The mean deviation over elements must also be small in sigma units (no systematic bias)."""
+    model = mlp(n_in=4, n_out=3, seed=5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g)
+    data = [x[:6], x[6:]]
+    K = 200
+    res = ewc_fast.estimate_importance(
+        model,
+        data,
+        ("fisher_mc", "fisher_exact"),
+        mc_samples=K,
+        backend="torch",
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+    )
+    m64 = __import__("copy").deepcopy(model).double().eval()
+    params = {k: p.detach() for k, p in m64.named_parameters()}
+    J = vmap(jacrev(lambda p, xx: torch.log_softmax(functional_call(m64, p, (xx[None],))[0], -1)), in_dims=(None, 0))(
+        params, x.double()
+    )
+    probs = torch.softmax(m64(x.double()), -1).detach()
+    N = x.shape[0]
+    z = []
+    for k in params:
+        v = J[k].square()  # (N, C, *shape)
+        p = probs.reshape(probs.shape + (1,) * (v.dim() - 2))
+        mu = (p * v).sum(1)
+        var = (p * v.square()).sum(1) - mu.square()
+        exact = mu.mean(0)
+        sigma = var.clamp(min=0).sum(0).sqrt() / (N * math.sqrt(K))
+        assert rel(res["fisher_exact"][k], exact) <= 1e-5
+        dev = (res["fisher_mc"][k].double() - exact).abs()
+        assert bool((dev <= 6 * sigma + 1e-6 * exact.abs().max()).all()), (k, float((dev / sigma).max()))
+        z.append(((res["fisher_mc"][k].double() - exact) / sigma.clamp(min=1e-30))[sigma > 0].flatten())
+    z = torch.cat(z)
+    assert abs(float(z.mean())) <= 6 / math.sqrt(len(params))  # elements are correlated: loose, still a bias check
+    assert res["fisher_mc"].meta["mc_samples"] == K
+
+
+# ---------------------------------------------------------------------------- pluggable rules
+class Scale(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class ScaleRule(Rule):
+    param_names = ("weight",)
+
+    def per_sample(self, module, calls, grads, names, lo, hi, n):
+        out = torch.zeros(hi - lo, *module.weight.shape)
+        for c, g in zip(calls, grads):
+            if g is not None:
+                out += (g[lo:hi] * c.args[0][lo:hi]).reshape(hi - lo, -1, module.weight.shape[0]).sum(1)
+        return {"weight": out}
+
+
+def test_registered_rule_is_used_and_exact():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3))
+    data = data_of()
+    RULES[Scale] = ScaleRule()
+    try:
+        res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    finally:
+        del RULES[Scale]
+    ref = reference_importance(model, data, ("fisher", "mas"))
+    for m in ("fisher", "mas"):
+        for k in ref[m]:
+            assert rel(res[m][k], ref[m][k]) <= 1e-5, (m, k)
+    with pytest.raises(TypeError):
+        register_rule(Scale, object())
+
+
+# ---------------------------------------------------------------------------------------- DDP
+METHODS_DDP = ("fisher", "fisher_exact", "mas", "sig", "random")
+
+
+def _ddp_data():
+    return data_of(n=10, sizes=(3, 2, 4, 1), seed=7)
+
+
+class Gated(nn.Module):
+    """``extra`` runs only on batches of 4 samples: in the 2-rank split of ``_ddp_data()`` (sizes
+    3, 2, 4, 1) only rank 0's shard has one, so rank 1 never sees that module run."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.extra, self.out = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if x.shape[0] == 4:
+            h = h + torch.tanh(self.extra(h))
+        return self.out(h)
+
+
+def _ddp_worker(rank, world, port, path):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shard = _ddp_data()[rank::world]
+        res = ewc_fast.estimate_importance(
+            mlp(), shard, METHODS_DDP, progress=False, generator=torch.Generator().manual_seed(100 + rank)
+        )
+        out = {m: (dict(r), r.n_samples) for m, r in res.items()}
+        gated = ewc_fast.estimate_importance(Gated(), shard, ("sig",), progress=False)["sig"]
+        out["gated_sig"] = (dict(gated), gated.meta["sig_magnitude_fallback"])
+        torch.save(out, f"{path}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_single_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "res")
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+        ranks = [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
+    single = ewc_fast.estimate_importance(mlp(), _ddp_data(), METHODS_DDP, progress=False)
+    for m in METHODS_DDP:
+        for r in ranks:
+            tensors, n = r[m]
+            if m == "random":
+                assert all(torch.equal(tensors[k], ranks[0][m][0][k]) for k in tensors)
+                continue
+            assert n == 10
+            for k, t in single[m].items():
+                torch.testing.assert_close(tensors[k], t, rtol=2e-6, atol=0)
+    # SIG's factor-or-|w| choice is collective: rank 1, where Gated.extra never ran, still returns
+    # the factor (its share of the sum is zero), not |w|
+    single = ewc_fast.estimate_importance(Gated(), _ddp_data(), ("sig",), progress=False)["sig"]
+    assert single.meta["sig_magnitude_fallback"] == []
+    for r in ranks:
+        tensors, fallback = r["gated_sig"]
+        assert fallback == []
+        for k, t in single.items():
+            torch.testing.assert_close(tensors[k], t, rtol=2e-6, atol=0)
+
+
+def test_sig_decision_is_collective():
+    """The SIG rule per parameter comes from flags summed over ranks (engine._sig_flags/_sig_decide)."""
+    from ewc_fast.estimation import engine
+
+    names = ["a", "b", "c", "d"]
+    rank0 = engine._sig_flags(names, {"a": True, "b": False, "c": True})
+    rank1 = engine._sig_flags(names, {"a": True})  # b and c never ran here, d nowhere
+    summed = [x + y for x, y in zip(rank0, rank1)]
+    assert engine._sig_decide(names, summed) == {"a": True, "b": False, "c": True, "d": None}
+    assert engine._sig_decide(names, rank1) == {"a": True, "b": None, "c": None, "d": None}
+    bad = [x + y for x, y in zip(rank0, engine._sig_flags(names, {"a": False}))]
+    with pytest.raises(RuntimeError, match="disagree"):
+        engine._sig_decide(names, bad)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(2, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.out(torch.tanh(self.a(x) + self.b(z)))
+
+
+def test_tuple_inputs_and_early_stop():
+    torch.manual_seed(0)
+    model = TwoInputs()
+    x, z, y = torch.randn(8, 6), torch.randn(8, 2), torch.randint(0, 3, (8,))
+    pulled = []
+
+    def batches():
+        for s in range(0, 8, 3):
+            pulled.append(s)
+            yield (x[s : s + 3], z[s : s + 3]), y[s : s + 3]
+
+    res = ewc_fast.estimate_importance(model, batches(), "fisher", n_samples=5, progress=False)
+    assert res["fisher"].n_samples == 5 and pulled == [0, 3]  # no third batch was loaded
+
+    class Wrap(nn.Module):  # the oracle passes one tensor: pack (x, z) into one input
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xz):
+            return self.inner(xz[:, :6], xz[:, 6:])
+
+    ref = reference_importance(Wrap(model), [(torch.cat([x, z], 1)[:5], y[:5])], "fisher")
+    for k in res["fisher"]:
+        assert rel(res["fisher"][k], ref["fisher"]["inner." + k]) <= 1e-5
+    with pytest.raises(TypeError, match="iterable of batches"):
+        ewc_fast.estimate_importance(model, x, "fisher", progress=False)

@@ -1,0 +1,77 @@
+"""Helpers shared by the test packages (never import one test module from another).
+
+* :func:`assert_close` -- relative-error check of an importance against its float64 oracle.
+* :func:`ragged` -- split (x, y) into ragged batches.
+* :func:`cached_reference` / :func:`run_case` -- the float64 oracle of a test case (cached per
+  case builder and name) and the engine's result on it.
+"""
+
+import importlib.util
+
+import torch
+
+import ewc_fast
+from ewc_fast.testing.importance import reference_importance
+
+#: relative error allowed per parameter in fp32 against the float64 oracle (fp32 rounding of sums
+#: over at most a few hundred terms stays orders of magnitude below it)
+TOL = 1e-5
+ALL = ("fisher", "fisher_mc", "fisher_exact", "mas", "sig", "magnitude", "random", "fisher_batched")
+TOKEN = ("fisher", "fisher_mc", "mas", "sig", "fisher_batched")  # (N, T, C) outputs: no fisher_exact
+
+#: Triton is importable and the kernels package is installed (tests run it in the CPU interpreter)
+TRITON = (
+    importlib.util.find_spec("triton") is not None
+    and importlib.util.find_spec("ewc_fast.kernels.persample") is not None
+)
+
+
+def assert_close(res, ref, tol=TOL, what=""):
+    """``res`` (fp32 tensors) equals ``ref`` (float64) within relative error ``tol`` per entry; NaN fails."""
+    assert set(res) == set(ref), (what, sorted(set(res) ^ set(ref)))
+    for k, b in ref.items():
+        a = res[k]
+        assert a.shape == b.shape and a.dtype == torch.float32, (what, k)
+        a = a.double()
+        assert bool(torch.isfinite(a).all()), (what, k, "non-finite")
+        denom = float(b.norm())
+        err = float((a - b).norm()) / denom if denom > 0 else float(a.norm())
+        assert err <= tol, f"{what} {k}: relative error {err:.3g} > {tol}"  # NaN fails too
+
+
+def ragged(x, y, sizes=(3, 1, 4)):
+    """Batches of ``sizes`` samples from ``x`` (and ``y`` unless None)."""
+    out, s = [], 0
+    for n in sizes:
+        out.append((x[s : s + n], y[s : s + n]) if y is not None else x[s : s + n])
+        s += n
+    return out
+
+
+_REF: dict = {}
+
+
+def cached_reference(make, name):
+    """Float64 oracle of case ``name`` built by ``make(name) -> (model, data, methods)``, cached."""
+    if (make, name) not in _REF:
+        model, data, methods = make(name)
+        _REF[make, name] = reference_importance(
+            model, data, methods, generator=torch.Generator().manual_seed(3), mc_samples=2
+        )
+    return _REF[make, name]
+
+
+def run_case(make, name, backend, **kw):
+    """``estimate_importance`` on case ``name`` built by ``make`` with the oracle's seed; ``(result, methods)``."""
+    model, data, methods = make(name)
+    res = ewc_fast.estimate_importance(
+        model,
+        data,
+        methods,
+        backend=backend,
+        progress=False,
+        generator=torch.Generator().manual_seed(3),
+        mc_samples=2,
+        **kw,
+    )
+    return res, methods
