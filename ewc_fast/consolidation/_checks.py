@@ -7,14 +7,13 @@ Nothing here is public API.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..ops._common import PARAM_DTYPES, STATE_DTYPES
+from ..ops._validate import PARAM_DTYPES, STATE_DTYPES, check_finite_scalar
 from ..ops.backends import BACKENDS
 
 __all__ = [
@@ -31,27 +30,6 @@ __all__ = [
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(name, param)`` for every parameter of ``model`` with ``requires_grad``, in module order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def check_finite_scalar(
-    owner: str, name: str, value, *, low: float | None = None, low_open: bool = False, high: float | None = None
-) -> float:
-    """``float(value)``, refusing non-numbers, NaN/Inf and values outside ``[low, high]``
-    (``(low, high]`` if ``low_open``). Raises ``TypeError`` / ``ValueError``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        and not (isinstance(value, Tensor) and value.numel() == 1)
-    ):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{owner}: {name} must be <= {high}, got {value}")
-    return value
 
 
 def check_backend(owner: str, backend) -> str:

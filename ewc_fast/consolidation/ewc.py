@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._common import STATE_DTYPES
+from ..ops._validate import STATE_DTYPES
 from ._checks import ZENKE_REGISTRY, check_backend, check_finite_scalar, check_importance, check_state_dtype
 
 __all__ = ["EWC"]

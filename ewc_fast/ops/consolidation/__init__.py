@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import (
+from .._registry import impl_module, resolve_backend, run_op
+from .._validate import (
     PARAM_DTYPES,
     STATE_DTYPES,
     check_group,
@@ -27,9 +28,6 @@ from .._common import (
     common_device,
     contiguous_in,
     contiguous_inout,
-    impl_module,
-    resolve_backend,
-    run_op,
 )
 
 _P = PARAM_DTYPES

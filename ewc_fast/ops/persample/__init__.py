@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import PARAM_DTYPES, STATE_DTYPES, contiguous_inout, impl_module, resolve_backend, run_op
+from .._registry import impl_module, resolve_backend, run_op
+from .._validate import PARAM_DTYPES, STATE_DTYPES, contiguous_inout
 
 _OP = "persample_sq_"
 

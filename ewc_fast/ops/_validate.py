@@ -1,15 +1,35 @@
-"""Validation and layout helpers shared by the op layer (not by kernels)."""
+"""Validation and layout helpers of the op layer: dtype sets, list/shape/device checks, finite
+scalars, contiguous stand-ins. Used by every op family and by the consolidation classes."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from contextlib import contextmanager
 
 import torch
 
-from . import backends as _backend
-
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_finite_scalar(
+    owner: str, name: str, value, *, low: float | None = None, low_open: bool = False, high: float | None = None
+) -> float:
+    """``float(value)``, refusing non-numbers, NaN/Inf and values outside ``[low, high]``
+    (``(low, high]`` if ``low_open``). Raises ``TypeError`` / ``ValueError``."""
+    if isinstance(value, bool) or not (
+        isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+    ):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{owner}: {name} must be <= {high}, got {value}")
+    return value
 
 
 def check_lists(op: str, **lists) -> int:
@@ -41,10 +61,6 @@ def common_device(op: str, tensors) -> torch.device:
     return next(iter(devs)) if devs else torch.device("cpu")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    return _backend.resolve(backend, device)
-
-
 @contextmanager
 def contiguous_inout(tensors: list[torch.Tensor]):
     """Yield contiguous stand-ins for ``tensors``; copy results back into non-contiguous originals."""
@@ -57,25 +73,3 @@ def contiguous_inout(tensors: list[torch.Tensor]):
 
 def contiguous_in(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
-def impl_module(backend: str, family: str = "consolidation"):
-    """The module holding a backend's implementations of an op family: ``ewc_fast/ops/<family>/_<backend>.py``
-    (same function names and signatures in each backend)."""
-    import importlib
-
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-    return importlib.import_module(f"ewc_fast.ops.{family}._{backend}")
-
-
-def run_op(op, eager_fn, *args):
-    """Call a registered op, or its Python body directly on the plain eager path.
-
-    The ``torch.library`` op is what ``torch.compile``, FakeTensor and other dispatch modes see; in
-    plain eager mode, going through the dispatcher only adds ~70 us per call (and imports
-    ``torch._dynamo`` on first use), so the body runs directly. Both run the same code.
-    """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return op(*args)
-    return eager_fn(*args)
