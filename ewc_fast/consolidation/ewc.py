@@ -241,10 +241,12 @@ class EWC:
 
     @property
     def state_dtype(self) -> torch.dtype:
+        """dtype of ``Omega`` (``mu`` is always float64)."""
         return self._state_dtype
 
     @property
     def backend(self) -> str:
+        """Op backend passed to every op (``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``)."""
         return self._backend
 
     @property

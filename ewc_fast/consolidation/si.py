@@ -119,14 +119,17 @@ class SynapticIntelligence:
     # -------------------------------------------------------------------------------- properties
     @property
     def xi(self) -> float:
+        """Damping of the denominator ``(theta - theta_start)^2 + xi``."""
         return self._xi
 
     @property
     def variant(self) -> str:
+        """``"zenke"`` (task-loss gradient) or ``"kutalev"`` (total ``.grad``)."""
         return self._variant
 
     @property
     def clip(self) -> bool:
+        """Whether importances are clipped at 0."""
         return self._clip
 
     @property
@@ -141,6 +144,7 @@ class SynapticIntelligence:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the tracked parameters (trainable at construction), in module order."""
         return tuple(self._names)
 
     @property
@@ -150,6 +154,7 @@ class SynapticIntelligence:
 
     @property
     def attached(self) -> bool:
+        """Whether optimizer hooks are installed (:meth:`attach` without :meth:`detach`)."""
         return bool(self._handles)
 
     @property

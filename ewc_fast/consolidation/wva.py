@@ -79,10 +79,12 @@ class WVA:
 
     @property
     def n_tasks(self) -> int:
+        """Number of :meth:`consolidate` calls."""
         return self._n_tasks
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the consolidated parameters, in the order they were first consolidated."""
         return tuple(self._names)
 
     @property
@@ -92,6 +94,7 @@ class WVA:
 
     @property
     def attached(self) -> bool:
+        """Whether optimizer hooks are installed (:meth:`attach` without :meth:`detach`)."""
         return bool(self._handles)
 
     def __repr__(self) -> str:
