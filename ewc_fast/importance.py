@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from .ops._validate import check_finite_scalar
 
 __all__ = ["Importance"]
 
@@ -39,12 +40,10 @@ def _common_meta(a: dict, b: dict) -> dict:
 
 
 def _check_factor(factor) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+    """``float(factor)`` for a finite real number (a tensor is refused: ``scale`` multiplies by a number)."""
+    if isinstance(factor, Tensor):
         raise TypeError(f"Importance.scale: factor must be a real number, got {type(factor).__name__}")
-    factor = float(factor)
-    if not math.isfinite(factor):
-        raise ValueError(f"Importance.scale: factor must be finite, got {factor}")
-    return factor
+    return check_finite_scalar("Importance.scale", "factor", factor)
 
 
 class Importance(Mapping):

@@ -1,30 +1,22 @@
-"""Helpers shared by the consolidation-state classes (:mod:`ewc_fast.ewc`, :mod:`ewc_fast.si`,
-:mod:`ewc_fast.wva`): parameter selection, importance validation, and the registry through which an
-``EWC`` object tells Zenke-style SI trackers which part of a gradient is its own penalty.
+"""Argument validation shared by the consolidation-state classes (:mod:`.ewc`, :mod:`.si`, :mod:`.wva`):
+which parameters are trainable, whether an importance fits a model, and the ``backend`` /
+``state_dtype`` arguments. Scalar hyperparameters are checked by
+:func:`ewc_fast.ops._validate.check_finite_scalar`, state dicts by :mod:`._state`.
 
 Nothing here is public API.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..ops._validate import PARAM_DTYPES, STATE_DTYPES, check_finite_scalar
+from ..ops._validate import PARAM_DTYPES, STATE_DTYPES
 from ..ops.backends import BACKENDS
 
-__all__ = [
-    "trainable_params",
-    "check_importance",
-    "check_finite_scalar",
-    "check_state_dtype",
-    "check_backend",
-    "ExclusionRegistry",
-    "ZENKE_REGISTRY",
-]
+__all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend"]
 
 
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -32,7 +24,7 @@ def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def check_backend(owner: str, backend) -> str:
+def check_backend(owner: str, backend: str) -> str:
     """``backend`` if it names a backend or ``"auto"`` (whether it can run is decided by each op)."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{owner}: unknown backend {backend!r}; valid: 'auto', " + ", ".join(map(repr, BACKENDS)))
@@ -40,6 +32,7 @@ def check_backend(owner: str, backend) -> str:
 
 
 def check_state_dtype(owner: str, dtype) -> torch.dtype:
+    """``dtype`` if it is a state dtype (``torch.float32`` or ``torch.float64``), else ``TypeError``."""
     if dtype not in STATE_DTYPES:
         raise TypeError(f"{owner}: state_dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
@@ -114,65 +107,3 @@ def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str
         if bad:
             raise ValueError(f"{owner}: parameter {name!r} holds NaN/Inf; refusing to anchor at it")
     return names, params, tensors
-
-
-class ExclusionRegistry:
-    """The attached Zenke-variant SI trackers, so that EWC can tell them about penalty gradients.
-
-    SI (Zenke 2017) integrates the gradient of the *task loss*, without any penalty. When
-    :meth:`ewc_fast.EWC.apply_` or the backward of :meth:`ewc_fast.EWC.penalty` adds a penalty
-    gradient to ``.grad``, it calls :meth:`links` for its parameter list and hands each linked tracker
-    either a snapshot of ``.grad`` taken before the addition (``tracker._exclude_snapshot``) or the
-    contribution it added (``tracker._exclude_record``). Trackers are matched to parameters by tensor
-    identity. While no tracker is registered, ``bool(registry)`` is False and EWC does no extra work.
-
-    Trackers are held by weak reference; :attr:`version` changes whenever the set changes, so callers
-    may cache :meth:`links` results under it.
-    """
-
-    def __init__(self) -> None:
-        self._refs: list[weakref.ref] = []
-        self.version = 0
-
-    def __bool__(self) -> bool:
-        return bool(self._refs)
-
-    def _drop(self, ref) -> None:
-        if ref in self._refs:
-            self._refs.remove(ref)
-            self.version += 1
-
-    def add(self, tracker) -> None:
-        if any(r() is tracker for r in self._refs):
-            return
-        self._refs.append(weakref.ref(tracker, self._drop))
-        self.version += 1
-
-    def remove(self, tracker) -> None:
-        for r in list(self._refs):
-            if r() is tracker:
-                self._refs.remove(r)
-                self.version += 1
-
-    def links(self, params: Iterable[Tensor]) -> list[tuple[object, list[int], list[int]]]:
-        """For each registered tracker sharing parameters with ``params``: ``(tracker, idx, tidx)``
-        with ``params[idx[k]]`` being the tracker's parameter number ``tidx[k]``."""
-        params = list(params)
-        out = []
-        for r in self._refs:
-            tracker = r()
-            if tracker is None:
-                continue
-            index = tracker._param_index
-            idx, tidx = [], []
-            for i, p in enumerate(params):
-                j = index.get(id(p))
-                if j is not None and tracker._params[j] is p:
-                    idx.append(i)
-                    tidx.append(j)
-            if idx:
-                out.append((tracker, idx, tidx))
-        return out
-
-
-ZENKE_REGISTRY = ExclusionRegistry()

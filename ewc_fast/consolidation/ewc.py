@@ -9,14 +9,29 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._validate import STATE_DTYPES
-from ._checks import ZENKE_REGISTRY, check_backend, check_finite_scalar, check_importance, check_state_dtype
+from ..ops._validate import check_finite_scalar
+from ._checks import check_backend, check_importance, check_state_dtype
+from ._state import (
+    check_count,
+    check_entries,
+    check_header,
+    check_names,
+    check_state_tensor,
+    clone_named,
+    dtype_from_name,
+    dtype_name,
+    params_by_name,
+    require_keys,
+    state_header,
+)
+from .exclusion import ZENKE_REGISTRY, ExclusionEndpoint
 
 __all__ = ["EWC"]
 
 _MODES = ("separate", "online")
 _FORMAT = "ewc_fast.EWC"
 _VERSION = 1
+_KEYS = ("names", "omega", "mu", "c", "lam", "gamma", "mode", "stabilize_lr", "n_tasks", "state_dtype")
 
 
 def _check_stabilize_lr(value):
@@ -59,7 +74,8 @@ class _PenaltyFunction(torch.autograd.Function):
     """value = (lam/2)(sum W (theta-mu)^2 + c); d value / d theta = lam W (theta - mu).
 
     The forward runs ``penalty_apply_`` into zero buffers, which then hold the gradient; the
-    backward scales them by ``grad_out`` and reports them to linked Zenke SI trackers. It is
+    backward scales them by ``grad_out`` and records them with the linked Zenke SI trackers'
+    :class:`~.exclusion.ExclusionEndpoint` (``links``: ``(endpoint, idx, tidx)`` triples). It is
     differentiable once: under ``create_graph=True`` the gradients it returns raise
     :data:`_NOT_TWICE` when differentiated (see :class:`_GradientOnce`).
     """
@@ -87,10 +103,10 @@ class _PenaltyFunction(torch.autograd.Function):
         grads = [None] * len(needs)
         for i, g in zip(live, out):
             grads[i] = g
-        for tracker, idx, tidx in ctx.links:
+        for endpoint, idx, tidx in ctx.links:
             pairs = [(j, grads[i]) for i, j in zip(idx, tidx) if grads[i] is not None]
             if pairs:  # detached: the trackers' buffers must not join a create_graph graph
-                tracker._exclude_record([j for j, _ in pairs], [g.detach() for _, g in pairs])
+                endpoint.record([j for j, _ in pairs], [g.detach() for _, g in pairs])
         return (None, None, None, *grads)
 
 
@@ -188,7 +204,7 @@ class EWC:
         self._n_tasks = 0
         self._warned: set[str] = set()
         self._links_key = None
-        self._links_val: list = []
+        self._links_val: list[tuple[ExclusionEndpoint, list[int], list[int]]] = []
 
     # ---------------------------------------------------------------------------------- settings
     @property
@@ -225,10 +241,12 @@ class EWC:
 
     @property
     def state_dtype(self) -> torch.dtype:
+        """dtype of ``Omega`` (``mu`` is always float64)."""
         return self._state_dtype
 
     @property
     def backend(self) -> str:
+        """Op backend passed to every op (``"auto"``, ``"triton"``, ``"cpp"`` or ``"torch"``)."""
         return self._backend
 
     @property
@@ -295,7 +313,9 @@ class EWC:
                 )
         return params
 
-    def _links(self, params: list[Tensor]) -> list:
+    def _links(self, params: list[Tensor]) -> list[tuple[ExclusionEndpoint, list[int], list[int]]]:
+        """:meth:`ZENKE_REGISTRY.links <.exclusion.ExclusionRegistry.links>`, cached per registry version
+        and parameter list."""
         key = (ZENKE_REGISTRY.version, tuple(map(id, params)))
         if key != self._links_key:
             self._links_val = ZENKE_REGISTRY.links(params)
@@ -411,9 +431,9 @@ class EWC:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         if ZENKE_REGISTRY:
-            for tracker, idx, tidx in self._links(params):
+            for endpoint, idx, tidx in self._links(params):
                 keep = [k for k, i in enumerate(idx) if params[i].requires_grad]
-                tracker._exclude_snapshot([tidx[k] for k in keep], [grads[idx[k]] for k in keep])
+                endpoint.snapshot([tidx[k] for k in keep], [grads[idx[k]] for k in keep])
         return ops.penalty_apply_(
             grads,
             params,
@@ -431,18 +451,17 @@ class EWC:
         """All state and settings as plain values and (cloned) tensors; safe for ``torch.save`` and
         ``torch.load(..., weights_only=True)``. :meth:`load_state_dict` restores it bit-exactly."""
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
+            **state_header(_FORMAT, _VERSION),
             "names": list(self._names),
-            "omega": {n: o.detach().clone() for n, o in zip(self._names, self._omega)},
-            "mu": {n: m.detach().clone() for n, m in zip(self._names, self._mu)},
+            "omega": clone_named(self._names, self._omega),
+            "mu": clone_named(self._names, self._mu),
             "c": float(self._c),
             "lam": float(self._lam),
             "gamma": float(self._gamma),
             "mode": self._mode,
             "stabilize_lr": self._stabilize_lr,
             "n_tasks": int(self._n_tasks),
-            "state_dtype": str(self._state_dtype).replace("torch.", ""),
+            "state_dtype": dtype_name(self._state_dtype),
         }
 
     @torch.no_grad()
@@ -451,20 +470,8 @@ class EWC:
         ``n_tasks``, ``state_dtype``). Every name must be a parameter of the model with the stored shape;
         the tensors are copied to the parameters' devices. Validated completely before anything changes."""
         owner = "EWC.load_state_dict"
-        if not isinstance(state, Mapping):
-            raise TypeError(f"{owner}: expected a dict, got {type(state).__name__}")
-        if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(
-                f"{owner}: not an EWC state dict of version {_VERSION} "
-                f"(format={state.get('format')!r}, version={state.get('version')!r})"
-            )
-        missing = [
-            k
-            for k in ("names", "omega", "mu", "c", "lam", "gamma", "mode", "stabilize_lr", "n_tasks", "state_dtype")
-            if k not in state
-        ]
-        if missing:
-            raise ValueError(f"{owner}: missing keys {missing}")
+        check_header(owner, state, _FORMAT, _VERSION)
+        require_keys(owner, state, _KEYS)
         mode = state["mode"]
         if mode not in _MODES:
             raise ValueError(f"{owner}: mode must be one of {_MODES}, got {mode!r}")
@@ -472,38 +479,18 @@ class EWC:
         gamma = check_finite_scalar(owner, "gamma", state["gamma"], low=0.0, low_open=True, high=1.0)
         stabilize_lr = _check_stabilize_lr(state["stabilize_lr"])
         c = check_finite_scalar(owner, "c", state["c"])
-        n_tasks = state["n_tasks"]
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
-            raise ValueError(f"{owner}: n_tasks must be an int >= 0, got {n_tasks!r}")
-        dtype = getattr(torch, str(state["state_dtype"]), None)
-        if dtype not in STATE_DTYPES:
-            raise TypeError(f"{owner}: state_dtype must be float32 or float64, got {state['state_dtype']!r}")
-        names = list(state["names"])
-        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{owner}: names must be unique strings")
-        omega_sd, mu_sd = state["omega"], state["mu"]
-        if set(omega_sd) != set(names) or set(mu_sd) != set(names):
-            raise ValueError(f"{owner}: omega/mu entries do not match names")
-        named = dict(self._model.named_parameters())
+        n_tasks = check_count(owner, "n_tasks", state["n_tasks"])
+        dtype = dtype_from_name(owner, state["state_dtype"])
+        names = check_names(owner, state["names"])
+        omega_sd = check_entries(owner, "omega", state["omega"], names)
+        mu_sd = check_entries(owner, "mu", state["mu"], names)
         omega, mu = [], []
-        for name in names:
-            p = named.get(name)
-            if p is None:
-                raise ValueError(f"{owner}: {name!r} is not a parameter of the model")
+        for name, p in zip(names, params_by_name(owner, self._model, names)):
             o, m = omega_sd[name], mu_sd[name]
             if not isinstance(o, Tensor) or not isinstance(m, Tensor):
                 raise TypeError(f"{owner}: omega/mu of {name!r} must be tensors")
-            if tuple(o.shape) != tuple(p.shape) or tuple(m.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"{owner}: state of {name!r} has shape {tuple(o.shape)}/{tuple(m.shape)}, "
-                    f"parameter {tuple(p.shape)}"
-                )
-            if o.dtype != dtype or m.dtype != torch.float64:
-                raise TypeError(
-                    f"{owner}: state of {name!r} has dtypes {o.dtype}/{m.dtype}, expected {dtype}/torch.float64"
-                )
-            if not bool(torch.isfinite(o).all()) or bool((o < 0).any()) or not bool(torch.isfinite(m).all()):
-                raise ValueError(f"{owner}: state of {name!r} holds NaN/Inf or negative Omega")
+            check_state_tensor(owner, f"omega[{name!r}]", o, p.shape, dtype=dtype, nonnegative=True)
+            check_state_tensor(owner, f"mu[{name!r}]", m, p.shape, dtype=torch.float64, finite=True)
             omega.append(o.detach().to(p.device, copy=True))
             mu.append(m.detach().to(p.device, copy=True))
         self._mode, self._lam, self._gamma, self._stabilize_lr = mode, lam, gamma, stabilize_lr

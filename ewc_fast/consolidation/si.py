@@ -10,14 +10,19 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..importance import Importance
-from ._checks import ZENKE_REGISTRY, check_backend, check_finite_scalar, check_state_dtype, trainable_params
+from ..ops._validate import check_finite_scalar
+from ._checks import check_backend, check_state_dtype, trainable_params
+from ._state import check_count, check_header, check_state_tensor, clone_named, require_keys, state_header
+from .exclusion import ZENKE_REGISTRY, ExclusionEndpoint
 
 __all__ = ["SynapticIntelligence"]
 
 _VARIANTS = ("zenke", "kutalev")
-_NONE, _SNAP, _REC = 0, 1, 2
 _FORMAT = "ewc_fast.SynapticIntelligence"
 _VERSION = 1
+_COUNTERS = ("steps", "cum_steps", "n_tasks")
+_GROUPS = ("omega", "start", "prev", "cumulative")
+_KEYS = ("names", "variant", "xi", "clip", *_GROUPS, *_COUNTERS)
 
 
 class SynapticIntelligence:
@@ -29,15 +34,17 @@ class SynapticIntelligence:
     importance ``Omega_task = omega / ((theta - theta_start)^2 + xi)`` (:func:`ewc_fast.ops.si_consolidate_`),
     clipped at 0 if ``clip``, and restarts ``omega`` and ``theta_start`` for the next task.
 
-    Variants (``../shared/NOTES.md`` §1):
+    Variants:
 
     * ``"zenke"`` (Zenke, Poole & Ganguli 2017, official code ganguli-lab/pathint): ``g`` is the
-      gradient of the *task loss only*. Penalty gradients added by :class:`ewc_fast.EWC` are excluded:
-      :meth:`EWC.apply_ <ewc_fast.EWC.apply_>` hands this tracker a snapshot of ``.grad`` taken just
-      before it adds the penalty (exact), and the backward of :meth:`EWC.penalty
-      <ewc_fast.EWC.penalty>` records its contribution, which is subtracted from ``.grad`` at the step
-      (exact up to one rounding in the gradient's dtype, the rounding of the ``.grad`` accumulation).
-      Penalties that do not come from ``ewc_fast.EWC`` cannot be excluded. Default ``clip=True``.
+      gradient of the *task loss only*. Penalty gradients added by :class:`ewc_fast.EWC` are excluded
+      through this tracker's :class:`~.exclusion.ExclusionEndpoint`, registered in
+      :data:`~.exclusion.ZENKE_REGISTRY` while attached: :meth:`EWC.apply_ <ewc_fast.EWC.apply_>`
+      hands it a snapshot of ``.grad`` taken just before it adds the penalty (exact), and the backward
+      of :meth:`EWC.penalty <ewc_fast.EWC.penalty>` records its contribution, which is subtracted from
+      ``.grad`` at the step (exact up to one rounding in the gradient's dtype, the rounding of the
+      ``.grad`` accumulation). Penalties that do not come from ``ewc_fast.EWC`` cannot be excluded.
+      Default ``clip=True``.
     * ``"kutalev"`` (Kutalev's code, aakutalev/wva): ``g`` is the total ``.grad`` (penalty included),
       no clipping by default (``clip=False``).
 
@@ -97,7 +104,6 @@ class SynapticIntelligence:
         named = trainable_params(model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        self._param_index = {id(p): j for j, p in enumerate(self._params)}
         with torch.no_grad():
             self._omega = [torch.zeros(p.shape, dtype=state_dtype, device=p.device) for p in self._params]
             self._start = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
@@ -108,21 +114,22 @@ class SynapticIntelligence:
         self._n_tasks = 0
         self._handles: list = []
         self._pending = None
-        self._xmode = [_NONE] * len(self._params)
-        self._xbuf: list[Tensor | None] = [None] * len(self._params)
-        self._xany = False
+        self._exclusion = ExclusionEndpoint(self._params)
 
     # -------------------------------------------------------------------------------- properties
     @property
     def xi(self) -> float:
+        """Damping of the denominator ``(theta - theta_start)^2 + xi``."""
         return self._xi
 
     @property
     def variant(self) -> str:
+        """``"zenke"`` (task-loss gradient) or ``"kutalev"`` (total ``.grad``)."""
         return self._variant
 
     @property
     def clip(self) -> bool:
+        """Whether importances are clipped at 0."""
         return self._clip
 
     @property
@@ -137,6 +144,7 @@ class SynapticIntelligence:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the tracked parameters (trainable at construction), in module order."""
         return tuple(self._names)
 
     @property
@@ -146,6 +154,7 @@ class SynapticIntelligence:
 
     @property
     def attached(self) -> bool:
+        """Whether optimizer hooks are installed (:meth:`attach` without :meth:`detach`)."""
         return bool(self._handles)
 
     @property
@@ -186,7 +195,7 @@ class SynapticIntelligence:
             optimizer.register_step_post_hook(self._post_step),
         ]
         if self._variant == "zenke":
-            ZENKE_REGISTRY.add(self)
+            ZENKE_REGISTRY.add(self, self._exclusion)
         return self
 
     def detach(self) -> None:
@@ -200,63 +209,17 @@ class SynapticIntelligence:
 
     def clear_exclusions(self) -> None:
         """Forget penalty gradients reported by EWC since the last step (done at every step)."""
-        if self._xany:
-            self._xmode = [_NONE] * len(self._params)
-            self._xany = False
-
-    # ----------------------------------------------------------------------- EWC exclusion hooks
-    def _buffer(self, j: int, like: Tensor) -> Tensor:
-        buf = self._xbuf[j]
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-            self._xbuf[j] = buf
-        return buf
-
-    def _exclude_snapshot(self, tidx: list[int], grads: list[Tensor]) -> None:
-        """Called by ``EWC.apply_`` just before it adds its gradient: the task gradient is ``.grad`` now
-        (minus contributions recorded earlier by ``EWC.penalty``'s backward). The first snapshot of a
-        step wins."""
-        for j, g in zip(tidx, grads):
-            mode = self._xmode[j]
-            if mode == _SNAP:
-                continue
-            buf = self._buffer(j, g)
-            if mode == _REC:
-                buf.neg_().add_(g)
-            else:
-                buf.copy_(g)
-            self._xmode[j] = _SNAP
-            self._xany = True
-
-    def _exclude_record(self, tidx: list[int], contributions: list[Tensor]) -> None:
-        """Called by the backward of ``EWC.penalty``: gradient that autograd is about to add to ``.grad``."""
-        for j, g in zip(tidx, contributions):
-            mode = self._xmode[j]
-            if mode == _SNAP:
-                continue
-            if mode == _REC:
-                self._xbuf[j].add_(g)
-            else:
-                self._buffer(j, g).copy_(g)
-                self._xmode[j] = _REC
-            self._xany = True
+        self._exclusion.clear()
 
     # ---------------------------------------------------------------------------- step hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
         idx, grads = [], []
-        with torch.no_grad():
-            for j, p in enumerate(self._params):
-                g = p.grad
-                if g is None:
-                    continue
-                mode = self._xmode[j]
-                if mode == _SNAP:
-                    g = self._xbuf[j]
-                elif mode == _REC:
-                    g = self._xbuf[j].neg_().add_(g)
+        for j, p in enumerate(self._params):
+            g = p.grad
+            if g is not None:
                 idx.append(j)
                 grads.append(g)
-        self._pending = (idx, grads)
+        self._pending = (idx, self._exclusion.task_grads(idx, grads))
         return None
 
     def _post_step(self, optimizer, args, kwargs) -> None:
@@ -310,20 +273,17 @@ class SynapticIntelligence:
     def state_dict(self) -> dict:
         """Settings, ``omega``, ``theta_start``, ``theta_prev``, cumulative and counters (cloned tensors)."""
 
-        def clone(ts):
-            return {n: t.detach().clone() for n, t in zip(self._names, ts)}
-
+        names = self._names
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
+            **state_header(_FORMAT, _VERSION),
             "variant": self._variant,
             "xi": self._xi,
             "clip": self._clip,
-            "names": list(self._names),
-            "omega": clone(self._omega),
-            "start": clone(self._start),
-            "prev": clone(self._prev),
-            "cumulative": None if self._cum is None else clone(self._cum),
+            "names": list(names),
+            "omega": clone_named(names, self._omega),
+            "start": clone_named(names, self._start),
+            "prev": clone_named(names, self._prev),
+            "cumulative": None if self._cum is None else clone_named(names, self._cum),
             "steps": self._steps,
             "cum_steps": self._cum_steps,
             "n_tasks": self._n_tasks,
@@ -336,27 +296,8 @@ class SynapticIntelligence:
         Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the tracker
         (settings, tensors and counters) is exactly as before."""
         owner = "SynapticIntelligence.load_state_dict"
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(f"{owner}: not a SynapticIntelligence state dict of version {_VERSION}")
-        missing = [
-            k
-            for k in (
-                "names",
-                "variant",
-                "xi",
-                "clip",
-                "omega",
-                "start",
-                "prev",
-                "cumulative",
-                "steps",
-                "cum_steps",
-                "n_tasks",
-            )
-            if k not in state
-        ]
-        if missing:
-            raise ValueError(f"{owner}: missing keys {missing}")
+        check_header(owner, state, _FORMAT, _VERSION, non_mapping=ValueError)
+        require_keys(owner, state, _KEYS)
         if list(state["names"]) != self._names:
             raise ValueError(f"{owner}: tracked parameter names differ from the state dict's")
         if state["variant"] != self._variant:
@@ -365,28 +306,22 @@ class SynapticIntelligence:
         clip = state["clip"]
         if not isinstance(clip, bool):
             raise TypeError(f"{owner}: clip must be a bool, got {clip!r}")
-        counters = []
-        for key in ("steps", "cum_steps", "n_tasks"):
-            v = state[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{owner}: {key} must be an int >= 0, got {v!r}")
-            counters.append(v)
+        counters = [check_count(owner, key, state[key]) for key in _COUNTERS]
         groups = {}
-        for key in ("omega", "start", "prev", "cumulative"):
+        for key in _GROUPS:
             sd = state[key]
             if sd is None and key == "cumulative":
                 groups[key] = None
                 continue
             if not isinstance(sd, Mapping):
                 raise ValueError(f"{owner}: {key} must be a dict name -> tensor")
-            ts = []
-            for n, p in zip(self._names, self._params):
-                t = sd.get(n)
-                if not isinstance(t, Tensor) or tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"{owner}: {key}[{n!r}] missing or of the wrong shape")
-                ref = self._omega if key in ("omega", "cumulative") else self._start
-                ts.append(t.to(device=p.device, dtype=ref[len(ts)].dtype, copy=True))
-            groups[key] = ts
+            ref = self._omega if key in ("omega", "cumulative") else self._start
+            groups[key] = [
+                check_state_tensor(owner, f"{key}[{n!r}]", sd.get(n), p.shape).to(
+                    device=p.device, dtype=r.dtype, copy=True
+                )
+                for n, p, r in zip(self._names, self._params, ref)
+            ]
         # Commit (everything is validated: nothing below can fail).
         self._xi, self._clip = xi, clip
         self._omega, self._start, self._prev, self._cum = (

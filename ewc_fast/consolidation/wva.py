@@ -8,7 +8,19 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._checks import check_backend, check_finite_scalar, check_importance, check_state_dtype
+from ..ops._validate import check_finite_scalar
+from ._checks import check_backend, check_importance, check_state_dtype
+from ._state import (
+    check_count,
+    check_entries,
+    check_header,
+    check_names,
+    check_state_tensor,
+    clone_named,
+    params_by_name,
+    require_keys,
+    state_header,
+)
 
 __all__ = ["WVA"]
 
@@ -67,10 +79,12 @@ class WVA:
 
     @property
     def n_tasks(self) -> int:
+        """Number of :meth:`consolidate` calls."""
         return self._n_tasks
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Names of the consolidated parameters, in the order they were first consolidated."""
         return tuple(self._names)
 
     @property
@@ -80,6 +94,7 @@ class WVA:
 
     @property
     def attached(self) -> bool:
+        """Whether optimizer hooks are installed (:meth:`attach` without :meth:`detach`)."""
         return bool(self._handles)
 
     def __repr__(self) -> str:
@@ -163,12 +178,11 @@ class WVA:
     def state_dict(self) -> dict:
         """``lam``, names, ``A`` (cloned) and the task count."""
         return {
-            "format": _FORMAT,
-            "version": _VERSION,
+            **state_header(_FORMAT, _VERSION),
             "lam": self._lam,
             "n_tasks": self._n_tasks,
             "names": list(self._names),
-            "accum": {n: a.detach().clone() for n, a in zip(self._names, self._accum)},
+            "accum": clone_named(self._names, self._accum),
         }
 
     @torch.no_grad()
@@ -178,32 +192,19 @@ class WVA:
         Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the state
         (``lam``, ``A``, names, task count) is exactly as before."""
         owner = "WVA.load_state_dict"
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
-            raise ValueError(f"{owner}: not a WVA state dict of version {_VERSION}")
-        missing = [k for k in ("lam", "n_tasks", "names", "accum") if k not in state]
-        if missing:
-            raise ValueError(f"{owner}: missing keys {missing}")
+        check_header(owner, state, _FORMAT, _VERSION, non_mapping=ValueError)
+        require_keys(owner, state, ("lam", "n_tasks", "names", "accum"))
         lam = check_finite_scalar(owner, "lam", state["lam"], low=0.0)
-        n_tasks = state["n_tasks"]
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
-            raise ValueError(f"{owner}: n_tasks must be an int >= 0, got {n_tasks!r}")
-        names, accum_sd = list(state["names"]), state["accum"]
-        if len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{owner}: names must be unique strings")
-        if not isinstance(accum_sd, Mapping) or set(accum_sd) != set(names):
-            raise ValueError(f"{owner}: accum entries do not match names")
-        named = dict(self._model.named_parameters())
-        params, accum = [], []
-        for n in names:
-            p, a = named.get(n), accum_sd[n]
-            if p is None or not isinstance(a, Tensor) or tuple(a.shape) != tuple(p.shape):
-                raise ValueError(f"{owner}: {n!r} is not a parameter of the model or its state has the wrong shape")
-            if a.dtype != self._state_dtype:
-                raise TypeError(f"{owner}: A[{n!r}] has dtype {a.dtype}, expected {self._state_dtype}")
-            if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
-                raise ValueError(f"{owner}: A[{n!r}] holds NaN/Inf or negative values")
-            params.append(p)
-            accum.append(a.to(p.device, copy=True))
+        n_tasks = check_count(owner, "n_tasks", state["n_tasks"])
+        names = check_names(owner, state["names"])
+        accum_sd = check_entries(owner, "accum", state["accum"], names)
+        params = params_by_name(owner, self._model, names)
+        accum = [
+            check_state_tensor(owner, f"A[{n!r}]", accum_sd[n], p.shape, dtype=self._state_dtype, nonnegative=True).to(
+                p.device, copy=True
+            )
+            for n, p in zip(names, params)
+        ]
         # Commit (everything is validated: nothing below can fail).
         self._lam, self._n_tasks = lam, n_tasks
         self._names, self._params, self._accum = names, params, accum

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ewc_fast import EWC, Importance, SynapticIntelligence
-from ewc_fast.consolidation._checks import ZENKE_REGISTRY
+from ewc_fast.consolidation.exclusion import ZENKE_REGISTRY
 from ewc_fast.ops import backends as _backend
 
 
