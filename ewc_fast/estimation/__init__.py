@@ -2,13 +2,11 @@
 
 * :mod:`.engine`      — the data pass (capture, seeds, dispatch, restore) and the public function.
 * :mod:`.methods`     — method names, per-sample losses, backward seeds (formulas in its docstring).
-* :mod:`.rules`       — per-layer rules (Linear, Conv, Embedding, norms) and the registry ``RULES``.
-* :mod:`.rules_attention` — the exact ``nn.MultiheadAttention`` rule (registered on import).
+* :mod:`.rules`       — per-layer rules (Linear, Conv, Embedding, norms, MultiheadAttention), registry ``RULES``.
 * :mod:`.fallback`    — exact ``torch.func`` per-sample fallback for modules without a rule.
 * :mod:`.distributed` — all-reduce of sums and counts across ranks.
 """
 
-from . import rules_attention  # noqa: F401  (registers the nn.MultiheadAttention rule)
 from .engine import estimate_importance
 from .fallback import BATCH_DIMS
 from .methods import METHODS
