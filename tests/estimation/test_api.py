@@ -330,18 +330,18 @@ def test_ddp_two_ranks_equal_single_process():
 
 
 def test_sig_decision_is_collective():
-    """The SIG rule per parameter comes from flags summed over ranks (engine._sig_flags/_sig_decide)."""
-    from ewc_fast.estimation import engine
+    """The SIG rule per parameter comes from flags summed over ranks (sig.flags/sig.decide)."""
+    from ewc_fast.estimation import sig
 
     names = ["a", "b", "c", "d"]
-    rank0 = engine._sig_flags(names, {"a": True, "b": False, "c": True})
-    rank1 = engine._sig_flags(names, {"a": True})  # b and c never ran here, d nowhere
+    rank0 = sig.flags(names, {"a": True, "b": False, "c": True})
+    rank1 = sig.flags(names, {"a": True})  # b and c never ran here, d nowhere
     summed = [x + y for x, y in zip(rank0, rank1)]
-    assert engine._sig_decide(names, summed) == {"a": True, "b": False, "c": True, "d": None}
-    assert engine._sig_decide(names, rank1) == {"a": True, "b": None, "c": None, "d": None}
-    bad = [x + y for x, y in zip(rank0, engine._sig_flags(names, {"a": False}))]
+    assert sig.decide(names, summed) == {"a": True, "b": False, "c": True, "d": None}
+    assert sig.decide(names, rank1) == {"a": True, "b": None, "c": None, "d": None}
+    bad = [x + y for x, y in zip(rank0, sig.flags(names, {"a": False}))]
     with pytest.raises(RuntimeError, match="disagree"):
-        engine._sig_decide(names, bad)
+        sig.decide(names, bad)
 
 
 class TwoInputs(nn.Module):
