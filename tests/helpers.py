@@ -2,6 +2,8 @@
 
 * :func:`assert_close` -- relative-error check of an importance against its float64 oracle.
 * :func:`ragged` -- split (x, y) into ragged batches.
+* :func:`mlp` / :func:`data_of` / :func:`rel` -- a small classifier (with dropout), ragged random
+  classification batches for it, and the relative error of a tensor against a reference.
 * :func:`cached_reference` / :func:`run_case` -- the float64 oracle of a test case (cached per
   case builder and name) and the engine's result on it.
 """
@@ -9,6 +11,7 @@
 import importlib.util
 
 import torch
+from torch import nn
 
 import ewc_fast
 from ewc_fast.testing.importance import reference_importance
@@ -46,6 +49,24 @@ def ragged(x, y, sizes=(3, 1, 4)):
         out.append((x[s : s + n], y[s : s + n]) if y is not None else x[s : s + n])
         s += n
     return out
+
+
+def mlp(n_in=6, n_out=3, seed=0):
+    """Linear-Tanh-Dropout-Linear classifier, initialised from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, n_out))
+
+
+def data_of(n=8, n_in=6, n_cls=3, sizes=(3, 1, 4), seed=0):
+    """``n`` random (x (n_in,), class) samples from generator ``seed``, as ragged batches of ``sizes``."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, n_in, generator=g), torch.randint(0, n_cls, (n,), generator=g)
+    return ragged(x, y, sizes)
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| in float64."""
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 _REF: dict = {}

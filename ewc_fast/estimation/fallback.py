@@ -10,7 +10,7 @@ so modules that insist on batched input work) and vectorised over the samples of
 ``vmap(grad(.))``. Only M is re-run, not the model, and only M's parameters that need the
 fallback are differentiated. Used for any module with direct parameters but no rule (including
 ``nn.MultiheadAttention`` with ``add_bias_kv`` / ``add_zero_attn``, which its rule in
-:mod:`.rules_attention` leaves here), and parameters used outside the module that owns
+:mod:`.rules.attention` leaves here), and parameters used outside the module that owns
 them (then M is the lowest common ancestor of every module using the parameter).
 
 Which dimension of each tensor is the batch dimension is decided by a resolver: by default a tensor
@@ -18,6 +18,9 @@ whose leading size equals the batch size N is batched along dim 0 and any other 
 all samples. ``BATCH_DIMS`` maps a module class to a specific resolver (``nn.MultiheadAttention``
 with ``batch_first=False`` is batched along dim 1). The module must treat samples independently in
 eval mode (no batch statistics, no data-dependent Python control flow under ``vmap``).
+Attention runs on SDPA's math backend, the one with ``vmap`` batching rules (the fused CPU/CUDA
+kernels fall back to a per-sample loop). Chunks of samples keep the ``vmap`` temporaries under a
+quarter of :data:`.rules.base.CHUNK_BYTES`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import rules
-from .rules import Call, chunk_rows, reduce_into
+from .rules import base as rules_base
+from .rules.base import Call, chunk_rows, reduce_into
 
 
 def _default_dims(module: nn.Module, call: Call, n: int):
@@ -79,6 +83,8 @@ BATCH_DIMS: dict[type, Callable] = {nn.MultiheadAttention: _mha_dims}
 
 
 def batch_dims(module: nn.Module, call: Call, n: int):
+    """The batch dimension of every leaf of ``call``'s (args, kwargs) and output (None: shared by all
+    samples), from the resolver in :data:`BATCH_DIMS` of the first class in ``module``'s MRO, else by size."""
     for cls in type(module).__mro__:
         if cls in BATCH_DIMS:
             return BATCH_DIMS[cls](module, call, n)
@@ -141,18 +147,8 @@ def per_sample_grads(
         return total
 
     # the math attention kernel has vmap batching rules (the fused CPU/CUDA kernels fall back to a loop)
-    with _math_attention():
+    with sdpa_kernel([SDPBackend.MATH]):
         return vmap(grad(vjp_sum), in_dims=(None, 0))(params, batched)
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        import contextlib
-
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class FunctionalFallback:
@@ -160,7 +156,7 @@ class FunctionalFallback:
 
     def accumulate(self, module, calls, grads, bufs: dict[str, Tensor], mode: str, n: int) -> None:
         names = list(bufs)
-        step = chunk_rows(n, 4 * sum(b.numel() for b in bufs.values()), rules.CHUNK_BYTES // 4)  # vmap temporaries
+        step = chunk_rows(n, 4 * sum(b.numel() for b in bufs.values()), rules_base.CHUNK_BYTES // 4)  # vmap temps
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             ps = per_sample_grads(module, calls, grads, names, lo, hi, n)

@@ -12,7 +12,8 @@ gradients follow from the layer rules. Results are per-sample means (sums divide
                      gradient squared is p_ny g_ny^2.
 * ``mas``            Ω = mean_n |∇ ||f(x_n)||_2^2|, f = logits (``mas_output="logits"``, Aljundi 2018)
                      or softmax(logits) (``"softmax"``, Kutalev's code). Seed: sum_n ||f(x_n)||^2.
-* ``sig``            Kutalev's total signal (see :mod:`ewc_fast.estimation.rules`); forward only.
+* ``sig``            Kutalev's total signal (layer formulas in :mod:`ewc_fast.estimation.rules`, the
+                     |w| fallback in :mod:`ewc_fast.estimation.sig`); forward only.
 * ``magnitude``      |θ|.  ``random``: U(0, 1) from ``generator``.
 * ``fisher_batched`` APPROXIMATE (Avalanche-style): mean over batches of (batch-mean gradient)^2.
                      Biased and batch-size dependent; a baseline, not a Fisher estimate.
@@ -140,6 +141,14 @@ def check_outputs(outputs, methods, n: int, batch_idx: int) -> None:
             f"fisher_mc needs classification outputs (N, C) or (N, T, C) with C >= 2 (logits of a "
             f"categorical model), got shape {tuple(outputs.shape)}"
         )
+
+
+def divisor(method: str, n_samples: int, n_batches: int, mc_samples: int) -> int:
+    """What a data-driven method's sum is divided by: N samples (N * ``mc_samples`` draws for
+    ``fisher_mc``), or the number of batches B for ``fisher_batched``."""
+    if method == "fisher_batched":
+        return n_batches
+    return n_samples * (mc_samples if method == "fisher_mc" else 1)
 
 
 @dataclass

@@ -1,9 +1,6 @@
-"""estimate_importance: state restoration, clear errors, MC-vs-exact Fisher, pluggable rules, DDP."""
+"""estimate_importance: state restoration, clear errors, MC-vs-exact Fisher, tuple inputs and early stop."""
 
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -12,30 +9,10 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import ewc_fast
-from ewc_fast.estimation import Rule, register_rule
-from ewc_fast.estimation.rules import RULES
 from ewc_fast.testing.importance import reference_importance
+from tests.helpers import data_of, mlp, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def mlp(n_in=6, n_out=3, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, n_out))
-
-
-def data_of(n=8, n_in=6, n_cls=3, sizes=(3, 1, 4), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, n_in, generator=g), torch.randint(0, n_cls, (n,), generator=g)
-    out, s = [], 0
-    for k in sizes:
-        out.append((x[s : s + k], y[s : s + k]))
-        s += k
-    return out
-
-
-def rel(a, b):
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def hooks_left(model):
@@ -218,130 +195,6 @@ def test_mc_fisher_consistent_with_exact_fisher():
     z = torch.cat(z)
     assert abs(float(z.mean())) <= 6 / math.sqrt(len(params))  # elements are correlated: loose, still a bias check
     assert res["fisher_mc"].meta["mc_samples"] == K
-
-
-# ---------------------------------------------------------------------------- pluggable rules
-class Scale(nn.Module):
-    def __init__(self, n):
-        super().__init__()
-        self.weight = nn.Parameter(torch.rand(n) + 0.5)
-
-    def forward(self, x):
-        return x * self.weight
-
-
-class ScaleRule(Rule):
-    param_names = ("weight",)
-
-    def per_sample(self, module, calls, grads, names, lo, hi, n):
-        out = torch.zeros(hi - lo, *module.weight.shape)
-        for c, g in zip(calls, grads):
-            if g is not None:
-                out += (g[lo:hi] * c.args[0][lo:hi]).reshape(hi - lo, -1, module.weight.shape[0]).sum(1)
-        return {"weight": out}
-
-
-def test_registered_rule_is_used_and_exact():
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(6, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3))
-    data = data_of()
-    RULES[Scale] = ScaleRule()
-    try:
-        res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
-    finally:
-        del RULES[Scale]
-    ref = reference_importance(model, data, ("fisher", "mas"))
-    for m in ("fisher", "mas"):
-        for k in ref[m]:
-            assert rel(res[m][k], ref[m][k]) <= 1e-5, (m, k)
-    with pytest.raises(TypeError):
-        register_rule(Scale, object())
-
-
-# ---------------------------------------------------------------------------------------- DDP
-METHODS_DDP = ("fisher", "fisher_exact", "mas", "sig", "random")
-
-
-def _ddp_data():
-    return data_of(n=10, sizes=(3, 2, 4, 1), seed=7)
-
-
-class Gated(nn.Module):
-    """``extra`` runs only on batches of 4 samples: in the 2-rank split of ``_ddp_data()`` (sizes
-    3, 2, 4, 1) only rank 0's shard has one, so rank 1 never sees that module run."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.a, self.extra, self.out = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        if x.shape[0] == 4:
-            h = h + torch.tanh(self.extra(h))
-        return self.out(h)
-
-
-def _ddp_worker(rank, world, port, path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        shard = _ddp_data()[rank::world]
-        res = ewc_fast.estimate_importance(
-            mlp(), shard, METHODS_DDP, progress=False, generator=torch.Generator().manual_seed(100 + rank)
-        )
-        out = {m: (dict(r), r.n_samples) for m, r in res.items()}
-        gated = ewc_fast.estimate_importance(Gated(), shard, ("sig",), progress=False)["sig"]
-        out["gated_sig"] = (dict(gated), gated.meta["sig_magnitude_fallback"])
-        torch.save(out, f"{path}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_ddp_two_ranks_equal_single_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "res")
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
-        ranks = [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
-    single = ewc_fast.estimate_importance(mlp(), _ddp_data(), METHODS_DDP, progress=False)
-    for m in METHODS_DDP:
-        for r in ranks:
-            tensors, n = r[m]
-            if m == "random":
-                assert all(torch.equal(tensors[k], ranks[0][m][0][k]) for k in tensors)
-                continue
-            assert n == 10
-            for k, t in single[m].items():
-                torch.testing.assert_close(tensors[k], t, rtol=2e-6, atol=0)
-    # SIG's factor-or-|w| choice is collective: rank 1, where Gated.extra never ran, still returns
-    # the factor (its share of the sum is zero), not |w|
-    single = ewc_fast.estimate_importance(Gated(), _ddp_data(), ("sig",), progress=False)["sig"]
-    assert single.meta["sig_magnitude_fallback"] == []
-    for r in ranks:
-        tensors, fallback = r["gated_sig"]
-        assert fallback == []
-        for k, t in single.items():
-            torch.testing.assert_close(tensors[k], t, rtol=2e-6, atol=0)
-
-
-def test_sig_decision_is_collective():
-    """The SIG rule per parameter comes from flags summed over ranks (engine._sig_flags/_sig_decide)."""
-    from ewc_fast.estimation import engine
-
-    names = ["a", "b", "c", "d"]
-    rank0 = engine._sig_flags(names, {"a": True, "b": False, "c": True})
-    rank1 = engine._sig_flags(names, {"a": True})  # b and c never ran here, d nowhere
-    summed = [x + y for x, y in zip(rank0, rank1)]
-    assert engine._sig_decide(names, summed) == {"a": True, "b": False, "c": True, "d": None}
-    assert engine._sig_decide(names, rank1) == {"a": True, "b": None, "c": None, "d": None}
-    bad = [x + y for x, y in zip(rank0, engine._sig_flags(names, {"a": False}))]
-    with pytest.raises(RuntimeError, match="disagree"):
-        engine._sig_decide(names, bad)
 
 
 class TwoInputs(nn.Module):

@@ -1,4 +1,4 @@
-"""nn.MultiheadAttention's native rule (ewc_fast/estimation/rules_attention.py) vs the float64 oracle.
+"""nn.MultiheadAttention's native rule (ewc_fast/estimation/rules/attention.py) vs the float64 oracle.
 
 Every supported configuration must be exact (relative error <= 1e-5 per parameter, every method)
 and must not touch the torch.func fallback; add_bias_kv / add_zero_attn stay on the fallback and
@@ -13,7 +13,7 @@ from torch import nn
 
 import ewc_fast
 from ewc_fast.estimation import fallback as fallback_mod
-from ewc_fast.estimation.rules_attention import MultiheadAttentionRule
+from ewc_fast.estimation.rules.attention import MultiheadAttentionRule
 from ewc_fast.testing.importance import reference_importance
 from tests.helpers import ALL, TRITON, assert_close, cached_reference, ragged
 from tests.helpers import run_case as _run_case
@@ -197,9 +197,9 @@ def test_handles_names():
 
 @pytest.mark.parametrize("name", ["self_sf", "cross_bf", "mask3d", "weights_avg", "reuse", "tied_outproj"])
 def test_sample_chunking_gives_the_same_result(name, monkeypatch, no_fallback):
-    from ewc_fast.estimation import rules
+    from ewc_fast.estimation.rules import base as rules_base
 
-    monkeypatch.setattr(rules, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(rules_base, "CHUNK_BYTES", 64)
     monkeypatch.setattr(importlib.import_module("ewc_fast.ops.persample._torch"), "CHUNK_BYTES", 64)
     check(name, run_case(name, "torch"))
 

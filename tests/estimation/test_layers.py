@@ -438,9 +438,9 @@ def test_triton_interpreter_small(name):
 def test_sample_chunking_gives_the_same_result(name, monkeypatch):
     """A tiny chunk budget forces every chunked path (im2col, embedding scatter, tied parameters,
     torch.func fallback, persample_sq_'s own chunks) to split the batch sample by sample."""
-    from ewc_fast.estimation import rules
+    from ewc_fast.estimation.rules import base as rules_base
 
-    monkeypatch.setattr(rules, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(rules_base, "CHUNK_BYTES", 64)
     torch_persample = importlib.import_module("ewc_fast.ops.persample._torch")
     monkeypatch.setattr(torch_persample, "CHUNK_BYTES", 64)
     res, methods = run_case(name, "torch")

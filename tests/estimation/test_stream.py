@@ -71,14 +71,14 @@ def test_captured_inputs_are_released_on_the_last_seed(monkeypatch):
 
     from ewc_fast.estimation import engine
 
-    orig_cls = engine._Capture
+    orig_cls = engine.Capture
 
     class Spy(orig_cls):
         def __init__(self, modules):
             super().__init__(modules)
             holder["capture"] = self
 
-    monkeypatch.setattr(engine, "_Capture", Spy)
+    monkeypatch.setattr(engine, "Capture", Spy)
     monkeypatch.setattr(rules_mod.LinearRule, "accumulate", spy)
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     ewc_fast.estimate_importance(model, [(x, y)], ["fisher"], backend="torch", progress=False)

@@ -1,4 +1,4 @@
-"""Exact per-layer rule for ``nn.MultiheadAttention`` (registered on import of :mod:`ewc_fast.estimation`).
+"""Exact per-layer rule for ``nn.MultiheadAttention`` (registered by :mod:`ewc_fast.estimation.rules`).
 
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward`` with its weights directly, so
 ``out_proj``'s hooks never fire and, without this rule, every MHA parameter goes to the slow
@@ -41,7 +41,7 @@ before squaring, as for ``nn.Linear``):
 
 The weight terms go through :func:`ewc_fast.ops.persample_sq_` (sq += P_n^2 / abs += |P_n|, the
 N x P per-sample gradients are never formed), the bias terms through ``reduce_into``. Chunks of
-samples keep the (c, H, L, S) attention temporaries under :data:`rules.CHUNK_BYTES`. Computation is
+samples keep the (c, H, L, S) attention temporaries under :data:`.base.CHUNK_BYTES`. Computation is
 in the input dtype (fp32 for fp16/bf16 inputs).
 
 Unsupported (left to the exact ``torch.func`` fallback by :meth:`MultiheadAttentionRule.handles`):
@@ -58,9 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..ops import persample_sq_
-from . import rules
-from .rules import Call, Rule, reduce_into
+from .base import Call, Rule, cat_tokens, chunk_rows, live_calls, persample_into, reduce_into
 
 __all__ = ["MultiheadAttentionRule"]
 
@@ -302,9 +300,8 @@ class MultiheadAttentionRule(Rule):
 
     @staticmethod
     def _cat(pl):
-        if len(pl) == 1:
-            return pl[0]
-        return torch.cat([g for g, _ in pl], 1), torch.cat([x for _, x in pl], 1)
+        """One (G, A) pair from a call list's pairs, concatenated along the tokens."""
+        return cat_tokens([g for g, _ in pl]), cat_tokens([x for _, x in pl])
 
     def _targets(self, module, key: str, out: Tensor) -> Tensor:
         """The slice of a (…, *param.shape) tensor that pair list ``key`` writes to (rows of in_proj_weight)."""
@@ -347,29 +344,19 @@ class MultiheadAttentionRule(Rule):
         return res
 
     def accumulate(self, module, calls, grads, bufs, mode, n, backend):
-        live = [(c, g) for c, g in zip(calls, grads) if g is not None]
-        if not live:
+        calls, grads = live_calls(calls, grads)
+        if not calls:
             return
-        calls, grads = [c for c, _ in live], [g for _, g in live]
         names = list(bufs)
-        step = rules.chunk_rows(n, self._bytes_per_sample(module, calls, n))
+        step = chunk_rows(n, self._bytes_per_sample(module, calls, n))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             pairs, bias = self._pairs(module, calls, grads, names, lo, hi, n)
             for key, pl in pairs.items():
                 G, A = self._cat(pl)
-                out = self._targets(module, key, bufs[key.split(":")[0]])
-                persample_sq_(out if mode == "sq" else None, out if mode == "abs" else None, G, A, backend=backend)
+                persample_into(self._targets(module, key, bufs[key.split(":")[0]]), G, A, mode, backend)
             for k, s in bias.items():
                 reduce_into(bufs[k], s, mode)
 
     def sig(self, module, calls, names, n, activation):
         return None  # no SIG rule for attention projections: the engine uses |w|
-
-
-def register() -> None:
-    """Register :class:`MultiheadAttentionRule` for ``nn.MultiheadAttention``."""
-    rules.register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
-
-
-register()

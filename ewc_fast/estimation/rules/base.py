@@ -1,0 +1,195 @@
+"""The per-layer rule contract, the registry of rules, and the helpers every rule shares.
+
+A rule serves one module type. The engine hands it the module's *calls* (one :class:`Call` per
+forward invocation in the current batch: positional args, kwargs, output) and, for one backward
+seed, the gradient of that seed w.r.t. each call's output (``None`` where the output was unused).
+From them the rule adds, for each parameter θ it serves,
+
+    buf_θ += sum_n g_n^2   (mode ``"sq"``: the Fisher methods)   or   sum_n |g_n|   (mode ``"abs"``: MAS)
+
+where g_n is sample n's gradient of θ summed over the module's calls (a module called k times
+concatenates its k (G, A) pairs along the token axis before squaring, so reuse is exact).
+Per-sample gradients are never formed where a closed form exists; every rule also offers them
+explicitly (:meth:`Rule.per_sample`, chunked over samples) for tied parameters, whose per-sample
+gradients of several modules are summed before squaring. Chunks of samples keep temporaries under
+:data:`CHUNK_BYTES` (read at call time, so tests can shrink it).
+
+SIG (Kutalev 2020, arXiv 2005.07107, "total signal"; forward only) is :meth:`Rule.sig`: factor sums over the batch
+that the engine divides by N and, where the rule says so, multiplies by |w|.
+
+The registry :data:`RULES` maps a module class to a rule instance; a module uses the rule of the
+first class in its MRO found there, provided it does not override that class's ``forward``
+(:func:`rule_for`). Per-layer rules read the batch along dim 0 of every input and output gradient
+(:func:`input_grad_slices` is the one place that slices and checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...ops import persample_sq_
+
+#: bytes bounding one chunk's temporaries (unfolded inputs, per-sample gradients, scatter buffers)
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Call:
+    """One forward invocation of a module: its positional args, kwargs and output."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def reduce_into(buf: Tensor, per_sample: Tensor, mode: str) -> None:
+    """buf += sum_n per_sample[n]**2 (mode "sq") or sum_n |per_sample[n]| (mode "abs"), in fp32."""
+    p = per_sample.to(buf.dtype)
+    buf.add_((p.square() if mode == "sq" else p.abs()).sum(0))
+
+
+def persample_into(buf: Tensor, grad_out: Tensor, inputs: Tensor, mode: str, backend: str) -> None:
+    """buf += sum_n (G_n^T A_n)^2 (mode "sq") or sum_n |G_n^T A_n| (mode "abs") through
+    :func:`ewc_fast.ops.persample_sq_`, without forming the per-sample products."""
+    persample_sq_(buf if mode == "sq" else None, buf if mode == "abs" else None, grad_out, inputs, backend=backend)
+
+
+def chunk_rows(n: int, bytes_per_sample: int, budget: int | None = None) -> int:
+    """Samples per chunk such that ``chunk * bytes_per_sample <= budget`` (default :data:`CHUNK_BYTES`; at least 1)."""
+    budget = CHUNK_BYTES if budget is None else budget
+    return max(1, min(n, budget // max(1, bytes_per_sample)))
+
+
+def call_input(call: Call, name: str = "input") -> Tensor:
+    """The module's main input: first positional arg, else ``kwargs[name]``."""
+    if call.args:
+        return call.args[0]
+    if name in call.kwargs:
+        return call.kwargs[name]
+    raise ValueError(f"could not find the input tensor of a module call (args empty, no {name!r} kwarg)")
+
+
+def check_batch_first(x: Tensor, n: int, module: nn.Module, what: str = "input") -> None:
+    """Raise ValueError unless ``x``'s leading dimension is the batch size ``n``."""
+    if x.dim() == 0 or x.shape[0] != n:
+        raise ValueError(
+            f"{type(module).__name__}: its {what} has shape {tuple(x.shape)}, whose leading "
+            f"dimension is not the batch size {n}; per-layer rules need batch-first tensors"
+        )
+
+
+def live_calls(calls: list[Call], grads: list) -> tuple[list[Call], list]:
+    """The calls that received an output gradient, and their gradients."""
+    live = [(c, g) for c, g in zip(calls, grads) if g is not None]
+    return [c for c, _ in live], [g for _, g in live]
+
+
+def input_grad_slices(
+    module: nn.Module, calls: list[Call], grads: list, lo: int, hi: int, n: int
+) -> list[tuple[Tensor, Tensor]]:
+    """(main input[lo:hi], output gradient[lo:hi]) of every call that received a gradient, the input
+    checked batch-first (leading size ``n``): what every single-input rule reads for samples lo:hi."""
+    out = []
+    for call, g in zip(*live_calls(calls, grads)):
+        x = call_input(call)
+        check_batch_first(x, n, module)
+        out.append((x[lo:hi], g[lo:hi]))
+    return out
+
+
+def cat_tokens(tensors: list[Tensor]) -> Tensor:
+    """Per-call (c, T_i, ...) tensors concatenated along the token axis 1 (the only one as is)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 1)
+
+
+def apply_activation(activation: Callable | None, y: Tensor) -> Tensor:
+    """SIG's post-activation: ``activation(y)``, or the module output itself without one."""
+    return y if activation is None else activation(y)
+
+
+# --------------------------------------------------------------------------------------------- Rule
+class Rule:
+    """Base class of a per-layer rule (subclass and put an instance in :data:`RULES`).
+
+    Required: :attr:`param_names` and :meth:`per_sample`. :meth:`accumulate` defaults to squaring
+    :meth:`per_sample` chunk by chunk; :meth:`sig` defaults to "no rule" (the engine then uses |w|).
+    """
+
+    #: the direct parameters of the module this rule can handle
+    param_names: tuple[str, ...] = ("weight", "bias")
+    #: False: ``grads[i]`` is the gradient of call i's (tensor) output; True: a list aligned with
+    #: ``torch.utils._pytree.tree_flatten(call.output)[0]`` (None where a leaf got no gradient)
+    per_leaf: bool = False
+
+    def handles(self, module: nn.Module) -> tuple[str, ...]:
+        """Names of the parameters this rule handles, relative to ``module``: direct ones (``"weight"``)
+        or a submodule's that ``module``'s own forward uses (``"out_proj.weight"``). Raise ValueError
+        if the module's configuration makes per-sample statistics undefined; return fewer names to
+        leave parameters to the ``torch.func`` fallback."""
+        return tuple(n for n in self.param_names if getattr(module, n, None) is not None and n in module._parameters)
+
+    def per_sample(
+        self, module: nn.Module, calls: list[Call], grads: list, names, lo: int, hi: int, n: int
+    ) -> dict[str, Tensor]:
+        """Per-sample gradients ``(hi - lo, *param.shape)`` of the named parameters for samples
+        ``lo:hi`` (summed over the module's calls)."""
+        raise NotImplementedError
+
+    def accumulate(
+        self,
+        module: nn.Module,
+        calls: list[Call],
+        grads: list,
+        bufs: dict[str, Tensor],
+        mode: str,
+        n: int,
+        backend: str,
+    ) -> None:
+        """bufs[name] += sum_n g_n**2 (``mode="sq"``) or sum_n |g_n| (``mode="abs"``)."""
+        names = list(bufs)
+        per = sum(bufs[k].numel() for k in names) * 4
+        step = chunk_rows(n, per)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            ps = self.per_sample(module, calls, grads, names, lo, hi, n)
+            for k in names:
+                reduce_into(bufs[k], ps[k], mode)
+
+    def sig(
+        self, module: nn.Module, calls: list[Call], names, n: int, activation: Callable | None
+    ) -> dict[str, tuple[Tensor, bool]] | None:
+        """SIG factor sums over the batch: name -> (tensor shaped like the parameter, times_abs_w).
+
+        The engine divides by the sample count and multiplies by |w| where ``times_abs_w``.
+        ``None``: no SIG rule (the engine falls back to |w| and says so in ``meta``)."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------- registry
+#: module class -> rule instance (the built-in rules are registered by :mod:`ewc_fast.estimation.rules`)
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Use ``rule`` for modules of ``module_type`` (and subclasses that keep its ``forward``)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_rule: module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"register_rule: rule must be an ewc_fast.estimation.rules.Rule, got {type(rule).__name__}")
+    RULES[module_type] = rule
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The registered rule for ``module`` (first class of its MRO in :data:`RULES` whose ``forward``
+    the module did not override), else None."""
+    for cls in type(module).__mro__:
+        rule = RULES.get(cls)
+        if rule is not None:
+            return rule if type(module).forward is cls.forward else None
+    return None
