@@ -1,4 +1,4 @@
-"""Smoke run of the comparison benchmark (benchmarks/compare.py) on tiny sizes.
+"""Smoke run of the comparison benchmark (the benchmarks.compare package) on tiny sizes.
 
 Checks the machinery, not the speed: every exact contender matches the float64 oracle within its
 stated tolerance, approximate ones are labelled as such, failures are rows with a reason, and the
