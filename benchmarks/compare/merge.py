@@ -41,7 +41,9 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
     devices = {r["meta"]["device"] for r in reports}
     if len(devices) > 1:
         raise ValueError(f"merge_reports: reports from different devices {sorted(devices)}")
-    out = {k: v for k, v in reports[0].items() if k not in ("rows", "workloads", "targets", "consolidation", "runs")}
+    # keys in the order a merge of fresh runs writes them, also when re-merging a merged report
+    later = ("rows", "workloads", "targets", "consolidation", "runs", "notes_md")
+    out = {k: v for k, v in reports[0].items() if k not in later}
     out["meta"] = {k: v for k, v in reports[0]["meta"].items() if k != "command"}  # each run's is in "runs"
     out["meta"]["date"] = "merged " + _dt.datetime.now().isoformat(timespec="seconds")
     out["workloads"], out["rows"] = {}, []
@@ -58,4 +60,6 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
     out["isolate"] = all(r["isolate"] for r in reports)
     out["runs"] = [run for i, r in enumerate(reports) for run in _runs_of(r, sources[i] if sources else f"report {i}")]
     out["targets"] = evaluate_targets(out)
+    if "notes_md" in reports[0]:
+        out["notes_md"] = reports[0]["notes_md"]
     return out
