@@ -20,6 +20,11 @@ class Timing:
         return f"{self.median_s * 1e3:.2f} ms [{self.min_s * 1e3:.2f}-{self.max_s * 1e3:.2f}]"
 
 
+def summarize(times: list[float]) -> Timing:
+    """Median, min and max of ``times`` (seconds) and their count."""
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
 def _sync(device) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -44,7 +49,7 @@ def measure(fn, *, repeats: int = 5, warmup: int = 1, device=None, setup=None) -
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), max(times), repeats)
+    return summarize(times)
 
 
 def measure_interleaved(fns: dict, *, repeats: int = 5, warmup: int = 1, device=None, setup=None) -> dict:
@@ -64,4 +69,4 @@ def measure_interleaved(fns: dict, *, repeats: int = 5, warmup: int = 1, device=
             _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {name: Timing(statistics.median(t), min(t), max(t), len(t)) for name, t in times.items()}
+    return {name: summarize(t) for name, t in times.items()}

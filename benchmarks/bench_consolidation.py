@@ -1,4 +1,4 @@
-"""Benchmark of the consolidation ops (issue: foundation): penalty + gradient and the SI step.
+"""Benchmark of the consolidation ops: EWC penalty + gradient and the Synaptic Intelligence step.
 
 Penalty rows: the fused multi-tensor ``penalty_apply_`` (C++ backend on CPU, Triton on CUDA) vs the
 same op's torch backend vs an Avalanche-style per-task autograd loop
@@ -6,8 +6,9 @@ same op's torch backend vs an Avalanche-style per-task autograd loop
 measured in the same run. Effective bandwidth counts the bytes the fused op must move per parameter:
 read grad, theta, Omega (fp32) and mu (fp64) and write grad = 24 B.
 
-SI rows: one optimizer step (Adam) with and without ``SynapticIntelligence`` attached, and a whole
-training step (forward + backward + step) with and without it.
+SI rows (Zenke et al. 2017): one optimizer step (Adam) with and without ``SynapticIntelligence``
+attached, and a whole training step (forward + backward + step) with and without it;
+:func:`bench_si_avalanche` measures Avalanche's per-step SI bookkeeping, reproduced, on the same model.
 
 Run: ``python -m benchmarks.bench_consolidation [--sizes 10e6 100e6] [--tasks 1 10] [--repeats 5]``.
 """
@@ -15,22 +16,15 @@ Run: ``python -m benchmarks.bench_consolidation [--sizes 10e6 100e6] [--tasks 1 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 
 import ewc_fast
 from ewc_fast import ops
+from ewc_fast.experiments.records import write_json
 
-from ._timing import Timing, measure, measure_interleaved
-
-
-def _summary(ts: list[float]) -> Timing:
-    import statistics
-
-    return Timing(statistics.median(ts), min(ts), max(ts), len(ts))
-
+from ._timing import measure, measure_interleaved, summarize
 
 PENALTY_BYTES_PER_PARAM = 4 + 4 + 4 + 8 + 4  # grad, theta, Omega (fp32), mu (fp64) read; grad written
 COPY_BYTES_PER_PARAM = 4 + 4  # fp32 read + write
@@ -138,9 +132,52 @@ def bench_si(width: int, depth: int, batch: int, repeats: int, device: str) -> d
                     si.detach()
                 if r > 0:
                     (ts_si if mode == "si" else ts_plain).append(t.median_s)
-        out[name] = _summary(ts_plain)
-        out[name + "+si"] = _summary(ts_si)
+        out[name] = summarize(ts_plain)
+        out[name + "+si"] = summarize(ts_si)
     return out
+
+
+def bench_si_avalanche(width: int, depth: int, batch: int, repeats: int, device: str) -> dict:
+    """Avalanche's SynapticIntelligencePlugin per-step bookkeeping, reproduced as a baseline.
+
+    Same model / optimizer as :func:`bench_si` (:func:`si_workload`). Per training iteration, as the plugin
+    does: before it, copy every parameter (flattened) into a CPU buffer (old theta); after it, copy
+    parameters (new theta) and gradients into CPU buffers and add ``g * (new - old)`` to the
+    trajectory, one parameter at a time. (The plugin's per-step penalty term is not included.)
+    """
+    model, x, y, opt, loss_fn = si_workload(width, depth, batch, device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    buf = {
+        k: {n: torch.zeros(p.numel(), dtype=p.dtype) for n, p in named} for k in ("old", "new", "grad", "trajectory")
+    }
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    @torch.no_grad()
+    def copy_into(target, grads=False):
+        for n, p in named:
+            src = p.grad if grads else p
+            target[n][...] = src.detach().cpu().flatten()
+
+    def train_step_si():
+        copy_into(buf["old"])
+        train_step()
+        with torch.no_grad():
+            copy_into(buf["new"])
+            copy_into(buf["grad"], grads=True)
+            for n, _ in named:
+                buf["trajectory"][n] += buf["grad"][n] * (buf["new"][n] - buf["old"][n])
+
+    train_step()
+    return {
+        "params": sum(p.numel() for _, p in named),
+        "batch": batch,
+        "train_step": measure(train_step, repeats=repeats, device=device),
+        "train_step+si": measure(train_step_si, repeats=repeats, device=device),
+    }
 
 
 def format_penalty(res: dict) -> list[str]:
@@ -197,12 +234,7 @@ def main(argv=None) -> int:
         ov = si[b].median_s / si[a].median_s - 1
         print(f"| {a.replace('_', ' ')} | {si[a]} | {si[b]} | {100 * ov:+.1f}% |")
     if args.json:
-
-        def enc(o):
-            return o.__dict__
-
-        with open(args.json, "w") as f:
-            json.dump({"penalty": results, "si": si}, f, default=enc, indent=1)
+        write_json(args.json, {"penalty": results, "si": si})
     return 0
 
 

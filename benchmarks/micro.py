@@ -1,10 +1,12 @@
 """Micro-benchmarks (pytest-benchmark) of every ewc_fast op, per backend, next to a memory copy.
 
-Run (not part of the test suite; ``testpaths`` is ``tests/``)::
+Run from the repository root, with pytest-benchmark installed (the ``dev`` extra). The file is named
+explicitly: it is not collected by the test suite (``testpaths = ["tests"]``, and its name does not
+match ``test_*.py``)::
 
-    .venv/bin/pytest benchmarks/micro.py                       # timings
-    .venv/bin/pytest benchmarks/micro.py --benchmark-disable   # each case once (smoke)
-    EWC_FAST_MICRO_NUMEL=1e7 .venv/bin/pytest benchmarks/micro.py --benchmark-group-by=group
+    .venv/bin/python -m pytest benchmarks/micro.py                       # timings
+    .venv/bin/python -m pytest benchmarks/micro.py --benchmark-disable   # each case once (smoke)
+    EWC_FAST_MICRO_NUMEL=1e7 .venv/bin/python -m pytest benchmarks/micro.py --benchmark-group-by=group
 
 Sizes: ``EWC_FAST_MICRO_NUMEL`` parameters (default 1e6) split into 24 ragged tensors like a model's
 layers (multi-tensor ops); ``persample_sq_`` uses ``EWC_FAST_MICRO_PERSAMPLE=N,T,O,I`` (default
@@ -153,36 +155,30 @@ def test_wva_attenuate(benchmark, backend):
     _bench(benchmark, lambda: ops.wva_attenuate_(params, old, accum, 0.5, backend=backend), "wva_attenuate_")
 
 
+def _persample_inputs(t_one: bool):
+    """Output gradients G (N, T, O), inputs A (N, T, I), a zero (O, I) accumulator and the group name;
+    ``t_one``: the plain-Linear case, N*T samples of T = 1."""
+    n, t, o, i = PERSAMPLE
+    if t_one:
+        n, t = n * t, 1
+    g = torch.Generator().manual_seed(5)
+    G = torch.randn(n, t, o, generator=g).to(DEVICE)
+    A = torch.randn(n, t, i, generator=g).to(DEVICE)
+    return G, A, torch.zeros(o, i, device=DEVICE), f"persample_sq_ N,T,O,I={n},{t},{o},{i}"
+
+
 @pytest.mark.skipif(not hasattr(ops, "persample_sq_"), reason="persample_sq_ not in this checkout")
 @pytest.mark.parametrize("t_one", [False, True], ids=["sequence", "T=1"])
 @pytest.mark.parametrize("outputs", ["sq", "sq+abs"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_persample_sq(benchmark, backend, outputs, t_one):
-    n, t, o, i = PERSAMPLE
-    if t_one:
-        n, t = n * t, 1
-    g = torch.Generator().manual_seed(5)
-    G = torch.randn(n, t, o, generator=g).to(DEVICE)
-    A = torch.randn(n, t, i, generator=g).to(DEVICE)
-    sq = torch.zeros(o, i, device=DEVICE)
-    ab = torch.zeros(o, i, device=DEVICE) if outputs == "sq+abs" else None
-    _bench(
-        benchmark, lambda: ops.persample_sq_(sq, ab, G, A, backend=backend), f"persample_sq_ N,T,O,I={n},{t},{o},{i}"
-    )
+    G, A, sq, group = _persample_inputs(t_one)
+    ab = torch.zeros_like(sq) if outputs == "sq+abs" else None
+    _bench(benchmark, lambda: ops.persample_sq_(sq, ab, G, A, backend=backend), group)
 
 
 @pytest.mark.parametrize("t_one", [False, True], ids=["sequence", "T=1"])
 def test_persample_sq_unfused_reference(benchmark, t_one):
     """What the fused op avoids: materialise the N x O x I per-sample gradients, square, sum."""
-    n, t, o, i = PERSAMPLE
-    if t_one:
-        n, t = n * t, 1
-    g = torch.Generator().manual_seed(5)
-    G = torch.randn(n, t, o, generator=g).to(DEVICE)
-    A = torch.randn(n, t, i, generator=g).to(DEVICE)
-    sq = torch.zeros(o, i, device=DEVICE)
-    _bench(
-        benchmark,
-        lambda: sq.add_(torch.bmm(G.transpose(1, 2), A).square().sum(0)),
-        f"persample_sq_ N,T,O,I={n},{t},{o},{i}",
-    )
+    G, A, sq, group = _persample_inputs(t_one)
+    _bench(benchmark, lambda: sq.add_(torch.bmm(G.transpose(1, 2), A).square().sum(0)), group)

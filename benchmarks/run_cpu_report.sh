@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates benchmarks/RESULTS.md (+ RESULTS.json) on a CPU machine, as recorded there:
+# Regenerates benchmarks/results/RESULTS.md (+ RESULTS.json) on a CPU machine, as recorded there:
 # three serial runs of the comparison driver, each pinned to one core with one torch thread, then
 # one merge that re-checks the targets and appends benchmarks/ANALYSIS_CPU.md.
 # Long: about 1.5 h on the 2-core reference VM. Needs the peers (benchmarks/install_peers.sh).
@@ -23,4 +23,4 @@ taskset -c "$CORE" "$PY" -m benchmarks.compare "${common[@]}" --no-consolidation
     --workloads mlp-mnist cnn-32 embedding --out "$OUT/runC.md"
 
 "$PY" -m benchmarks.compare --merge "$OUT/runA.json" "$OUT/runB.json" "$OUT/runC.json" \
-    --notes benchmarks/ANALYSIS_CPU.md --out benchmarks/RESULTS.md
+    --notes benchmarks/ANALYSIS_CPU.md --out benchmarks/results/RESULTS.md

@@ -1,4 +1,4 @@
-"""Smoke run of the comparison benchmark (benchmarks/compare.py) on tiny sizes.
+"""Smoke run of the comparison benchmark (the benchmarks.compare package) on tiny sizes.
 
 Checks the machinery, not the speed: every exact contender matches the float64 oracle within its
 stated tolerance, approximate ones are labelled as such, failures are rows with a reason, and the
@@ -252,3 +252,23 @@ def test_checkpoint_after_each_workload():
     assert not any("_result_path" in row for r in seen for row in r["rows"])
     merged = compare.merge_reports([seen[0]])
     assert merged["runs"][0]["partial"] and "partial run" in compare.format_markdown(merged)
+
+
+def test_remerging_a_merged_report_keeps_its_runs(tiny_report):
+    """Re-rendering a merged report through --merge keeps the runs it was merged from, and its rows."""
+    import copy
+
+    a = copy.deepcopy(tiny_report)
+    a["meta"]["command"] = "run A"
+    merged = compare.merge_reports([a], ["a.json"])
+    again = compare.merge_reports([json.loads(json.dumps(merged, default=str))], ["merged.json"])
+    assert again["runs"] == merged["runs"] and [r["source"] for r in again["runs"]] == ["a.json"]
+    assert len(again["rows"]) == len(merged["rows"]) and again["targets"] == merged["targets"]
+
+
+def test_committed_report_renders_from_its_json():
+    """benchmarks/results/RESULTS.md is what the renderer makes of benchmarks/results/RESULTS.json."""
+    results = ROOT / "benchmarks" / "results"
+    report = json.loads((results / "RESULTS.json").read_text())
+    assert compare.format_markdown(report) == (results / "RESULTS.md").read_text()
+    assert compare.evaluate_targets(report) == report["targets"]

@@ -1,0 +1,142 @@
+"""The performance targets of the comparison and their evaluation on a report's rows.
+
+Per workload kind, against the fastest ewc_fast row of the task (``x plain`` = time / one plain
+forward+backward over the same data, measured in the same process):
+
+* MLP: Fisher <= 1.2x and Fisher+MAS <= 1.7x plain; Fisher no slower than BackPACK.
+* Transformer: Fisher <= 2x plain; >= 3x faster than the fastest peer that gives the exact
+  empirical Fisher within its tolerance; extra peak memory beyond the plain row's <= 2 parameter copies.
+* CNN: Fisher >= 3x faster than BackPACK and than Opacus.
+
+A target is ``met``, ``not met`` or ``n/a`` (no ewc_fast result, or no peer result to compare with).
+"""
+
+from __future__ import annotations
+
+from ..contenders import FISHER
+
+TARGETS_DOC = """\
+* MLP: Fisher <= 1.2x and Fisher+MAS <= 1.7x one plain forward+backward; Fisher no slower than BackPACK.
+* Transformer: Fisher <= 2x plain; >= 3x faster than the fastest peer that gives the exact answer;
+  extra peak memory <= 2 parameter copies (beyond what the plain forward+backward row needs: activations
+  and one gradient copy are the unit's, not the method's).
+* CNN: Fisher >= 3x faster than BackPACK and than Opacus."""
+
+NO_RESULT = "ewc_fast did not produce a result"
+
+
+def ok_rows(rows: list[dict], contender: str | None = None, task: str = "fisher", pred=None) -> list[dict]:
+    """The timed, successful rows of ``task`` (of ``contender`` if given, satisfying ``pred`` if given)."""
+    return [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["task"] == task
+        and "time" in r
+        and (contender is None or r["contender"] == contender)
+        and (pred is None or pred(r))
+    ]
+
+
+def best_ewc_fast(rows: list[dict], task: str) -> dict | None:
+    """The fastest successful ewc_fast row of ``task``, or None."""
+    cands = ok_rows(rows, task=task, pred=lambda r: r["kind"] == "ewc_fast")
+    return min(cands, key=lambda r: r["time"]["median_s"]) if cands else None
+
+
+def evaluate_targets(report: dict) -> list[dict]:
+    """One ``{workload, target, value, status, detail}`` per target of each workload in ``report``."""
+    out = []
+
+    def add(workload, target, value, met, detail=""):
+        out.append(
+            {
+                "workload": workload,
+                "target": target,
+                "value": value,
+                "status": "n/a" if met is None else ("met" if met else "not met"),
+                "detail": detail,
+            }
+        )
+
+    def ratio_to_plain(workload, target, row, limit):
+        add(
+            workload,
+            target,
+            row and f"{row['ratio_to_plain']:.2f}x",
+            row and row.get("ratio_to_plain", 9e9) <= limit,
+            row["contender"] if row else NO_RESULT,
+        )
+
+    def speedup_over(workload, target, row, peer, limit, why_none, value="{sp:.2f}x"):
+        """``row`` (ours) vs ``peer`` (their row): met when speed-up = peer time / our time >= limit;
+        ``value`` formats the speed-up ``sp`` and the peer's name ``peer``."""
+        if row and peer:
+            sp = peer["time"]["median_s"] / row["time"]["median_s"]
+            add(workload, target, value.format(sp=sp, peer=peer["contender"]), sp >= limit, row["contender"])
+        else:
+            add(workload, target, None, None, NO_RESULT if not row else why_none)
+
+    by_wl: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        by_wl.setdefault(r["workload"], []).append(r)
+    for wname, rows in by_wl.items():
+        kind = report["workloads"][wname]["kind"]
+        ef = best_ewc_fast(rows, "fisher")
+        if kind == "mlp":
+            ratio_to_plain(wname, "Fisher <= 1.2x plain fwd+bwd", ef, 1.2)
+            ratio_to_plain(wname, "Fisher+MAS <= 1.7x plain fwd+bwd", best_ewc_fast(rows, "fisher+mas"), 1.7)
+            bp = ok_rows(rows, "backpack")
+            speedup_over(
+                wname,
+                "Fisher no slower than BackPACK",
+                ef,
+                bp[0] if bp else None,
+                1.0,
+                "BackPACK gave no result",
+                value="{sp:.2f}x faster",
+            )
+        elif kind == "transformer":
+            ratio_to_plain(wname, "Fisher <= 2x plain fwd+bwd", ef, 2.0)
+            peers = ok_rows(
+                rows,
+                pred=lambda r: (
+                    r["kind"] != "ewc_fast"
+                    and r.get("exact")
+                    and r["quantities"].get(FISHER, {}).get("oracle") == FISHER
+                    and r.get("within_tolerance", True)
+                ),
+            )
+            fastest = min(peers, key=lambda r: r["time"]["median_s"]) if peers else None
+            speedup_over(
+                wname,
+                ">= 3x faster than the fastest exact peer",
+                ef,
+                fastest,
+                3.0,
+                "no exact peer gave a result",
+                value="{sp:.2f}x vs {peer}",
+            )
+            tgt = "extra peak memory beyond plain fwd+bwd <= 2 parameter copies"
+            if ef and ef.get("copies_over_plain") is not None:
+                add(
+                    wname,
+                    tgt,
+                    f"{ef['copies_over_plain']:.2f} copies ({ef['param_copies']:.2f} in all)",
+                    ef["copies_over_plain"] <= 2.0,
+                    ef["contender"],
+                )
+            else:
+                add(wname, tgt, None, None, NO_RESULT if not ef else "memory not measured (in-process run)")
+        elif kind == "cnn":
+            for peer in ("backpack", "opacus"):
+                pr = ok_rows(rows, peer)
+                speedup_over(
+                    wname,
+                    f">= 3x faster than {peer}",
+                    ef,
+                    pr[0] if pr else None,
+                    3.0,
+                    why_none=f"{peer} gave no result",
+                )
+    return out
