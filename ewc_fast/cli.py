@@ -737,12 +737,11 @@ def main(argv=None) -> int:
         return 1
     if args.command != "bench":
         _set_threads(args)
-    from .experiments.continual import FeatureUnavailable
     from .experiments.data import DataSourceUnavailable
 
     try:
         return _COMMANDS[args.command](args)
-    except (DataSourceUnavailable, FeatureUnavailable) as e:
+    except DataSourceUnavailable as e:
         print(f"ewc-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

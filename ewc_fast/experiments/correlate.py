@@ -1,4 +1,4 @@
-"""Seed 000 (Kutalev, "Correlation of the importances…"): how alike are FIS, MAS, SI and SIG?
+"""Correlation of the weight importances (Kutalev's study): how alike are FIS, MAS, SI and SIG?
 
 Protocol (as in the paper): train the FC net sequentially on permuted-MNIST tasks with an EWC
 penalty fed by MAS importances (Kutalev's best). An SI tracker runs along the whole time (Kutalev's
@@ -20,9 +20,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .continual import RunConfig, _lib, estimate, run_sequence
+from ..consolidation import SynapticIntelligence
+from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import build_tasks
+from .training import estimate
 
 __all__ = ["rankdata", "pearson", "spearman", "correlation_table", "run_correlate", "IMPORTANCE_NAMES", "PAIRS"]
 
@@ -118,12 +120,11 @@ def run_correlate(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Sequential training with ``cfg.method`` (MAS) penalty; correlations after each task."""
-    SI = _lib("SynapticIntelligence")
     tasks = build_tasks("permuted", n_tasks, seed, first_identity=first_identity, n_pixels=data.n_features)
     state: dict = {"acc": {"FIS": None, "MAS": None, "SIG": None}, "rows": [], "si": None}
 
     def setup(model, optimizer):
-        state["si"] = SI(model, xi=cfg.si_xi, variant=cfg.si_variant)
+        state["si"] = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
         state["si"].attach(optimizer)
 
     def on_task_end(stage, model, x_imp, y_imp, strategy):

@@ -3,8 +3,8 @@
 1. Three permuted-MNIST tasks (task 0 unpermuted) on the embedded 5000-digit set, FC 784-300-150-10,
    trained without consolidation and with EWC (empirical Fisher); both accuracy matrices printed.
 2. On the trained model, the empirical Fisher of ``n_timing`` samples two ways:
-   ewc_fast's ``estimate_importance(..., methods=("fisher",))`` and the per-sample loop of the
-   seeds' authors' code (batch of 1, one ``backward`` per sample, square, average) — wall time of
+   ewc_fast's ``estimate_importance(..., methods=("fisher",))`` and the per-sample loop of
+   Kutalev & Lapina's code (batch of 1, one ``backward`` per sample, square, average) — wall time of
    each and the largest relative difference between them.
 """
 
@@ -18,15 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .continual import RunConfig, _lib, run_sequence
+from ..estimation import estimate_importance
+from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import permuted_tasks
+from .training import minibatches
 
 __all__ = ["loop_fisher", "max_relative_difference", "time_importance", "run_demo"]
 
 
 def loop_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Empirical Fisher by a batch-1 loop of backward passes (the seeds' reference way).
+    """Empirical Fisher by a batch-1 loop of backward passes (the reference way of Kutalev & Lapina's code).
 
     ``F = (1/N) Σ_n (∂ CE(f(x_n), y_n) / ∂θ)²`` accumulated in float64.
     """
@@ -76,9 +78,8 @@ def time_importance(
     repeats: int = 1,
 ) -> dict:
     """Time ewc_fast's Fisher pass and the batch-1 loop on the same samples."""
-    estimate_importance = _lib("estimate_importance")
     model.eval()
-    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    batches = minibatches(x, y, batch_size)
     # warm-up (first-call dispatch, allocations) on a few samples
     estimate_importance(model, batches[:1], methods=("fisher",), backend=backend, progress=False)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -1,4 +1,4 @@
-"""Seed 003 (Kirkpatrick et al. 2017, Fig. 3C): Fisher overlap vs task similarity.
+"""Fisher overlap vs task similarity (Kirkpatrick et al. 2017, Fig. 3C).
 
 Task A is unpermuted MNIST; task B permutes a fraction ``f`` of the pixels
 (:func:`ewc_fast.experiments.tasks.partial_permutation`, nested sets as ``f`` grows). A network is trained on
@@ -22,10 +22,12 @@ from collections.abc import Callable
 
 import torch
 
-from .continual import RunConfig, _make_strategy, estimate, evaluate, importance_subset, resolve_device, train_task
+from .continual import RunConfig
 from .data import MNIST
 from .models import build_model
+from .strategies import make_strategy
 from .tasks import Task, partial_permutation
+from .training import estimate, evaluate, importance_subset, resolve_device, train_task
 
 __all__ = ["fisher_overlap", "overlap_table", "run_overlap"]
 
@@ -83,7 +85,7 @@ def run_overlap(
     for f in fractions:
         task_b = Task(f"B-partial{f:g}", partial_permutation(float(f), seed, n_pixels=data.n_features))
         m = copy.deepcopy(model)
-        strategy = _make_strategy(m, cfg)
+        strategy = make_strategy(m, cfg)
         opt_b = torch.optim.Adam(m.parameters(), lr=cfg.lr, foreach=True)
         strategy.attach(opt_b)
         if cfg.method != "none":

@@ -63,10 +63,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .continual import RunConfig, RunResult, _lib, default_lam, estimate, evaluate, from_ewc_lam, run_sequence
+from ..consolidation import EWC, SynapticIntelligence
+from .continual import RunConfig, RunResult, default_lam, from_ewc_lam, run_sequence
 from .data import MNIST, load_mnist
 from .models import build_model
 from .tasks import Task, build_tasks
+from .training import estimate, evaluate
 
 __all__ = [
     "ReproConfig",
@@ -353,7 +355,6 @@ def run_latest_anchor(
     adds its gradient in an optimizer step pre-hook (after ``backward``, before Adam's update) and is
     consolidated after every task but the last with ``cfg.method``'s importance.
     """
-    EWC = _lib("EWC")
     method, lam = cfg.method, cfg.lam
     state = {"ewc": None, "imp_s": 0.0}
 
@@ -980,7 +981,7 @@ def _prune_one_model(model, imps: dict, x_te, y_te, fractions, seed: int) -> dic
 
 
 def _train_and_prune(data: MNIST, cfg: ReproConfig, seed: int, fractions, *, check_sig: bool) -> dict:
-    SI = _lib("SynapticIntelligence")
+    SI = SynapticIntelligence
     rc = _base_run_config(cfg, method="none", lam=0.0)
     holder: dict = {}
 

@@ -9,16 +9,17 @@ Permutation convention: ``x_task[:, i] = x[:, perm[i]]`` (output pixel ``i`` tak
 
 * :func:`permuted_tasks` — permuted MNIST: a random permutation of all pixels per task (task 0 the
   identity unless ``first_identity=False``), as in Kirkpatrick et al. 2017 and Kutalev & Lapina.
-* :func:`block_permuted_tasks` — seed 002's spatial variant: the 28×28 image is a 4×4 grid of 7×7
+* :func:`block_permuted_tasks` — a spatial variant: the 28×28 image is a 4×4 grid of 7×7
   blocks and each task permutes the positions of the blocks (pixels inside a block keep their
   layout), which keeps local strokes intact for a CNN.
 * :func:`split_tasks` — split MNIST: task ``t`` holds the samples of one class pair
   ((0,1), (2,3), …); labels are kept (class-incremental, 10-way head) or mapped to 0/1
   (``relabel=True``, domain-incremental).
 * :func:`partial_permutation` / :func:`partial_permuted_tasks` — permute only a fraction of the
-  pixels (for the Fisher-overlap experiment, seed 003): a seeded pixel order is drawn once and the
-  first ``round(fraction·n)`` pixels are moved along one seeded random cycle through them, so the
-  permuted sets are nested as the fraction grows and every chosen pixel moves.
+  pixels (for the Fisher-overlap experiment, Kirkpatrick et al. 2017 Fig. 3C): a seeded pixel
+  order is drawn once and the first ``round(fraction·n)`` pixels are moved along one seeded random
+  cycle through them, so the permuted sets are nested as the fraction grows and every chosen pixel
+  moves.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def block_permutation(seed: int = 0, index: int = 0, *, image_size: int = 28, bl
 def block_permuted_tasks(
     n_tasks: int, seed: int = 0, *, first_identity: bool = True, image_size: int = 28, block: int = 7
 ) -> list[Task]:
-    """Seed 002's tasks: permute the 4×4 grid of 7×7 blocks (task 0 identity by default)."""
+    """Block-permuted tasks: permute the 4×4 grid of 7×7 blocks (task 0 identity by default)."""
     tasks = []
     for t in range(int(n_tasks)):
         if t == 0 and first_identity:
