@@ -33,11 +33,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from .data import MNIST
@@ -116,13 +117,13 @@ def default_lam(method: str, *, stabilize: bool = False) -> tuple[float, str]:
 # --------------------------------------------------------------------------------------------
 # metrics on the accuracy matrix
 # --------------------------------------------------------------------------------------------
-def mean_accuracy_seen(R) -> list[float]:
+def mean_accuracy_seen(R: ArrayLike) -> list[float]:
     """``mean_{j<=i} R[i, j]`` for each stage ``i``."""
     R = np.asarray(R, dtype=float)
     return [float(R[i, : i + 1].mean()) for i in range(R.shape[0])]
 
 
-def backward_transfer(R) -> float:
+def backward_transfer(R: ArrayLike) -> float:
     """``1/(T-1) Σ_{j<T-1} (R[T-1, j] − R[j, j])``; 0.0 for a single task."""
     R = np.asarray(R, dtype=float)
     T = R.shape[0]
@@ -131,7 +132,7 @@ def backward_transfer(R) -> float:
     return float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
 
 
-def forward_transfer(R, b) -> float:
+def forward_transfer(R: ArrayLike, b: ArrayLike) -> float:
     """``1/(T-1) Σ_{j>=1} (R[j-1, j] − b[j])``; 0.0 for a single task."""
     R = np.asarray(R, dtype=float)
     b = np.asarray(b, dtype=float)
@@ -357,7 +358,7 @@ def summarize_runs(results: list[RunResult]) -> dict:
 def run_experiment(
     data: MNIST,
     base: RunConfig,
-    methods,
+    methods: Sequence[str],
     *,
     lams: dict | None = None,
     n_tasks: int = 10,

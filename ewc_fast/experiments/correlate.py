@@ -15,10 +15,11 @@ A constant vector has no correlation: NaN (e.g. an all-zero SI tensor).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from ..consolidation import SynapticIntelligence
 from .continual import RunConfig, run_sequence
@@ -32,7 +33,7 @@ IMPORTANCE_NAMES = ("FIS", "MAS", "SI", "SIG")
 PAIRS = tuple(itertools.combinations(IMPORTANCE_NAMES, 2)) + (("FIS", "MAS²"),)
 
 
-def rankdata(a) -> np.ndarray:
+def rankdata(a: ArrayLike) -> np.ndarray:
     """Ranks 1..n of a 1-D array, ties get the average rank (as ``scipy.stats.rankdata``)."""
     a = np.asarray(a, dtype=np.float64).ravel()
     order = np.argsort(a, kind="mergesort")
@@ -45,7 +46,7 @@ def rankdata(a) -> np.ndarray:
     return ranks
 
 
-def pearson(a, b) -> float:
+def pearson(a: ArrayLike, b: ArrayLike) -> float:
     """Pearson correlation in float64; NaN if either vector is constant or empty."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
@@ -60,16 +61,16 @@ def pearson(a, b) -> float:
     return float(np.clip(np.dot(da, db) / den, -1.0, 1.0))
 
 
-def spearman(a, b) -> float:
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
     """Spearman rank correlation (Pearson of average ranks)."""
     return pearson(rankdata(a), rankdata(b))
 
 
-def _as_np(t) -> np.ndarray:
+def _as_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().ravel()
 
 
-def correlation_table(importances: dict, *, stage: int = 0, names=None) -> list[dict]:
+def correlation_table(importances: dict, *, stage: int = 0, names: Sequence[str] | None = None) -> list[dict]:
     """Rows ``{stage, param, pair, pearson, spearman}`` for every pair of :data:`PAIRS` present.
 
     ``importances[label]`` maps parameter name → tensor (an ``Importance`` or a dict).
@@ -165,7 +166,7 @@ def run_correlate(
     }
 
 
-def surfaces(out: dict, kind: str = "pearson", *, weights_only: bool = True):
+def surfaces(out: dict, kind: str = "pearson", *, weights_only: bool = True) -> tuple[dict, list[str]]:
     """``{pair: array (n_tasks, n_layers)}`` and the layer labels, for plotting."""
     params = [p for p in out["params"] if (p.endswith("weight") or not weights_only)]
     T = out["n_tasks"]

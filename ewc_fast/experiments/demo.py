@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import nn
 
 from ..estimation import estimate_importance
@@ -50,7 +51,9 @@ def loop_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {k: v / n for k, v in acc.items()}
 
 
-def max_relative_difference(a, b, *, floor: float = 1e-6) -> float:
+def max_relative_difference(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, floor: float = 1e-6
+) -> float:
     """``max |a − b| / max(|b|, floor · max|b|)`` over all entries of all tensors (``b`` = reference).
 
     The floor keeps entries that are ~0 in the reference (dead units) from dividing by zero.
@@ -107,7 +110,8 @@ def time_importance(
     }
 
 
-def format_matrix(R, names=None) -> str:
+def format_matrix(R: ArrayLike, names: Sequence[str] | None = None) -> str:
+    """The accuracy matrix as text: one row per stage, plus the mean over the tasks seen so far."""
     R = np.asarray(R, dtype=float)
     head = "after \\ test " + " ".join(f"{j:>6d}" for j in range(R.shape[1])) + "   mean(seen)"
     lines = [head]

@@ -17,6 +17,7 @@ parameter names (``fc1.weight`` …) are readable in tables and each layer's act
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,9 @@ MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
 class MLP(nn.Sequential):
     """Fully connected net ``n_in → hidden… → n_out`` with leaky-ReLU between layers."""
 
-    def __init__(self, n_in: int = 784, hidden=(300, 150), n_out: int = 10, negative_slope: float = 0.01):
+    def __init__(
+        self, n_in: int = 784, hidden: Sequence[int] = (300, 150), n_out: int = 10, negative_slope: float = 0.01
+    ):
         layers: list[tuple[str, nn.Module]] = []
         width = n_in
         for i, h in enumerate(hidden, start=1):

@@ -29,11 +29,12 @@ The ordering table ranks the importances by the area under the accuracy-vs-fract
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
 from ..consolidation import SynapticIntelligence
@@ -139,7 +140,7 @@ def build_groups(model: nn.Module, aggregation: str = "weight") -> PruneGroups:
     return PruneGroups(gid, torch.tensor(layer_of_group, dtype=torch.long), layers)
 
 
-def group_scores(groups: PruneGroups, importance, reduce: str = "mean") -> torch.Tensor:
+def group_scores(groups: PruneGroups, importance: Mapping[str, torch.Tensor], reduce: str = "mean") -> torch.Tensor:
     """Score of every group: ``reduce`` of its members' importances (float64, CPU)."""
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}")
@@ -215,7 +216,7 @@ def apply_pruning(
     return removed
 
 
-def auc(fractions, values) -> float:
+def auc(fractions: ArrayLike, values: ArrayLike) -> float:
     """Trapezoid area under ``values`` over ``fractions``."""
     f = np.asarray(fractions, dtype=float)
     v = np.asarray(values, dtype=float)
@@ -224,15 +225,15 @@ def auc(fractions, values) -> float:
 
 def prune_curve(
     model: nn.Module,
-    importance,
-    x_test,
-    y_test,
-    fractions,
+    importance: Mapping[str, torch.Tensor],
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    fractions: Sequence[float],
     *,
-    aggregation="weight",
-    reduce="mean",
-    scope="global",
-    replace="zero",
+    aggregation: str = "weight",
+    reduce: str = "mean",
+    scope: str = "global",
+    replace: str = "zero",
     task: Task | None = None,
     seed: int = 0,
     eval_batch: int = 2000,
@@ -261,7 +262,7 @@ def prune_curve(
     return {"acc": accs, "loss": losses, "removed": removed}
 
 
-def value_at(fractions, values, at: float) -> float:
+def value_at(fractions: ArrayLike, values: ArrayLike, at: float) -> float:
     """``values`` linearly interpolated at fraction ``at`` (NaN outside the fractions' range)."""
     f = np.asarray(fractions, dtype=float)
     if at < f.min() or at > f.max():
@@ -269,7 +270,7 @@ def value_at(fractions, values, at: float) -> float:
     return float(np.interp(at, f, np.asarray(values, dtype=float)))
 
 
-def ordering_table(curves: dict, fractions) -> list[dict]:
+def ordering_table(curves: dict, fractions: Sequence[float]) -> list[dict]:
     """Rows sorted by accuracy AUC (best first): label, acc_auc, loss_auc, acc at 50% / 90%."""
     rows = []
     for label, c in curves.items():
@@ -292,11 +293,11 @@ def run_prune(
     data: MNIST,
     cfg: RunConfig,
     *,
-    importances=("fisher", "mas", "si", "sig", "magnitude", "random"),
-    fractions=None,
-    scopes=("global",),
-    aggregations=("weight",),
-    reduces=("mean",),
+    importances: Sequence[str] = ("fisher", "mas", "si", "sig", "magnitude", "random"),
+    fractions: Sequence[float] | None = None,
+    scopes: Sequence[str] = ("global",),
+    aggregations: Sequence[str] = ("weight",),
+    reduces: Sequence[str] = ("mean",),
     replace: str = "zero",
     runs: int = 1,
     seed: int = 0,

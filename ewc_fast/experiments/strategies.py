@@ -83,7 +83,7 @@ class EWCStrategy(Strategy):
         self.importance_method = importance_method
         self.after_backward = self.ewc.apply_
 
-    def end_task(self, x_imp, y_imp, generator) -> float:
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
         t0 = time.perf_counter()
         if self.importance_method is None:
             imp = unit_importance(self.model)
@@ -107,14 +107,14 @@ class SIStrategy(Strategy):
         self.si = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
         self.ewc = None
 
-    def after_backward(self):
+    def after_backward(self) -> None:
         if self.ewc is not None:
             self.ewc.apply_()
 
-    def attach(self, optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.si.attach(optimizer)
 
-    def end_task(self, x_imp, y_imp, generator) -> float:
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
         t0 = time.perf_counter()
         self.si.consolidate()
         cum = self.si.cumulative
@@ -135,10 +135,10 @@ class WVAStrategy(Strategy):
         super().__init__(model, cfg)
         self.wva = WVA(model, cfg.lam)
 
-    def attach(self, optimizer):
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.wva.attach(optimizer)
 
-    def end_task(self, x_imp, y_imp, generator) -> float:
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
         t0 = time.perf_counter()
         m = self.cfg.wva_importance
         imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]

@@ -24,9 +24,16 @@ Permutation convention: ``x_task[:, i] = x[:, perm[i]]`` (output pixel ``i`` tak
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily: building tasks needs numpy only
+    import torch
+
+    Array = np.ndarray | torch.Tensor  # images (N, n_pixels) or labels (N,), numpy or torch
 
 __all__ = [
     "Task",
@@ -69,7 +76,7 @@ class Task:
     def is_identity(self) -> bool:
         return self.perm is None
 
-    def transform(self, x):
+    def transform(self, x: Array) -> Array:
         """Permute the pixels of ``x`` (numpy array or torch tensor, ``(N, n_pixels)``)."""
         if self.perm is None:
             return x
@@ -80,7 +87,8 @@ class Task:
             return x.index_select(-1, idx)
         return np.take(x, self.perm, axis=-1)
 
-    def label_map(self, y):
+    def label_map(self, y: Array) -> Array:
+        """Labels mapped to 0…k−1 in ``classes`` order when ``relabel``; else unchanged."""
         if self.classes is None or not self.relabel:
             return y
         lut = np.full(int(max(self.classes)) + 1, -1, dtype=np.int64)
@@ -91,13 +99,13 @@ class Task:
             return torch.as_tensor(lut, device=y.device)[y]
         return lut[y]
 
-    def mask(self, y) -> np.ndarray | None:
+    def mask(self, y: Array) -> np.ndarray | None:
         """Boolean mask of the samples that belong to this task (None = all)."""
         if self.classes is None:
             return None
         return np.isin(np.asarray(y), np.asarray(self.classes))
 
-    def apply(self, x, y):
+    def apply(self, x: Array, y: Array) -> tuple[Array, Array]:
         """Select this task's samples, permute pixels, map labels → ``(x', y')``."""
         m = self.mask(y if not hasattr(y, "cpu") else y.cpu().numpy())
         if m is not None:
@@ -162,7 +170,13 @@ def block_permuted_tasks(
     return tasks
 
 
-def split_tasks(n_tasks: int = 5, *, pairs=None, relabel: bool = False, n_classes: int = 10) -> list[Task]:
+def split_tasks(
+    n_tasks: int = 5,
+    *,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    relabel: bool = False,
+    n_classes: int = 10,
+) -> list[Task]:
     """Split MNIST: task ``t`` = classes ``(2t, 2t+1)`` (or the given ``pairs``)."""
     if pairs is None:
         if n_tasks * 2 > n_classes:

@@ -16,7 +16,7 @@ does around them (the consolidation strategy, :mod:`.strategies`, and the runner
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,7 +73,7 @@ def estimate(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    methods,
+    methods: Sequence[str],
     cfg: RunConfig,
     *,
     generator: torch.Generator | None = None,

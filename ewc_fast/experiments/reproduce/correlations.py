@@ -11,6 +11,7 @@ and negative on the output layer — over every stage and after the last task.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ __all__ = ["CORR_CLAIMS_PAIRS", "run_correlate_part", "final_weight_correlations
 CORR_CLAIMS_PAIRS = ("FIS-MAS", "FIS-MAS²", "MAS-SI", "FIS-SI", "FIS-SIG", "MAS-SIG", "SI-SIG")
 
 
-def run_correlate_part(data: MNIST, cfg: ReproConfig, out_dir: Path, log=print) -> dict:
+def run_correlate_part(data: MNIST, cfg: ReproConfig, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """The correlation run (``cfg.corr_tasks`` × ``cfg.corr_epochs``, MAS λ of the table) →
     ``OUT/results/correlate.json`` (rows, claims, meta) and the Pearson surface plot."""
     t_start = time.perf_counter()

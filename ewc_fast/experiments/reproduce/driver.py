@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,7 +27,9 @@ from .table import run_investigations, run_table
 __all__ = ["run_reproduce", "run_investigation_command"]
 
 
-def run_investigation_command(cfg: ReproConfig, names, runs: int = 1, log: Callable[[str], None] = print) -> dict:
+def run_investigation_command(
+    cfg: ReproConfig, names: Sequence[str], runs: int = 1, log: Callable[[str], None] = print
+) -> dict:
     """``ewc-fast reproduce --investigate NAMES``: variants into table.json, then re-render."""
     torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -259,7 +259,7 @@ def run_variant(
     row: TableRow,
     cfg: ReproConfig,
     seed: int,
-    log,
+    log: Callable[[str], None] | None,
     *,
     overrides: dict | None = None,
     anchor: str = "latest",
@@ -362,7 +362,7 @@ def estimate_run_seconds(cal: dict, method: str, n_tasks: int, epochs: int) -> f
     )
 
 
-def choose_runs(per_row_s, budget_s: float) -> int:
+def choose_runs(per_row_s: Iterable[float], budget_s: float) -> int:
     """Largest K ≥ 1 with K · Σ(per-row seconds) ≤ budget."""
     total = float(sum(per_row_s))
     if total <= 0:

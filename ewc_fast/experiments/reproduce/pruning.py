@@ -13,6 +13,7 @@ after one task (against :data:`THEIR_TASK1_SCALE`) and repeats the pruning on th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,14 @@ def _layer_fractions(model, imp, scope_weights_only: bool, fraction: float) -> d
             p.requires_grad_(True)
 
 
-def prune_both_protocols(model, imps: dict, x_te, y_te, fractions, seed: int) -> dict:
+def prune_both_protocols(
+    model: torch.nn.Module,
+    imps: dict,
+    x_te: torch.Tensor,
+    y_te: torch.Tensor,
+    fractions: Sequence[float],
+    seed: int,
+) -> dict:
     """Curves for both protocols on one trained model (parameters restored afterwards)."""
     curves: dict = {"kutalev": {}, "library": {}}
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
@@ -190,7 +198,13 @@ def _train_and_prune(data: MNIST, cfg: ReproConfig, seed: int, fractions, *, che
     return out
 
 
-def run_prune_part(data: MNIST, cfg: ReproConfig, out_dir: Path, log=print, embedded: MNIST | None = None) -> dict:
+def run_prune_part(
+    data: MNIST,
+    cfg: ReproConfig,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    embedded: MNIST | None = None,
+) -> dict:
     """``cfg.prune_runs`` trained networks pruned under both protocols (and the same on ``embedded``
     when given) → ``OUT/results/prune.json`` and the mean-curve plots."""
     t_start = time.perf_counter()

@@ -54,13 +54,22 @@ def _machine_lines(meta: dict) -> list[str]:
     ]
 
 
+def _section_start(title: str, meta: dict, quick_note: str = "> **QUICK MODE**: not comparable.") -> list[str]:
+    """A section's heading, the quick-mode warning if ``meta`` says so, and the machine lines."""
+    L = [title, ""]
+    if meta["quick"]:
+        L += [quick_note, ""]
+    return L + _machine_lines(meta)
+
+
 def _render_table(t: dict) -> list[str]:
-    L = [f"## 1. Permuted MNIST, {t['n_tasks']} tasks: Kutalev & Lapina 2021", ""]
-    if t["meta"]["quick"]:
-        L += ["> **QUICK MODE** (reduced data / tasks / epochs): not comparable with the reference.", ""]
+    L = _section_start(
+        f"## 1. Permuted MNIST, {t['n_tasks']} tasks: Kutalev & Lapina 2021",
+        t["meta"],
+        "> **QUICK MODE** (reduced data / tasks / epochs): not comparable with the reference.",
+    )
     K = t["runs"]
     cal = t["calibration"]
-    L += _machine_lines(t["meta"])
     L += [
         f"- protocol: {t['n_tasks']} tasks (task 0 unpermuted), FC 784-300-150-10 leaky-ReLU, "
         f"Adam lr 1e-3, {t['epochs']} epochs/task, batch 100, importances on the last 5000 "
@@ -280,10 +289,7 @@ Checked against `aakutalev/ewc-features` (section2 = unstabilised, section3 = st
 
 
 def _render_correlate(c: dict) -> list[str]:
-    L = ["## 2. Correlation of the importances", ""]
-    if c["meta"]["quick"]:
-        L += ["> **QUICK MODE**: not comparable.", ""]
-    L += _machine_lines(c["meta"])
+    L = _section_start("## 2. Correlation of the importances", c["meta"])
     L += [
         f"- protocol: **one** sequential run (seed {c['seed']}), **{c['n_tasks']} permuted tasks × "
         f"{c['meta']['epochs']} epochs** (the paper: 10 tasks × 6 epochs), EWC penalty with MAS "
@@ -328,10 +334,7 @@ def _render_correlate(c: dict) -> list[str]:
 
 
 def _render_prune(p: dict) -> list[str]:
-    L = ["## 3. Pruning by importance, 90 % removed", ""]
-    if p["meta"]["quick"]:
-        L += ["> **QUICK MODE**: not comparable.", ""]
-    L += _machine_lines(p["meta"])
+    L = _section_start("## 3. Pruning by importance, 90 % removed", p["meta"])
     L += [
         f"- protocol: one task (unpermuted MNIST), {p['meta']['epochs']} epochs, importances on "
         "the last 5000 training samples (their script: the 10000 test images), global ranking, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def _previous_runs(prev: dict | None, cfg: ReproConfig, data: MNIST) -> dict:
     return {key: {r["seed"]: r for r in row["runs"]} for key, row in prev.get("rows", {}).items()}
 
 
-def run_table(data: MNIST, cfg: ReproConfig, out_dir: Path, log=print) -> dict:
+def run_table(data: MNIST, cfg: ReproConfig, out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """The table. Runs already in ``out/results/table.json`` for the same protocol and seed are
     kept (not re-run), so ``--runs K+1`` after ``--runs K`` adds one seed per row."""
     t_start = time.perf_counter()
@@ -238,7 +239,14 @@ INVESTIGATIONS = {
 }
 
 
-def run_investigations(data: MNIST, cfg: ReproConfig, names, out_dir: Path, runs: int = 1, log=print) -> dict:
+def run_investigations(
+    data: MNIST,
+    cfg: ReproConfig,
+    names: Sequence[str],
+    out_dir: Path,
+    runs: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run the named :data:`INVESTIGATIONS` (or ``ROW+seeds``) and store them in table.json."""
     path = out_dir / RESULTS_SUBDIR / "table.json"
     table = read_json(path)
