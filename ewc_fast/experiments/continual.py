@@ -69,8 +69,8 @@ __all__ = [
     "resolve_device",
 ]
 
-# METHODS, IMPORTANCE_METHODS (.strategies) and the one-task helpers of .training are re-exported:
-# ``continual`` is where experiments and the CLI look them up.
+# METHODS, IMPORTANCE_METHODS (defined in .strategies) and the one-task helpers of .training are
+# re-exported: ``continual.evaluate``, ``continual.METHODS``, … keep working.
 LAM_CONVENTIONS = ("ewc", "kutalev")
 
 # Kutalev & Lapina 2021's tuned λ' (no-½ convention), FC net on permuted MNIST.
