@@ -1,14 +1,17 @@
 """``ewc-fast bench [NAME] [ARGS…]``: ``benchmarks.NAME.main(ARGS)`` (or ``benchmarks.bench_NAME``;
-default NAME ``compare``, the comparison behind ``benchmarks/RESULTS.md``).
+default NAME ``compare``, the comparison behind ``benchmarks/results/RESULTS.md``).
 
 The ``benchmarks`` package lives in the source checkout, not in the installed wheel, and is
-imported only when this command runs.
+imported only when this command runs: from the current directory if it holds ``benchmarks/``, else
+from the checkout this package was installed from in editable mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from pathlib import Path
 
 from .common import log
 
@@ -23,10 +26,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _checkout_roots() -> list[Path]:
+    """Folders that may hold the ``benchmarks`` package: the working directory, then the checkout
+    above this (editable) package."""
+    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    return [r for r in roots if (r / "benchmarks" / "__init__.py").is_file()]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark's ``main(argv)``; its exit code, or 2 if there is no such benchmark."""
     rest = list(args.bench_args)
     name = rest.pop(0) if rest and not rest[0].startswith("-") else "compare"
+    for root in reversed(_checkout_roots()):  # console scripts do not put the working directory on sys.path
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         importlib.import_module("benchmarks")
     except ImportError:
