@@ -29,8 +29,7 @@ from .._validate import (
     PARAM_DTYPES,
     STATE_DTYPES,
     check_finite_scalar,
-    check_group,
-    check_lists,
+    check_tensor_lists,
     common_device,
     contiguous_in,
     contiguous_inout,
@@ -84,24 +83,17 @@ def penalty_apply_(
     params, in fp32 otherwise; ``theta - mu`` is formed in the promoted dtype of params and mu.
     """
     op = _penalty_apply.name
-    n = check_lists(op, grads=grads, params=params, omega=omega, mu=mu)
+    n = check_tensor_lists(
+        op, {"grads": _P, "params": _P, "omega": _S, "mu": _S}, grads=grads, params=params, omega=omega, mu=mu
+    )
+    for i in range(n):
+        if grads[i].dtype != params[i].dtype:
+            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
     lam = check_finite_scalar(op, "lam", lam, low=0.0)
     if alpha is not None:
         alpha = check_finite_scalar(op, "alpha", alpha, low=0.0)
     c = check_finite_scalar(op, "c", c)
     grad_scale = check_finite_scalar(op, "grad_scale", grad_scale)
-    for i in range(n):
-        check_group(
-            op,
-            i,
-            {"grads": _P, "params": _P, "omega": _S, "mu": _S},
-            grads=grads[i],
-            params=params[i],
-            omega=omega[i],
-            mu=mu[i],
-        )
-        if grads[i].dtype != params[i].dtype:
-            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
     common_device(op, params)
     return _penalty_apply(list(grads), list(params), list(omega), list(mu), lam, alpha, c, grad_scale, backend)
 
@@ -143,18 +135,10 @@ def consolidate_(
     Arithmetic in fp64.
     """
     op = _consolidate.name
-    n = check_lists(op, omega=omega, mu=mu, fisher=fisher, anchor=anchor)
+    check_tensor_lists(
+        op, {"omega": _S, "mu": _S, "fisher": _P, "anchor": _P}, omega=omega, mu=mu, fisher=fisher, anchor=anchor
+    )
     gamma = check_finite_scalar(op, "gamma", gamma, low=0.0, low_open=True, high=1.0)
-    for i in range(n):
-        check_group(
-            op,
-            i,
-            {"omega": _S, "mu": _S, "fisher": _P, "anchor": _P},
-            omega=omega[i],
-            mu=mu[i],
-            fisher=fisher[i],
-            anchor=anchor[i],
-        )
     common_device(op, omega)
     return _consolidate(list(omega), list(mu), list(fisher), list(anchor), gamma, bool(online), backend)
 
@@ -181,17 +165,14 @@ def si_accumulate_(
 
     The product is computed in fp64 for fp64 params, in fp32 otherwise."""
     op = _si_accumulate.name
-    n = check_lists(op, omega_path=omega_path, grads=grads, params=params, prev_params=prev_params)
-    for i in range(n):
-        check_group(
-            op,
-            i,
-            {"omega_path": _S, "grads": _P, "params": _P, "prev_params": _P},
-            omega_path=omega_path[i],
-            grads=grads[i],
-            params=params[i],
-            prev_params=prev_params[i],
-        )
+    check_tensor_lists(
+        op,
+        {"omega_path": _S, "grads": _P, "params": _P, "prev_params": _P},
+        omega_path=omega_path,
+        grads=grads,
+        params=params,
+        prev_params=prev_params,
+    )
     common_device(op, params)
     _si_accumulate(list(omega_path), list(grads), list(params), list(prev_params), backend)
 
@@ -226,18 +207,15 @@ def si_consolidate_(
     ``clip``; finally ``omega_path <- 0`` and ``theta_start <- theta`` (the next task starts here).
     ``xi > 0``. Arithmetic in fp64 for fp64 params, in fp32 otherwise."""
     op = _si_consolidate.name
-    n = check_lists(op, omega_path=omega_path, params=params, start_params=start_params, out=out)
+    check_tensor_lists(
+        op,
+        {"omega_path": _S, "params": _P, "start_params": _P, "out": _S},
+        omega_path=omega_path,
+        params=params,
+        start_params=start_params,
+        out=out,
+    )
     xi = check_finite_scalar(op, "xi", xi, low=0.0, low_open=True)
-    for i in range(n):
-        check_group(
-            op,
-            i,
-            {"omega_path": _S, "params": _P, "start_params": _P, "out": _S},
-            omega_path=omega_path[i],
-            params=params[i],
-            start_params=start_params[i],
-            out=out[i],
-        )
     common_device(op, params)
     _si_consolidate(list(omega_path), list(params), list(start_params), list(out), xi, bool(clip), backend)
 
@@ -260,16 +238,9 @@ def wva_attenuate_(
     Arithmetic in fp64 for fp64 params (which are therefore not rounded through fp32), in fp32
     otherwise; the result is stored in the params' dtype."""
     op = _wva_attenuate.name
-    n = check_lists(op, params=params, old_params=old_params, accum=accum)
+    check_tensor_lists(
+        op, {"params": _P, "old_params": _P, "accum": _S}, params=params, old_params=old_params, accum=accum
+    )
     lam = check_finite_scalar(op, "lam", lam, low=0.0)
-    for i in range(n):
-        check_group(
-            op,
-            i,
-            {"params": _P, "old_params": _P, "accum": _S},
-            params=params[i],
-            old_params=old_params[i],
-            accum=accum[i],
-        )
     common_device(op, params)
     _wva_attenuate(list(params), list(old_params), list(accum), lam, backend)
