@@ -32,10 +32,10 @@ contiguous stand-ins), :mod:`._registry` (``define_op``, ``impl_module``, ``run_
 
 How to add an op ``foo_`` to family F:
 
-1. Implement ``foo(...)`` with the same signature in ``ewc_fast/ops/F/_torch.py`` (the reference),
-   and where wanted in ``_cpp.py`` (+ the kernel in ``csrc/F.cpp``, registered in ``init_F``) and
-   ``_triton.py`` (+ the launcher in ``kernels/F.py``). A backend may omit it only if it is never
-   resolved for that op.
+1. Implement ``foo(...)`` with one signature in each backend module of the family:
+   ``ewc_fast/ops/F/_torch.py`` (the reference), ``_cpp.py`` (+ the kernel in ``csrc/F.cpp``,
+   registered in ``init_F``) and ``_triton.py`` (+ the launcher in ``kernels/F.py``); ``"auto"`` may
+   resolve to any of them.
 2. In ``ewc_fast/ops/F/__init__.py``, define the eager body once; ``define_op`` registers it as
    ``ewc_fast::foo_`` with a derived fake implementation::
 
