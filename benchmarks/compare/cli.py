@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and write --out / --json",
     )
     ap.add_argument(
+        "--merge-rows",
+        action="store_true",
+        help="with --merge: a later report's rows replace only the same (contender, task) rows and are "
+        "added otherwise (for a run of a few contenders in another environment, e.g. the real Avalanche)",
+    )
+    ap.add_argument(
         "--notes",
         default=None,
         metavar="MD",
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for p, r in zip(args.merge, reports):
             if r.get("partial"):
                 print(f"[bench] note: {p} is a partial run (stopped midway); its finished workloads are merged")
-        report = merge_reports(reports, list(args.merge))
+        report = merge_reports(reports, list(args.merge), by_row=args.merge_rows)
     else:
 
         def checkpoint(rep):

@@ -3,7 +3,8 @@
 The rows are :mod:`benchmarks.bench_consolidation`'s (its functions, imported): the fused EWC penalty
 + gradient ``grad += lam * Omega * (theta - mu)`` (Kirkpatrick et al. 2017) per backend next to a
 memory copy and a per-task autograd loop, and the per-step overhead of Synaptic Intelligence
-(Zenke et al. 2017) -- ewc_fast's ``SynapticIntelligence`` and Avalanche's bookkeeping reproduced.
+(Zenke et al. 2017) -- ewc_fast's ``SynapticIntelligence``, Avalanche's bookkeeping reproduced and, where
+``avalanche-lib`` imports (the Avalanche environment), the real Avalanche plugin's.
 Overhead = median with SI / median without - 1.
 """
 
@@ -56,6 +57,23 @@ def run_consolidation(size: str, device: str, repeats: int, log=print) -> dict:
         )
     except Exception as exc:
         out["errors"].append(f"Avalanche-style SI: {type(exc).__name__}: {exc}")
+    try:
+        import avalanche  # noqa: F401  (only in the Avalanche environment: scripts/avalanche_env.sh)
+    except Exception:
+        avalanche = None
+    if avalanche is not None:
+        try:
+            res = bc.bench_si_avalanche_lib(si["width"], si["depth"], si["batch"], repeats, device)
+            out["si_avalanche_lib"] = jsonable(res)
+            where = "CPU: its snapshots are views, no copy" if device == "cpu" else "copies to the host"
+            # its own line: a row-wise merge (--merge-rows) carries it into a report measured elsewhere
+            out["si_avalanche_lib_line"] = _overhead_line(
+                f"train step, Avalanche SI plugin (real, torch {res['torch']}; {where})",
+                res["train_step"],
+                res["train_step+si"],
+            )
+        except Exception as exc:
+            out["errors"].append(f"Avalanche SI: {type(exc).__name__}: {exc}")
     out["errors"] = [e.splitlines()[0][:400] for e in out["errors"]]
     for e in out["errors"]:
         log(f"[bench] consolidation: {e}")

@@ -164,15 +164,17 @@ def _consolidation(cons: dict) -> list[str]:
         L.append("| params | tasks | contender | median [min-max] | GB/s | of copy BW | vs per-task loop |")
         L.append("|---|---|---|---|---|---|---|")
         L += cons["penalty_lines"]
-    if cons.get("si_lines"):
+    if cons.get("si_lines") or cons.get("si_avalanche_lib_line"):
         L += [
             "",
-            f"SI overhead, {cons['si_title']}",
+            f"SI overhead, {cons.get('si_title', '')}",
             "",
             "| measured | plain | with SI | overhead |",
             "|---|---|---|---|",
         ]
-        L += cons["si_lines"]
+        L += cons.get("si_lines", [])
+        if cons.get("si_avalanche_lib_line"):
+            L.append(cons["si_avalanche_lib_line"])
     for e in cons["errors"]:
         L.append(f"\n* not measured: {e}")
     return L

@@ -41,7 +41,7 @@ from .report import row_summary
 from .targets import evaluate_targets
 
 # distributions whose versions the report records (the peers' libraries)
-PEER_DISTRIBUTIONS = ("opacus", "backpack-for-pytorch", "nngeometry", "asdfghjkl")
+PEER_DISTRIBUTIONS = ("opacus", "backpack-for-pytorch", "nngeometry", "asdfghjkl", "avalanche-lib")
 
 
 def select_contenders(names, device) -> list[Contender]:
