@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..consolidation import EWC, SynapticIntelligence
-from .common import Consolidator
+from .common import Consolidator, ConsolidatorAccess
 
 __all__ = ["ConsolidationPlugin", "EWCPlugin", "MASPlugin", "SynapticIntelligencePlugin"]
 
@@ -51,7 +51,7 @@ def _is_multitask(model: nn.Module) -> bool:
     return isinstance(model, MultiTaskModule)
 
 
-class ConsolidationPlugin(SupervisedPlugin):
+class ConsolidationPlugin(ConsolidatorAccess, SupervisedPlugin):
     """Base class: builds a :class:`~ewc_fast.integrations.common.Consolidator` on the strategy's model
     at the first ``before_training_exp`` (``build(model)``), applies the penalty at every
     ``before_update`` and ends the task at ``after_training_exp``."""
@@ -61,15 +61,6 @@ class ConsolidationPlugin(SupervisedPlugin):
         self._build = build
         self.consolidator: Consolidator | None = None
         self._model: nn.Module | None = None
-
-    @property
-    def ewc(self) -> EWC | None:
-        return None if self.consolidator is None else self.consolidator.ewc
-
-    @property
-    def last_penalty(self) -> float | None:
-        """The penalty value of the last iteration (``(lam/2)(sum W (theta - mu)^2 + c)``)."""
-        return None if self.consolidator is None else self.consolidator.last_penalty
 
     def _first_task_done(self, consolidator: Consolidator) -> None:
         """Hook for plugins whose importance scaling changes after the first experience."""

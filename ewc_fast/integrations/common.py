@@ -33,7 +33,7 @@ from ..consolidation import EWC, WVA, SynapticIntelligence
 from ..estimation import estimate_importance
 from ..importance import Importance
 
-__all__ = ["Consolidator", "unwrap_optimizer", "unscale_gradients", "DATA_METHODS"]
+__all__ = ["Consolidator", "ConsolidatorAccess", "unwrap_optimizer", "unscale_gradients", "DATA_METHODS"]
 
 #: importances :meth:`Consolidator.end_task` can compute from data (``estimate_importance`` methods)
 DATA_METHODS = ("fisher", "fisher_exact", "fisher_mc", "mas", "sig", "fisher_batched", "magnitude", "random")
@@ -296,3 +296,30 @@ class Consolidator:
     def has_state(folder: str | os.PathLike) -> bool:
         """Whether ``folder`` holds any file :meth:`save` writes."""
         return any((Path(folder) / f).is_file() for f in _FILES.values())
+
+
+class ConsolidatorAccess:
+    """Read-only access to ``self.consolidator``'s objects, for the framework adapters (callbacks,
+    plugins) that hold a :class:`Consolidator` (``None`` before it exists)."""
+
+    consolidator: Consolidator | None
+
+    @property
+    def ewc(self) -> EWC | None:
+        """The EWC penalty (or None)."""
+        return None if self.consolidator is None else self.consolidator.ewc
+
+    @property
+    def si(self) -> SynapticIntelligence | None:
+        """The SI tracker (or None)."""
+        return None if self.consolidator is None else self.consolidator.si
+
+    @property
+    def wva(self) -> WVA | None:
+        """The WVA attenuation (or None)."""
+        return None if self.consolidator is None else self.consolidator.wva
+
+    @property
+    def last_penalty(self) -> float | None:
+        """The penalty value ``(lam/2)(sum W (theta - mu)^2 + c)`` of the last optimizer step."""
+        return None if self.consolidator is None else self.consolidator.last_penalty

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .common import Consolidator
+from .common import Consolidator, ConsolidatorAccess
 
 __all__ = ["ConsolidationCallback", "split_labels", "STATE_FOLDER"]
 
@@ -54,7 +54,7 @@ def split_labels(batch: Mapping) -> tuple[dict, Any]:
     return inputs, batch["labels"]
 
 
-class ConsolidationCallback(TrainerCallback):
+class ConsolidationCallback(ConsolidatorAccess, TrainerCallback):
     """EWC / SI / WVA inside ``transformers.Trainer`` (see the module doc for what runs when).
 
     Args:
@@ -111,23 +111,6 @@ class ConsolidationCallback(TrainerCallback):
         self._model = None
 
     # ------------------------------------------------------------------------------- public helpers
-    @property
-    def ewc(self):
-        return self.consolidator.ewc
-
-    @property
-    def si(self):
-        return self.consolidator.si
-
-    @property
-    def wva(self):
-        return self.consolidator.wva
-
-    @property
-    def last_penalty(self) -> float | None:
-        """The penalty value of the last optimizer step (``(lam/2)(sum W (theta-mu)^2 + c)``)."""
-        return self.consolidator.last_penalty
-
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         """Restore the state from this Trainer checkpoint folder at the next ``on_train_begin`` (for a
         resume from a folder outside ``args.output_dir``)."""

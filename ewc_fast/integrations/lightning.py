@@ -28,12 +28,12 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from .common import Consolidator
+from .common import Consolidator, ConsolidatorAccess
 
 __all__ = ["ConsolidationCallback"]
 
 
-class ConsolidationCallback(Callback):
+class ConsolidationCallback(ConsolidatorAccess, Callback):
     """EWC / SI / WVA inside ``lightning.pytorch.Trainer`` (see the module doc for what runs when).
 
     Args:
@@ -72,23 +72,6 @@ class ConsolidationCallback(Callback):
         self.importance_data = importance_data
         self.model = model
         self.penalty_steps = 0  # optimizer steps that received the penalty (this process)
-
-    @property
-    def ewc(self):
-        return self.consolidator.ewc
-
-    @property
-    def si(self):
-        return self.consolidator.si
-
-    @property
-    def wva(self):
-        return self.consolidator.wva
-
-    @property
-    def last_penalty(self) -> float | None:
-        """The penalty value of the last optimizer step."""
-        return self.consolidator.last_penalty
 
     def end_task(self, pl_module=None, data: Iterable | None = None):
         """End the current task now (importance on ``data``, default ``importance_data``, merged into

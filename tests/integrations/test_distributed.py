@@ -3,7 +3,6 @@ penalty and SI step, the task-end importance on each rank's shard is all-reduced
 single process's on the union of the shards."""
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -13,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ewc_fast
 from ewc_fast.integrations.common import Consolidator
-from tests.helpers import mlp
+from tests.helpers import mlp, spawn_gloo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,27 +49,18 @@ def _train(model, net, cons, end, batches):
     end.end_task(model, batches)  # then the Fisher of the data seen -> EWC
 
 
-def _worker(rank, world, port, path):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, cons, end = _setup()
-        x, y = _data()
-        shard = [(x[s, rank * 4 : rank * 4 + 4], y[s, rank * 4 : rank * 4 + 4]) for s in range(4)]
-        _train(model, DistributedDataParallel(model), cons, end, shard)
-        torch.save({"params": dict(model.state_dict()), "ewc": cons.ewc.state_dict()}, f"{path}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank, world, path):
+    model, cons, end = _setup()
+    x, y = _data()
+    shard = [(x[s, rank * 4 : rank * 4 + 4], y[s, rank * 4 : rank * 4 + 4]) for s in range(4)]
+    _train(model, DistributedDataParallel(model), cons, end, shard)
+    torch.save({"params": dict(model.state_dict()), "ewc": cons.ewc.state_dict()}, f"{path}.{rank}")
 
 
 def test_two_ddp_ranks_equal_one_process_on_the_union():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "res")
-        torch.multiprocessing.spawn(_worker, args=(2, port, path), nprocs=2, join=True)
+        spawn_gloo(_worker, 2, path)
         ranks = [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
     model, cons, end = _setup()
     x, y = _data()

@@ -5,9 +5,7 @@ The task-end Fisher is estimated through ``loss_fn`` over the ``ModelOutput``'s 
 ``split_labels`` (what estimate_importance reads today)."""
 
 import copy
-import importlib.util
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +19,9 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 import ewc_fast  # noqa: E402
 from ewc_fast.integrations.common import Consolidator  # noqa: E402
 from ewc_fast.integrations.hf import STATE_FOLDER, ConsolidationCallback, split_labels  # noqa: E402
+from tests.helpers import load_example  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("hf_trainer_continual", ROOT / "examples" / "hf_trainer_continual.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EX = _example()
+EX = load_example("hf_trainer_continual")
 
 
 def _args(out, **kw):

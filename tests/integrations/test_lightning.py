@@ -1,10 +1,8 @@
 """Lightning callback (ewc_fast.integrations.lightning) on a real lightning.pytorch Trainer (CPU):
 accumulate_grad_batches, bf16-mixed, SI under automatic optimization, checkpoint/resume, task end."""
 
-import importlib.util
 import logging
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +13,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import ewc_fast  # noqa: E402
 from ewc_fast.integrations.lightning import ConsolidationCallback  # noqa: E402
+from tests.helpers import load_example  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("lightning_continual", ROOT / "examples" / "lightning_continual.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EX = _example()
+EX = load_example("lightning_continual")
 
 
 def _consolidated(lam=20.0, seed=0):
