@@ -20,6 +20,7 @@ from ewc_fast.experiments.records import write_json
 
 from ..contenders import all_contenders
 from ..workloads import SIZES, WORKLOADS
+from .consolidation import PARTS
 from .isolation import REPO_ROOT, child_main
 from .measure import TASKS
 from .merge import merge_reports
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-time", type=float, default=None, help="cap on the timed repeats of one row (s)")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per row (memory not measured)")
     ap.add_argument("--no-consolidation", action="store_true", help="skip the penalty / SI section")
+    ap.add_argument(
+        "--consolidation-parts",
+        nargs="+",
+        choices=PARTS,
+        default=None,
+        help="only these parts of the penalty / SI section (default: all)",
+    )
     ap.add_argument(
         "--merge",
         nargs="+",
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             max_time=args.max_time,
             threads=args.threads,
             consolidation=not args.no_consolidation,
+            consolidation_parts=args.consolidation_parts,
             checkpoint=checkpoint,
         )
         report["meta"]["command"] = command

@@ -65,6 +65,7 @@ def run_suite(
     max_time: float | None = None,
     threads: int | None = None,
     consolidation: bool = True,
+    consolidation_parts=None,
     mem_limit_bytes: int | None = None,
     log=print,
     checkpoint=None,
@@ -160,7 +161,8 @@ def run_suite(
             )
     report["targets"] = evaluate_targets(report)
     if consolidation:
-        report["consolidation"] = run_consolidation(size, device, repeats, log)
+        parts = tuple(consolidation_parts) if consolidation_parts else None
+        report["consolidation"] = run_consolidation(size, device, repeats, log, **({"parts": parts} if parts else {}))
     for r in report["rows"]:
         r.pop("_result_path", None)
     return report
