@@ -99,13 +99,13 @@ class _DataPass:
         """Add one batch's statistics to the sums."""
         if self.plan is None:
             self.plan = make_plan(self.model, self.cfg.trainable, batch)
-            self.capture = Capture(self.plan.modules())
+            self.capture = Capture(self.model, self.plan, {id(p) for _, p in self.cfg.trainable})
         with torch.enable_grad() if self.cfg.needs_backward else torch.no_grad():
             self._batch(batch)
 
     def _batch(self, batch: Batch) -> None:
         cfg, capture, n = self.cfg, self.capture, batch.n
-        outputs = capture.record(self.model, batch.inputs)
+        outputs = capture.record(self.model, batch.inputs, n)
         check_outputs(outputs, cfg.methods, n, batch.idx)
         if "sig" in cfg.methods:  # activations only: before the backward frees the captured tensors
             with torch.no_grad():
