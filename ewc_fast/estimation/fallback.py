@@ -45,7 +45,9 @@ def _plain(bd, what: str, module: nn.Module):
     if bd is None:
         return None
     if isinstance(bd, Unknown):
-        raise ValueError(f"{type(module).__name__} (torch.func fallback): cannot tell where the samples of {what} are: {bd.reason}")
+        raise ValueError(
+            f"{type(module).__name__} (torch.func fallback): cannot tell where the samples of {what} are: {bd.reason}"
+        )
     if bd.outer != 1 or bd.inner != 1:
         raise ValueError(
             f"{type(module).__name__} (torch.func fallback): {what} holds the samples flattened with other "

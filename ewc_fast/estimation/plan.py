@@ -110,7 +110,9 @@ def discover(model: nn.Module, inputs, trainable_ids: set[int], n: int) -> list[
         if out is found[0][1] or not any(isinstance(o, torch.Tensor) for o in tree_leaves(out)):
             return  # p.to(p.dtype) returns p itself; non-tensor results are no use
         fname = role_name(func, name)
-        uses.append(Use(tracker.stack[-1], fname, [(pos, p, function_role(fname, pos, args, kwargs)) for pos, p in found]))
+        uses.append(
+            Use(tracker.stack[-1], fname, [(pos, p, function_role(fname, pos, args, kwargs)) for pos, p in found])
+        )
 
     tracker.on_call = on_call
     stack = ModuleStack(model, tracker)
@@ -200,9 +202,9 @@ class Plan:
     def keys(self) -> list:
         """Every capture key (modules and function call sites), each once."""
         seen, out = set(), []
-        for k in [g.key for g in self.groups] + [u.key for t in self.tied for u in t.uses] + [
-            f.key for f in self.fallbacks
-        ]:
+        for k in (
+            [g.key for g in self.groups] + [u.key for t in self.tied for u in t.uses] + [f.key for f in self.fallbacks]
+        ):
             if k not in seen:
                 seen.add(k)
                 out.append(k)

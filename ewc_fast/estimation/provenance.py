@@ -221,7 +221,8 @@ class Tracker(TorchFunctionMode):
             return func(*args, **kwargs)
         tensors = _tensor_args(args, kwargs)
         tracked = any(t in self.prov for t in tensors)
-        if tracked and self.taint and self.on_meet is not None and name in _POINTWISE | _MEET_EXTRA:
+        base = name[:-1] if name.endswith("_") and not name.endswith("__") else name
+        if tracked and self.taint and self.on_meet is not None and base in _POINTWISE | _MEET_EXTRA:
             args, kwargs = self._meet(func, name, args, kwargs, tensors)
         out = func(*args, **kwargs)
         if tracked:
@@ -257,6 +258,18 @@ class Tracker(TorchFunctionMode):
     def _meet(self, func, name, args, kwargs, tensors):
         """A tainted shared operand meets per-sample data: swap it for its explicit broadcast."""
         shapes = [tuple(t.shape) for t in tensors]
+        if name == "scaled_dot_product_attention":  # an additive mask meets the (N, ..., L, S) scores
+            q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            bq = self.prov.get(q)
+            if not (isinstance(bq, BDim) and isinstance(mask, Tensor) and mask in self.taint and mask not in self.prov):
+                return args, kwargs
+            scores = tuple(q.shape[:-1]) + (k.shape[-2],)
+            s_b = self.on_meet(mask, self.taint[mask], bq, scores, self)
+            if len(args) > 3:
+                return tuple(args[:3]) + (s_b,) + tuple(args[4:]), kwargs
+            return args, {**kwargs, "attn_mask": s_b}
         if name == "matmul":
             return args, kwargs
         if name in _CAT:
@@ -611,9 +624,11 @@ class Tracker(TorchFunctionMode):
                 out.extend([slice(None)] * (ndim - consumed))
             else:
                 out.append(it)
-        while sum(1 for it in out if it is not None and not (isinstance(it, Tensor) and it.dtype == torch.bool)) + sum(
-            it.dim() for it in out if isinstance(it, Tensor) and it.dtype == torch.bool
-        ) < ndim:
+        while (
+            sum(1 for it in out if it is not None and not (isinstance(it, Tensor) and it.dtype == torch.bool))
+            + sum(it.dim() for it in out if isinstance(it, Tensor) and it.dtype == torch.bool)
+            < ndim
+        ):
             out.append(slice(None))
         return out
 
@@ -621,9 +636,7 @@ class Tracker(TorchFunctionMode):
         if isinstance(idx, list):
             idx = torch.tensor(idx) if all(isinstance(i, int) for i in idx) else tuple(idx)
         items = self._index_items(idx, x.dim())
-        adv = [
-            (k, it) for k, it in enumerate(items) if isinstance(it, (Tensor, list)) and not isinstance(it, bool)
-        ]
+        adv = [(k, it) for k, it in enumerate(items) if isinstance(it, (Tensor, list)) and not isinstance(it, bool)]
         if any(isinstance(it, Tensor) and it.dtype == torch.bool for _, it in adv):
             return Unknown("boolean-mask indexing of a per-sample tensor")
         in_dim = 0
@@ -752,7 +765,7 @@ class Tracker(TorchFunctionMode):
 
 
 #: functions that also get the meeting treatment (besides the pointwise ones)
-_MEET_EXTRA = _CAT
+_MEET_EXTRA = _CAT | {"scaled_dot_product_attention"}
 #: functions whose input holds the samples along dim 0 by definition (convolutions, pooling, ...)
 _BATCH0 = set(
     """conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d max_pool1d max_pool2d

@@ -57,6 +57,7 @@ class SharedGrads:
         self.meetings, self.n = meetings, n
         self.bufs: dict[int, Tensor] = {}
         self.active = False
+        self.busy = False  # inside the nested per-sample backward (the stream's hooks stand aside)
         self.handles = [m.s_b.register_hook(self._hook(m)) for m in meetings]
 
     def remove(self) -> None:
@@ -101,10 +102,14 @@ class SharedGrads:
             if direct:
                 self._acc(origins[0], lo, hi, e)
                 continue
-            with torch.enable_grad():
-                gs = torch.autograd.grad(
-                    m.s, origins, e, is_grads_batched=True, retain_graph=True, allow_unused=True
-                )
+            self.busy = True
+            try:
+                with torch.enable_grad():
+                    gs = torch.autograd.grad(
+                        m.s, origins, e, is_grads_batched=True, retain_graph=True, allow_unused=True
+                    )
+            finally:
+                self.busy = False
             for o, go in zip(origins, gs):
                 if go is not None:
                     self._acc(o, lo, hi, go)

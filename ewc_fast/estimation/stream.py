@@ -52,6 +52,7 @@ def call_grads(calls, received, per_leaf: bool) -> list:
 def _describe(target) -> str:
     return getattr(target, "describe", None) or type(target).__name__
 
+
 def walk(root, edges: dict) -> tuple[set, list, list]:
     """Autograd graph below ``root`` (a grad_fn): the (node, output_nr) edges some node reaches
     (ids; the node objects are kept alive by the third returned list), the *frontier*: the captured edges
@@ -130,7 +131,7 @@ class Stream:
 
     def _hook(self, key):
         def hook(g):
-            if self.seed is not None:
+            if self.seed is not None and not self.shared.busy:
                 self._arrive(key, g)
             return None
 

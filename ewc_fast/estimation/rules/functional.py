@@ -86,7 +86,9 @@ class LinearFunc(_Delegating):
     def module_of(self, target, call):
         w = target.roles.get("weight", _arg(call, 1, "weight"))
         b = target.roles.get("bias", _arg(call, 2, "bias"))
-        return SimpleNamespace(weight=w, bias=b, in_features=w.shape[1], out_features=w.shape[0], describe=target.describe)
+        return SimpleNamespace(
+            weight=w, bias=b, in_features=w.shape[1], out_features=w.shape[0], describe=target.describe
+        )
 
 
 class EmbeddingFunc(_Delegating):
@@ -127,7 +129,10 @@ class RMSNormFunc(_Delegating):
         shape = _arg(call, 1, "normalized_shape")
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         return SimpleNamespace(
-            weight=target.roles["weight"], bias=None, normalized_shape=shape, eps=_arg(call, 3, "eps"),
+            weight=target.roles["weight"],
+            bias=None,
+            normalized_shape=shape,
+            eps=_arg(call, 3, "eps"),
             describe=target.describe,
         )
 
@@ -253,7 +258,9 @@ class BroadcastFunc(Rule):
 
     def _per(self, target, calls, grads, lo, hi, n):
         p = target.roles["p"]
-        out = torch.zeros((hi - lo,) + tuple(p.shape), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
+        out = torch.zeros(
+            (hi - lo,) + tuple(p.shape), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device
+        )
         for call, g in zip(*live_calls(calls, grads)):
             o = call.output
             bd = call.out_dims[0] if call.out_dims is not None else BDim(0)
@@ -339,13 +346,14 @@ def function_role(fname: str, pos, args, kwargs) -> tuple[Rule, str] | None:
         tensors = [a for a in list(args[:2]) + list(kwargs.values()) if isinstance(a, Tensor)]
         if sum(1 for t in tensors if t is (args[pos] if isinstance(pos, int) else kwargs[pos])) > 1:
             return None
-        if fname in ("mul",) and not any(
-            isinstance(a, (Tensor, int, float)) for i, a in enumerate(args[:2]) if i != pos
-        ) and "other" not in kwargs:
+        if (
+            fname in ("mul",)
+            and not any(isinstance(a, (Tensor, int, float)) for i, a in enumerate(args[:2]) if i != pos)
+            and "other" not in kwargs
+        ):
             return None
     return rule, role
 
 
 def _kw(args, kwargs, pos, kw):
     return args[pos] if len(args) > pos else kwargs.get(kw)
-

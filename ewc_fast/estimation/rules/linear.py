@@ -66,7 +66,10 @@ class LinearRule(Rule):
             out["weight"] = (s.expand(module.out_features, module.in_features), True)
         if "bias" in names:
             s = sum(
-                apply_activation(activation, c.output).abs().reshape(-1, module.out_features).sum(0, dtype=torch.float32)
+                apply_activation(activation, c.output)
+                .abs()
+                .reshape(-1, module.out_features)
+                .sum(0, dtype=torch.float32)
                 * (n if c.out_dims is not None and c.out_dims[0] is None else 1)  # shared: every sample
                 for c in calls
             )
