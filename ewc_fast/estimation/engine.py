@@ -169,7 +169,27 @@ class _DataPass:
                     seed = nxt
             finally:
                 stream.remove()
+            self._check_finite(batch.idx)
         capture.clear()
+
+    def _check_finite(self, idx: int) -> None:
+        """The model outputs and losses were finite, yet a NaN/Inf inside the model that a later op
+        masked (nan_to_num, where) still reaches the per-sample gradients (autograd's too): refuse."""
+        bad = [
+            (m, k)
+            for m in self.cfg.methods
+            if m in GRADIENT_METHODS or m == "fisher_batched"
+            for k, b in self.sums[m].items()
+            if not bool(torch.isfinite(b).all())
+        ]
+        if bad:
+            names = sorted({k for _, k in bad})
+            raise ValueError(
+                f"non-finite (NaN/Inf) importance for {names[:5]}{' ...' if len(names) > 5 else ''} after batch "
+                f"{idx}, although the model outputs and losses are finite: a NaN/Inf inside the model that a "
+                "later op masks (e.g. nan_to_num or torch.where) still poisons the per-sample gradients (autograd's "
+                "own gradients are non-finite too); remove the non-finite values where they arise"
+            )
 
     def _backward(self, seed: Seed, stream: Stream, n: int, last: bool) -> None:
         """One seed's backward: statistics streamed per module, then fisher_batched from the weight grads."""
