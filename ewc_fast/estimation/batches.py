@@ -126,9 +126,14 @@ def read_batch(
 
 
 def forward(model: nn.Module, inputs):
-    """``model`` called on ``inputs`` (a mapping as keywords, a tuple/list as positional arguments)."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """``model`` called on ``inputs`` (a mapping as keywords, a tuple/list as positional arguments).
+
+    ``torch.compile``'d models and functions run eagerly here (``torch.compiler.set_stance("force_eager")``):
+    the engine's hooks and its provenance tracker need the eager forward; the parameters and their
+    names are those of the module passed (``_orig_mod.`` prefixes included)."""
+    with torch.compiler.set_stance("force_eager"):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)

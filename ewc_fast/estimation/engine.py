@@ -229,6 +229,7 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
     n_total = n_batches = 0
     batch_size = None
     bar = None
+    error = None
     try:
         model.eval()
         total = len(data) if hasattr(data, "__len__") else None
@@ -244,24 +245,33 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
             batch_size = batch_size or batch.n
             if cfg.n_samples is not None and n_total >= cfg.n_samples:
                 break  # before the iterator loads another batch
+    except Exception as e:
+        if cfg.group is None:
+            raise
+        error = e  # still join the closing collective, with a failure flag, so no rank waits forever
     finally:
         dp.close()
         if bar is not None:
             bar.close()
         state.restore()
-    res = _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size)
+    res = _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size, error)
     res.fallback = dict(dp.plan.fallback_reasons) if dp.plan is not None else {}
     return res
 
 
-def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batch_size) -> PassResult:
-    """All-reduce the sums and counts (one collective) and divide each method by its count."""
+def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batch_size, error=None) -> PassResult:
+    """All-reduce the sums and counts (one collective) and divide each method by its count. Each
+    rank's failure flag travels with the counts: if any rank failed, every rank raises."""
     names, methods = cfg.names, cfg.methods
     # SIG's per-parameter flags travel with the counts (same collective): the rule must be the same
     # on every rank, so it is decided on the reduced flags, not on this rank's own
-    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else [])
+    fails = distributed.failure_slots(error is not None, cfg.group)
+    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else []) + fails
     flat = [sums[m][k] for m in methods for k in names]
     reduced, counts = distributed.all_reduce_sums(flat, counts, cfg.group)
+    if fails:
+        distributed.raise_if_failed(counts[len(counts) - len(fails) :], error, cfg.group)
+        counts = counts[: len(counts) - len(fails)]
     n_total, n_batches = int(round(counts[0])), int(round(counts[1]))
     if n_total == 0:
         raise ValueError("data yielded no samples (empty iterable or empty batches)")
