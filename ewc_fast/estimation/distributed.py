@@ -60,7 +60,8 @@ def check_config(config: dict, error: BaseException | None, group) -> None:
         return
     rank, world = _world(group)
     got: list = [None] * world
-    torch.distributed.all_gather_object(got, (config, None if error is None else f"{type(error).__name__}: {error}"), group=group)
+    mine = (config, None if error is None else f"{type(error).__name__}: {error}")
+    torch.distributed.all_gather_object(got, mine, group=group)
     bad = [r for r, (_, e) in enumerate(got) if e is not None]
     if bad:
         if error is not None:
@@ -92,7 +93,8 @@ def raise_if_failed(slots: list[float], error: BaseException | None, group) -> N
     if not failed:
         return
     msgs: list = [None] * len(slots)
-    torch.distributed.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    torch.distributed.all_gather_object(msgs, mine, group=group)
     if error is not None:
         raise error
     raise RuntimeError(
