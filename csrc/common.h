@@ -1,4 +1,6 @@
-// Shared helpers for the ewc_fast C++ kernels: dtype codes, bf16/fp16 conversion, OpenMP shim.
+// Helpers shared by the op families of ewc_fast._C (consolidation.cpp, persample.cpp) and module.cpp:
+// pybind11 includes, dtype codes, bf16/fp16 storage types and value conversions, the OpenMP shim.
+// Family-specific code lives in <family>.cpp, declared by <family>.h.
 #pragma once
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,7 +19,7 @@ namespace py = pybind11;
 
 namespace ewcf {
 
-// dtype codes shared with ewc_fast/_cpp.py
+// dtype codes shared with ewc_fast/ops/_cpp_ext.py (DTYPE_CODES)
 enum DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
 inline int openmp_max_threads() {
@@ -109,60 +111,5 @@ template <class T, class A> inline T store_from(A v) {
 template <class Dst, class Src> inline Dst cast_value(Src v) {
     if constexpr (std::is_same_v<Dst, Src>) return v; else return from_f64<Dst>(to_f64<Src>(v));
 }
-
-// ------------------------------------------------------------------------------------------------
-// Multi-tensor work split: every tensor is cut into fixed-size chunks (boundaries independent of
-// the thread count, so per-chunk partial sums are reproducible); one parallel loop runs over the
-// chunks of all tensors.
-constexpr int64_t kChunk = 8192;
-
-struct Chunk {
-    int32_t tensor;
-    int64_t begin;
-    int64_t len;
-};
-
-inline std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk = kChunk) {
-    std::vector<Chunk> out;
-    for (size_t t = 0; t < numels.size(); ++t)
-        for (int64_t b = 0; b < numels[t]; b += chunk)
-            out.push_back(Chunk{int32_t(t), b, std::min(chunk, numels[t] - b)});
-    return out;
-}
-
-template <class T> inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
-// Run f(chunk_index, chunk) for every chunk on `nthreads` OpenMP threads (static schedule).
-template <class F> inline void parallel_chunks(const std::vector<Chunk>& chunks, int nthreads, const F& f) {
-    const int64_t n = int64_t(chunks.size());
-    if (nthreads < 1) nthreads = 1;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 1 && nthreads > 1)
-#endif
-    for (int64_t c = 0; c < n; ++c) f(c, chunks[size_t(c)]);
-}
-
-// Call f(type_tag<T>{}) with T the storage type of a dtype code.
-template <class T> struct type_tag { using type = T; };
-
-template <class F> inline void dispatch_param(int code, const F& f) {
-    switch (code) {
-        case F32: f(type_tag<float>{}); break;
-        case F64: f(type_tag<double>{}); break;
-        case BF16: f(type_tag<bf16>{}); break;
-        case F16: f(type_tag<f16>{}); break;
-        default: throw std::invalid_argument("ewc_fast._C: unknown dtype code " + std::to_string(code));
-    }
-}
-
-template <class F> inline void dispatch_state(int code, const F& f) {
-    switch (code) {
-        case F32: f(type_tag<float>{}); break;
-        case F64: f(type_tag<double>{}); break;
-        default: throw std::invalid_argument("ewc_fast._C: state dtype code must be float32/float64, got " + std::to_string(code));
-    }
-}
-
-void init_consolidation(py::module_& m);
 
 }  // namespace ewcf

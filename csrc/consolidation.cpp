@@ -1,10 +1,10 @@
 // Consolidation kernels (penalty_apply, consolidate, si_accumulate, si_consolidate, wva_attenuate).
 //
-// Contract: docs/ARCHITECTURE.md ("Op contracts"); numerics match ewc_fast/ops/_torch_impl.py.
+// Contract: docs/ARCHITECTURE.md ("Op contracts"); numerics match ewc_fast/ops/consolidation/_torch.py.
 // Every entry point takes, per tensor role, a list of raw data pointers of contiguous CPU buffers,
 // one list of element counts (shared by the roles), one dtype code per role (the Python side groups
 // tensors so that a call sees one dtype combination), scalars and a thread count. The work of all
-// tensors is cut into fixed chunks (common.h: plan_chunks) and one OpenMP loop runs over them; sums
+// tensors is cut into fixed chunks (plan_chunks below) and one OpenMP loop runs over them; sums
 // are formed per chunk and added in chunk order, so results do not depend on the thread count.
 // Inputs are trusted (the op layer validated them); only list lengths are checked here.
 // Two code-generation settings for this file (GCC; other compilers ignore them):
@@ -19,7 +19,7 @@
 #endif
 #include <optional>
 
-#include "common.h"
+#include "consolidation.h"
 
 namespace ewcf {
 namespace {
@@ -39,6 +39,59 @@ void check_sizes(const char* op, const Numels& numels, std::initializer_list<con
     for (const Ptrs* l : lists)
         if (l->size() != numels.size())
             throw std::invalid_argument(std::string(op) + ": pointer lists and numels differ in length");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Multi-tensor work split: every tensor is cut into fixed-size chunks (boundaries independent of
+// the thread count, so per-chunk partial sums are reproducible); one parallel loop runs over the
+// chunks of all tensors.
+constexpr int64_t kChunk = 8192;
+
+struct Chunk {
+    int32_t tensor;
+    int64_t begin;
+    int64_t len;
+};
+
+std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels, int64_t chunk = kChunk) {
+    std::vector<Chunk> out;
+    for (size_t t = 0; t < numels.size(); ++t)
+        for (int64_t b = 0; b < numels[t]; b += chunk)
+            out.push_back(Chunk{int32_t(t), b, std::min(chunk, numels[t] - b)});
+    return out;
+}
+
+template <class T> T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Run f(chunk_index, chunk) for every chunk on `nthreads` OpenMP threads (static schedule).
+template <class F> void parallel_chunks(const std::vector<Chunk>& chunks, int nthreads, const F& f) {
+    const int64_t n = int64_t(chunks.size());
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 1 && nthreads > 1)
+#endif
+    for (int64_t c = 0; c < n; ++c) f(c, chunks[size_t(c)]);
+}
+
+// Call f(type_tag<T>{}) with T the storage type of a dtype code.
+template <class T> struct type_tag { using type = T; };
+
+template <class F> void dispatch_param(int code, const F& f) {
+    switch (code) {
+        case F32: f(type_tag<float>{}); break;
+        case F64: f(type_tag<double>{}); break;
+        case BF16: f(type_tag<bf16>{}); break;
+        case F16: f(type_tag<f16>{}); break;
+        default: throw std::invalid_argument("ewc_fast._C: unknown dtype code " + std::to_string(code));
+    }
+}
+
+template <class F> void dispatch_state(int code, const F& f) {
+    switch (code) {
+        case F32: f(type_tag<float>{}); break;
+        case F64: f(type_tag<double>{}); break;
+        default: throw std::invalid_argument("ewc_fast._C: state dtype code must be float32/float64, got " + std::to_string(code));
+    }
 }
 
 // Sum of lane accumulators in a fixed pairwise order.

@@ -1,6 +1,7 @@
-// ewc_fast._C: pybind11 entry point. Each op's kernels live in their own .cpp file and register
-// themselves through the init_* functions declared in common.h.
+// ewc_fast._C: pybind11 entry point. Each op family's kernels live in csrc/<family>.cpp and register
+// themselves through the init_<family> function declared in csrc/<family>.h.
 #include "common.h"
+#include "consolidation.h"
 #include "persample.h"
 
 PYBIND11_MODULE(_C, m) {

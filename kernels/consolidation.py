@@ -72,7 +72,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import build_plan, device_guard, launch_options, triton_interpreter
+from .multi_tensor import (
+    build_plan,
+    chunk_of,
+    device_guard,
+    launch_options,
+    load_chunk,
+    operand_ptr,
+    store_chunk,
+    triton_interpreter,
+)
 
 # (BLOCK, num_warps) per op on CUDA. 2048 elements per program = 8 per thread with 8 warps: two
 # 128-bit accesses per fp32 stream per thread, moderate register pressure with fp64 state.
@@ -120,32 +129,6 @@ def _scal_arg(scal, grp, p_index: int):
 
 # --------------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _operand(meta, rec, J: tl.constexpr, TY: tl.constexpr, ALIGNED: tl.constexpr, start):
-    """Pointer (element type TY) to operand J of the chunk's tensor, advanced to the chunk start."""
-    ptr = tl.load(meta + rec + J).to(tl.pointer_type(TY))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr + start
-
-
-@triton.jit
-def _ld(ptr, offs, rem, MASKED: tl.constexpr):
-    if MASKED:
-        x = tl.load(ptr + offs, mask=offs < rem, other=0.0)
-    else:
-        x = tl.load(ptr + offs)
-    return x
-
-
-@triton.jit
-def _st(ptr, offs, rem, x, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptr + offs, x, mask=offs < rem)
-    else:
-        tl.store(ptr + offs, x)
-
-
-@triton.jit
 def _f32_to_bf16(x):
     """fp32 -> bf16 rounded to nearest even (NaN -> 0x7FC0), exactly like torch's conversion.
 
@@ -187,16 +170,6 @@ def _div(x, y, C_TY: tl.constexpr):
     return r
 
 
-@triton.jit
-def _chunk(meta, K: tl.constexpr, BLOCK: tl.constexpr):
-    """(record offset, first element, elements left in the tensor from there) of this program's chunk."""
-    pid = tl.program_id(0)
-    rec = tl.load(meta + 2 * pid)
-    start = tl.load(meta + 2 * pid + 1) * BLOCK
-    n = tl.load(meta + rec + K)
-    return rec, start, n - start
-
-
 # ------------------------------------------------------------------------------- penalty_apply
 @triton.jit
 def _penalty_block(
@@ -215,10 +188,10 @@ def _penalty_block(
     STAB: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    g = _ld(g_ptr, offs, rem, MASKED)
-    p = _ld(p_ptr, offs, rem, MASKED)
-    o = _ld(o_ptr, offs, rem, MASKED)
-    m = _ld(m_ptr, offs, rem, MASKED)
+    g = load_chunk(g_ptr, offs, rem, MASKED)
+    p = load_chunk(p_ptr, offs, rem, MASKED)
+    o = load_chunk(o_ptr, offs, rem, MASKED)
+    m = load_chunk(m_ptr, offs, rem, MASKED)
     if P_TY == tl.float64 or M_TY == tl.float64:  # theta - mu in promote(param, mu)
         d = (_to(p, tl.float64) - m.to(tl.float64)).to(C_TY)
     else:
@@ -229,7 +202,7 @@ def _penalty_block(
     wd = w * d
     inc = c * wd
     gn = _to(g, C_TY) + inc
-    _st(g_ptr, offs, rem, _to(gn, G_TY), MASKED)
+    store_chunk(g_ptr, offs, rem, _to(gn, G_TY), MASKED)
     return tl.sum(wd * d, axis=0)
 
 
@@ -250,11 +223,11 @@ def _penalty_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rec, start, rem = _chunk(meta, 4, BLOCK)
-    g_ptr = _operand(meta, rec, 0, G_TY, ALIGNED, start)
-    p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
-    o_ptr = _operand(meta, rec, 2, O_TY, ALIGNED, start)
-    m_ptr = _operand(meta, rec, 3, M_TY, ALIGNED, start)
+    rec, start, rem = chunk_of(meta, 4, BLOCK)
+    g_ptr = operand_ptr(meta, rec, 0, G_TY, ALIGNED, start)
+    p_ptr = operand_ptr(meta, rec, 1, P_TY, ALIGNED, start)
+    o_ptr = operand_ptr(meta, rec, 2, O_TY, ALIGNED, start)
+    m_ptr = operand_ptr(meta, rec, 3, M_TY, ALIGNED, start)
     if C_TY == tl.float64:  # exact fp64 scalars (c, al) from the device tensor
         c = tl.load(scal)
         al = tl.load(scal + 1)
@@ -326,23 +299,23 @@ def _consolidate_block(
     ONLINE: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    o = _to(_ld(o_ptr, offs, rem, MASKED), tl.float64)
-    f = _to(_ld(f_ptr, offs, rem, MASKED), tl.float64)
-    a = _to(_ld(a_ptr, offs, rem, MASKED), tl.float64)
+    o = _to(load_chunk(o_ptr, offs, rem, MASKED), tl.float64)
+    f = _to(load_chunk(f_ptr, offs, rem, MASKED), tl.float64)
+    a = _to(load_chunk(a_ptr, offs, rem, MASKED), tl.float64)
     go = gamma * o
     on = go + f
     if ONLINE:
         mn = a
         s = 0.0
     else:
-        m = _to(_ld(m_ptr, offs, rem, MASKED), tl.float64)
+        m = _to(load_chunk(m_ptr, offs, rem, MASKED), tl.float64)
         nz = on != 0  # anchor only where Omega' == 0 exactly (signed importances still merge)
         mn = tl.where(nz, (go * m + f * a) / tl.where(nz, on, 1.0), a)
         dm = m - mn
         da = a - mn
         s = tl.sum(go * (dm * dm) + f * (da * da), axis=0)
-    _st(o_ptr, offs, rem, on.to(O_TY), MASKED)
-    _st(m_ptr, offs, rem, mn.to(M_TY), MASKED)
+    store_chunk(o_ptr, offs, rem, on.to(O_TY), MASKED)
+    store_chunk(m_ptr, offs, rem, mn.to(M_TY), MASKED)
     return s
 
 
@@ -360,11 +333,11 @@ def _consolidate_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rec, start, rem = _chunk(meta, 4, BLOCK)
-    o_ptr = _operand(meta, rec, 0, O_TY, ALIGNED, start)
-    m_ptr = _operand(meta, rec, 1, M_TY, ALIGNED, start)
-    f_ptr = _operand(meta, rec, 2, F_TY, ALIGNED, start)
-    a_ptr = _operand(meta, rec, 3, A_TY, ALIGNED, start)
+    rec, start, rem = chunk_of(meta, 4, BLOCK)
+    o_ptr = operand_ptr(meta, rec, 0, O_TY, ALIGNED, start)
+    m_ptr = operand_ptr(meta, rec, 1, M_TY, ALIGNED, start)
+    f_ptr = operand_ptr(meta, rec, 2, F_TY, ALIGNED, start)
+    a_ptr = operand_ptr(meta, rec, 3, A_TY, ALIGNED, start)
     gamma = tl.load(scal)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
@@ -428,17 +401,17 @@ def _si_accumulate_block(
     C_TY: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    w = _ld(w_ptr, offs, rem, MASKED)
-    g = _ld(g_ptr, offs, rem, MASKED)
-    p = _ld(p_ptr, offs, rem, MASKED)
-    q = _ld(q_ptr, offs, rem, MASKED)
+    w = load_chunk(w_ptr, offs, rem, MASKED)
+    g = load_chunk(g_ptr, offs, rem, MASKED)
+    p = load_chunk(p_ptr, offs, rem, MASKED)
+    q = load_chunk(q_ptr, offs, rem, MASKED)
     prod = _to(g, C_TY) * (_to(p, C_TY) - _to(q, C_TY))
     if C_TY == tl.float64:  # subtract in promote(state, fp64) = fp64, round once to the state dtype
         wn = (w.to(tl.float64) - prod).to(W_TY)
     else:
         wn = (w - prod.to(W_TY)).to(W_TY)
-    _st(w_ptr, offs, rem, wn, MASKED)
-    _st(q_ptr, offs, rem, _to(p, Q_TY), MASKED)
+    store_chunk(w_ptr, offs, rem, wn, MASKED)
+    store_chunk(q_ptr, offs, rem, _to(p, Q_TY), MASKED)
 
 
 @triton.jit
@@ -452,11 +425,11 @@ def _si_accumulate_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rec, start, rem = _chunk(meta, 4, BLOCK)
-    w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
-    g_ptr = _operand(meta, rec, 1, G_TY, ALIGNED, start)
-    p_ptr = _operand(meta, rec, 2, P_TY, ALIGNED, start)
-    q_ptr = _operand(meta, rec, 3, Q_TY, ALIGNED, start)
+    rec, start, rem = chunk_of(meta, 4, BLOCK)
+    w_ptr = operand_ptr(meta, rec, 0, W_TY, ALIGNED, start)
+    g_ptr = operand_ptr(meta, rec, 1, G_TY, ALIGNED, start)
+    p_ptr = operand_ptr(meta, rec, 2, P_TY, ALIGNED, start)
+    q_ptr = operand_ptr(meta, rec, 3, Q_TY, ALIGNED, start)
     offs = tl.arange(0, BLOCK)
     if rem >= BLOCK:
         _si_accumulate_block(w_ptr, g_ptr, p_ptr, q_ptr, offs, rem, W_TY, Q_TY, C_TY, False)
@@ -505,17 +478,17 @@ def _si_consolidate_block(
     CLIP: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    w = _ld(w_ptr, offs, rem, MASKED)
-    p = _ld(p_ptr, offs, rem, MASKED)
-    s = _ld(s_ptr, offs, rem, MASKED)
-    o = _ld(o_ptr, offs, rem, MASKED)
+    w = load_chunk(w_ptr, offs, rem, MASKED)
+    p = load_chunk(p_ptr, offs, rem, MASKED)
+    s = load_chunk(s_ptr, offs, rem, MASKED)
+    o = load_chunk(o_ptr, offs, rem, MASKED)
     delta = _to(p, C_TY) - _to(s, C_TY)
     val = o.to(C_TY) + _div(w.to(C_TY), delta * delta + xi, C_TY)
     if CLIP:
         val = tl.where(val < 0.0, 0.0, val)  # keeps NaN like torch.clamp_min
-    _st(o_ptr, offs, rem, val.to(O_TY), MASKED)
-    _st(w_ptr, offs, rem, tl.zeros_like(w), MASKED)
-    _st(s_ptr, offs, rem, _to(p, S_TY), MASKED)
+    store_chunk(o_ptr, offs, rem, val.to(O_TY), MASKED)
+    store_chunk(w_ptr, offs, rem, tl.zeros_like(w), MASKED)
+    store_chunk(s_ptr, offs, rem, _to(p, S_TY), MASKED)
 
 
 @triton.jit
@@ -532,11 +505,11 @@ def _si_consolidate_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rec, start, rem = _chunk(meta, 4, BLOCK)
-    w_ptr = _operand(meta, rec, 0, W_TY, ALIGNED, start)
-    p_ptr = _operand(meta, rec, 1, P_TY, ALIGNED, start)
-    s_ptr = _operand(meta, rec, 2, S_TY, ALIGNED, start)
-    o_ptr = _operand(meta, rec, 3, O_TY, ALIGNED, start)
+    rec, start, rem = chunk_of(meta, 4, BLOCK)
+    w_ptr = operand_ptr(meta, rec, 0, W_TY, ALIGNED, start)
+    p_ptr = operand_ptr(meta, rec, 1, P_TY, ALIGNED, start)
+    s_ptr = operand_ptr(meta, rec, 2, S_TY, ALIGNED, start)
+    o_ptr = operand_ptr(meta, rec, 3, O_TY, ALIGNED, start)
     if C_TY == tl.float64:  # exact fp64 xi from the device tensor
         xi = tl.load(scal)
     else:
@@ -582,11 +555,11 @@ def si_consolidate(omega_path, params, start_params, out, xi, clip):
 # ------------------------------------------------------------------------------- wva_attenuate
 @triton.jit
 def _wva_block(p_ptr, q_ptr, a_ptr, offs, rem, lam, P_TY: tl.constexpr, C_TY: tl.constexpr, MASKED: tl.constexpr):
-    p = _ld(p_ptr, offs, rem, MASKED)
-    q = _to(_ld(q_ptr, offs, rem, MASKED), C_TY)
-    a = _ld(a_ptr, offs, rem, MASKED)
+    p = load_chunk(p_ptr, offs, rem, MASKED)
+    q = _to(load_chunk(q_ptr, offs, rem, MASKED), C_TY)
+    a = load_chunk(a_ptr, offs, rem, MASKED)
     pn = q + _div(_to(p, C_TY) - q, 1.0 + lam * a.to(C_TY), C_TY)
-    _st(p_ptr, offs, rem, _to(pn, P_TY), MASKED)
+    store_chunk(p_ptr, offs, rem, _to(pn, P_TY), MASKED)
 
 
 @triton.jit
@@ -601,10 +574,10 @@ def _wva_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rec, start, rem = _chunk(meta, 3, BLOCK)
-    p_ptr = _operand(meta, rec, 0, P_TY, ALIGNED, start)
-    q_ptr = _operand(meta, rec, 1, Q_TY, ALIGNED, start)
-    a_ptr = _operand(meta, rec, 2, A_TY, ALIGNED, start)
+    rec, start, rem = chunk_of(meta, 3, BLOCK)
+    p_ptr = operand_ptr(meta, rec, 0, P_TY, ALIGNED, start)
+    q_ptr = operand_ptr(meta, rec, 1, Q_TY, ALIGNED, start)
+    a_ptr = operand_ptr(meta, rec, 2, A_TY, ALIGNED, start)
     if C_TY == tl.float64:  # exact fp64 lam from the device tensor
         lam = tl.load(scal)
     else:

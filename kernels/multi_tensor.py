@@ -21,6 +21,10 @@ BLOCK, device): a training loop calling an op every step with the same tensors p
 copy after the first step. A cached table depends only on its key, so reusing it after the memory has
 been freed and handed to new tensors with the same key is still correct.
 
+Device side (``@triton.jit`` helpers the kernels call): :func:`chunk_of` reads a program's chunk
+entry and :func:`operand_ptr` an operand address from the segment; :func:`load_chunk` /
+:func:`store_chunk` access the chunk's elements, masked only for a tensor's last, partial chunk.
+
 Kernels never see tensor sizes as compile-time values: sizes come from the table at run time, so
 one compiled variant serves every model (per dtype group, alignment flag and the op's
 ``tl.constexpr`` flags).
@@ -34,6 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 TORCH_TO_TL = {
@@ -176,3 +181,42 @@ def build_plan(operands: list, block: int, device: torch.device, *, tag: str = "
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return plan
+
+
+# ------------------------------------------------------------------ device side: reading a segment
+@triton.jit
+def chunk_of(meta, K: tl.constexpr, BLOCK: tl.constexpr):
+    """(record offset, first element, elements left in the tensor from there) of this program's chunk."""
+    pid = tl.program_id(0)
+    rec = tl.load(meta + 2 * pid)
+    start = tl.load(meta + 2 * pid + 1) * BLOCK
+    n = tl.load(meta + rec + K)
+    return rec, start, n - start
+
+
+@triton.jit
+def operand_ptr(meta, rec, J: tl.constexpr, TY: tl.constexpr, ALIGNED: tl.constexpr, start):
+    """Pointer (element type TY) to operand J of the chunk's tensor, advanced to the chunk start."""
+    ptr = tl.load(meta + rec + J).to(tl.pointer_type(TY))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr + start
+
+
+@triton.jit
+def load_chunk(ptr, offs, rem, MASKED: tl.constexpr):
+    """``ptr[offs]``; masked to ``offs < rem`` (0 elsewhere) for a tensor's last, partial chunk."""
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < rem, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def store_chunk(ptr, offs, rem, x, MASKED: tl.constexpr):
+    """``ptr[offs] = x``; masked to ``offs < rem`` for a tensor's last, partial chunk."""
+    if MASKED:
+        tl.store(ptr + offs, x, mask=offs < rem)
+    else:
+        tl.store(ptr + offs, x)

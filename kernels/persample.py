@@ -1,12 +1,14 @@
 """Triton backend of ``persample_sq_``: a fused, GEMM-tiled per-sample squared-gradient kernel.
 
-Same function name, signature and semantics as :mod:`ewc_fast.ops._torch_persample` (the readable
+Same function name, signature and semantics as :mod:`ewc_fast.ops.persample._torch` (the readable
 twin): ``persample_sq(sq_out, abs_out, G, A)`` adds ``sum_n (G_n^T A_n)**2`` to ``sq_out`` and
 ``sum_n |G_n^T A_n|`` to ``abs_out``; ``G`` (N, T, O) and ``A`` (N, T, I) may have any strides,
 the outputs are (O, I) fp32/fp64 (or None). Inputs arrive validated from the op layer.
 
-Design (``shared/NOTES.md`` section 2: tile like a GEMM, never materialise N x O x I)
--------------------------------------------------------------------------------------
+Design (tile like a GEMM, never materialise N x O x I)
+-----------------------------------------------------
+The lesson of FlashNorm (a Triton per-sample-norm kernel): a naive per-sample loop runs many times
+slower than a GEMM; tile the output like a GEMM and keep each per-sample gradient tile in registers.
 Grid = (O tiles x I tiles, sample splits). The program of output tile (o, i) and split s loops
 over its samples n; for each sample it runs ``tl.dot`` over blocks of T,
 ``P += G_n[t, o-tile]^T @ A_n[t, i-tile]``, into an fp32 register tile (fp64 for fp64 inputs), then

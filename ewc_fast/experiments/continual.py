@@ -9,29 +9,18 @@ plus ``b[j]``, the accuracy of the untrained model on task j. Summaries:
 
 * ``mean_acc_seen[i]  = mean_{j<=i} R[i, j]`` (average accuracy on the tasks seen so far);
 * ``mean_acc_all[i]   = mean_j R[i, j]`` (over all tasks; after the last task it is the number
-  Kutalev & Lapina report, NOTES §4);
+  Kutalev & Lapina 2021 report);
 * ``bwt = 1/(T-1) Σ_{j<T-1} (R[T-1, j] − R[j, j])`` (backward transfer, negative = forgetting);
 * ``fwt = 1/(T-1) Σ_{j>=1} (R[j-1, j] − b[j])`` (forward transfer).
 
-Consolidation methods (``RunConfig.method``):
-
-=============  ==================================================================================
-none           plain sequential training
-l2             :class:`ewc_fast.EWC` with unit importance (Ω = 1): an L2 pull to every old optimum
-fisher …       :class:`ewc_fast.EWC` fed by :func:`ewc_fast.estimate_importance` with that method
-(fisher, fisher_mc, fisher_exact, mas, sig) on the last ``n_importance`` (5000) training samples of
-               each task, after the task (NOTES §4)
-si             :class:`ewc_fast.SynapticIntelligence` attached to the optimizer; after each task
-               the penalty is Zenke's: one quadratic at the latest optimum with the running
-               importance ``si.cumulative`` (online :class:`ewc_fast.EWC`, λ = 2c)
-wva            :class:`ewc_fast.WVA` attached to the optimizer (no penalty: each step is
-               attenuated by 1/(1+λA)); A accumulates ``wva_importance`` (default SIG, as in
-               Kutalev 2020) estimated like the EWC importances
-=============  ==================================================================================
-
-The penalty gradient is added by ``EWC.apply_()`` after ``loss.backward()`` and before
+Consolidation methods (``RunConfig.method``, one of :data:`METHODS`) are the strategies of
+:mod:`.strategies`: none, l2, EWC fed by an importance estimator (fisher, fisher_mc, fisher_exact,
+mas, sig) on the last ``n_importance`` (5000) training samples of each task, after the task (as
+Kutalev & Lapina 2021, arXiv 2109.10021), SI (Zenke et al. 2017) and WVA (Kutalev 2020, arXiv
+2005.07107). The penalty gradient is added by ``EWC.apply_()`` after ``loss.backward()`` and before
 ``optimizer.step()`` (mode ``"separate"``: one anchor per task, summed exactly). ``stabilize``
-turns on Kutalev & Lapina's stabilised penalty (``stabilize_lr = lr``).
+turns on Kutalev & Lapina's stabilised penalty (``stabilize_lr = lr``). The one-task building
+blocks (training, evaluation, importance estimation) are in :mod:`.training`.
 
 λ convention — ``RunConfig.lam`` is always in **ewc_fast's convention**, penalty
 ``(λ/2) Σ_i Ω_i (θ_i − μ_i)²`` (gradient ``λ Ω (θ − μ)``). Kutalev & Lapina's code (and SI, MAS)
@@ -44,24 +33,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import nn
 
 from .data import MNIST
-from .models import build_model, sig_activations
+from .models import build_model
+from .strategies import IMPORTANCE_METHODS, METHODS, make_strategy
 from .tasks import Task, build_tasks
+from .training import estimate, evaluate, importance_subset, resolve_device, train_task, unit_importance
 
 __all__ = [
     "METHODS",
     "IMPORTANCE_METHODS",
     "RunConfig",
     "RunResult",
-    "FeatureUnavailable",
     "to_ewc_lam",
     "from_ewc_lam",
     "default_lam",
@@ -79,11 +69,11 @@ __all__ = [
     "resolve_device",
 ]
 
-METHODS = ("none", "l2", "fisher", "fisher_mc", "fisher_exact", "mas", "si", "sig", "wva")
-IMPORTANCE_METHODS = ("fisher", "fisher_mc", "fisher_exact", "mas", "sig")
+# METHODS, IMPORTANCE_METHODS (defined in .strategies) and the one-task helpers of .training are
+# re-exported: ``continual.evaluate``, ``continual.METHODS``, … keep working.
 LAM_CONVENTIONS = ("ewc", "kutalev")
 
-# Kutalev & Lapina 2021's tuned λ' (no-½ convention), FC net on permuted MNIST (NOTES §4).
+# Kutalev & Lapina 2021's tuned λ' (no-½ convention), FC net on permuted MNIST.
 _KUTALEV_LAM = {"fisher": 41.0, "fisher_mc": 41.0, "fisher_exact": 41.0, "mas": 4.5, "si": 0.25}
 # Stabilised λs: their stabilised scripts (aakutalev/ewc-features, section3/*-stabilized.py) use
 # regularizer = Ω·λ·0.5/(Ω·λ·lr + 1) in λ'·Σ reg·(θ−θ*)², i.e. the penalty already carries the ½:
@@ -92,10 +82,6 @@ _KUTALEV_LAM_STABILIZED = {"fisher": 85.0, "fisher_mc": 85.0, "fisher_exact": 85
 # Not from a paper: picked on the embedded set (3 permuted tasks, 3 epochs; ewc_fast convention).
 # Starting points only — tune with --lam-grid.
 _UNTUNED_LAM = {"l2": 1e-3, "sig": 10.0, "wva": 100.0, "none": 0.0}
-
-
-class FeatureUnavailable(RuntimeError):
-    """A library component the experiment needs is not available in this build."""
 
 
 def to_ewc_lam(lam: float, convention: str = "ewc") -> float:
@@ -131,13 +117,13 @@ def default_lam(method: str, *, stabilize: bool = False) -> tuple[float, str]:
 # --------------------------------------------------------------------------------------------
 # metrics on the accuracy matrix
 # --------------------------------------------------------------------------------------------
-def mean_accuracy_seen(R) -> list[float]:
+def mean_accuracy_seen(R: ArrayLike) -> list[float]:
     """``mean_{j<=i} R[i, j]`` for each stage ``i``."""
     R = np.asarray(R, dtype=float)
     return [float(R[i, : i + 1].mean()) for i in range(R.shape[0])]
 
 
-def backward_transfer(R) -> float:
+def backward_transfer(R: ArrayLike) -> float:
     """``1/(T-1) Σ_{j<T-1} (R[T-1, j] − R[j, j])``; 0.0 for a single task."""
     R = np.asarray(R, dtype=float)
     T = R.shape[0]
@@ -146,7 +132,7 @@ def backward_transfer(R) -> float:
     return float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
 
 
-def forward_transfer(R, b) -> float:
+def forward_transfer(R: ArrayLike, b: ArrayLike) -> float:
     """``1/(T-1) Σ_{j>=1} (R[j-1, j] − b[j])``; 0.0 for a single task."""
     R = np.asarray(R, dtype=float)
     b = np.asarray(b, dtype=float)
@@ -250,270 +236,6 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _lib(name: str):
-    """``ewc_fast.<name>`` or a clear error if that component has not landed in this build."""
-    import importlib
-
-    import ewc_fast
-
-    obj = getattr(ewc_fast, name, None)
-    if obj is None:
-        modules = {
-            "EWC": "ewc",
-            "SynapticIntelligence": "si",
-            "WVA": "wva",
-            "Importance": "importance",
-            "estimate_importance": "estimation",
-        }
-        try:
-            mod = importlib.import_module(f"ewc_fast.{modules.get(name, name)}")
-            obj = getattr(mod, name, None)
-        except ImportError:
-            obj = None
-    if obj is None:
-        raise FeatureUnavailable(f"ewc_fast.{name} is not available in this build of ewc_fast")
-    return obj
-
-
-def unit_importance(model: nn.Module):
-    """Ω = 1 for every trainable parameter (turns EWC into an L2 pull to the anchor)."""
-    Importance = _lib("Importance")
-    return Importance(
-        {n: torch.ones_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad},
-        method="unit",
-        n_samples=0,
-    )
-
-
-def importance_subset(x: torch.Tensor, y: torch.Tensor, n: int):
-    """The last ``n`` samples (Kutalev & Lapina compute importances on the last 5000)."""
-    n = min(int(n), x.shape[0])
-    return x[x.shape[0] - n :], y[y.shape[0] - n :]
-
-
-def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list:
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-
-
-def estimate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    methods,
-    cfg: RunConfig,
-    *,
-    generator: torch.Generator | None = None,
-) -> dict:
-    """``estimate_importance`` on ``(x, y)`` in eval mode (restores the training mode)."""
-    estimate_importance = _lib("estimate_importance")
-    was_training = model.training
-    model.eval()
-    try:
-        return estimate_importance(
-            model,
-            _batches(x, y, cfg.importance_batch),
-            methods=tuple(methods),
-            mas_output=cfg.mas_output,
-            mc_samples=cfg.mc_samples,
-            backend=cfg.backend,
-            progress=False,
-            generator=generator,
-            sig_activation=(sig_activations(model) or None) if "sig" in methods else None,
-        )
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task, batch_size: int = 2000
-) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``task`` applied to ``(x, y)``."""
-    was_training = model.training
-    model.eval()
-    xs, ys = task.apply(x, y)
-    correct, loss, n = 0, 0.0, int(ys.shape[0])
-    dev = next(model.parameters()).device
-    for i in range(0, n, batch_size):
-        xb = xs[i : i + batch_size].to(dev, non_blocking=True)
-        yb = ys[i : i + batch_size].to(dev, non_blocking=True)
-        out = model(xb)
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    model.train(was_training)
-    return (correct / n if n else float("nan")), (loss / n if n else float("nan"))
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def train_task(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: RunConfig,
-    *,
-    generator: torch.Generator,
-    after_backward: Callable[[], None] | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
-    progress: bool = False,
-    desc: str = "train",
-) -> None:
-    """``cfg.epochs`` epochs of minibatch training on ``(x, y)`` (already task-transformed).
-
-    ``after_backward`` runs between ``loss.backward()`` and ``optimizer.step()`` (``EWC.apply_``).
-    """
-    model.train()
-    n = x.shape[0]
-    bs = int(cfg.batch_size)
-    n_batches = (n + bs - 1) // bs
-    bar = _progress(cfg.epochs * n_batches, desc, progress)
-    dev = x.device
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator).to(dev)
-        for b in range(n_batches):
-            idx = order[b * bs : (b + 1) * bs]
-            xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            if after_backward is not None:
-                after_backward()
-            optimizer.step()
-            if bar is not None:
-                bar.update(1)
-                if b % 20 == 0:
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-    if bar is not None:
-        bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# consolidation strategies
-# --------------------------------------------------------------------------------------------
-class _Strategy:
-    """What a method does around training: ``attach`` once, ``after_backward`` each step,
-    ``end_task`` after each task (returns seconds spent estimating importances)."""
-
-    def __init__(self, model: nn.Module, cfg: RunConfig):
-        self.model, self.cfg = model, cfg
-
-    def attach(self, optimizer) -> None:
-        pass
-
-    after_backward = None
-
-    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator) -> float:
-        return 0.0
-
-
-class _EWCStrategy(_Strategy):
-    def __init__(self, model, cfg, importance_method: str | None):
-        super().__init__(model, cfg)
-        EWC = _lib("EWC")
-        kw = {"stabilize_lr": cfg.lr} if cfg.stabilize else {}
-        self.ewc = EWC(model, cfg.lam, mode="separate", **kw)
-        self.importance_method = importance_method
-        self.after_backward = self.ewc.apply_
-
-    def end_task(self, x_imp, y_imp, generator) -> float:
-        t0 = time.perf_counter()
-        if self.importance_method is None:
-            imp = unit_importance(self.model)
-        else:
-            imp = estimate(self.model, x_imp, y_imp, (self.importance_method,), self.cfg, generator=generator)[
-                self.importance_method
-            ]
-        dt = time.perf_counter() - t0
-        self.ewc.consolidate(imp)
-        return dt
-
-
-class _SIStrategy(_Strategy):
-    """Zenke's SI: path integral per optimizer step; after each task the penalty is rebuilt as one
-    quadratic at the latest parameters with the running importance ``si.cumulative`` (a fresh
-    online :class:`ewc_fast.EWC`, λ = 2c). Kutalev's unclipped variant can produce negative
-    entries: they are clamped at 0 for the penalty (EWC needs Ω ≥ 0)."""
-
-    def __init__(self, model, cfg):
-        super().__init__(model, cfg)
-        self._SI = _lib("SynapticIntelligence")
-        self._EWC = _lib("EWC")
-        self.si = self._SI(model, xi=cfg.si_xi, variant=cfg.si_variant)
-        self.ewc = None
-
-    def after_backward(self):
-        if self.ewc is not None:
-            self.ewc.apply_()
-
-    def attach(self, optimizer):
-        self.si.attach(optimizer)
-
-    def end_task(self, x_imp, y_imp, generator) -> float:
-        t0 = time.perf_counter()
-        self.si.consolidate()
-        cum = self.si.cumulative
-        dt = time.perf_counter() - t0
-        if any(bool((t < 0).any()) for t in cum.values()):
-            cum = type(cum)(
-                {k: t.clamp_min(0) for k, t in cum.items()}, method=cum.method, n_samples=cum.n_samples, meta=cum.meta
-            )
-        kw = {"stabilize_lr": self.cfg.lr} if self.cfg.stabilize else {}
-        self.ewc = self._EWC(self.model, self.cfg.lam, mode="online", **kw).consolidate(cum)
-        return dt
-
-
-class _WVAStrategy(_Strategy):
-    def __init__(self, model, cfg):
-        super().__init__(model, cfg)
-        self.wva = _lib("WVA")(model, cfg.lam)
-
-    def attach(self, optimizer):
-        self.wva.attach(optimizer)
-
-    def end_task(self, x_imp, y_imp, generator) -> float:
-        t0 = time.perf_counter()
-        m = self.cfg.wva_importance
-        imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]
-        dt = time.perf_counter() - t0
-        self.wva.consolidate(imp)
-        return dt
-
-
-def _make_strategy(model: nn.Module, cfg: RunConfig) -> _Strategy:
-    m = cfg.method
-    if m == "none":
-        return _Strategy(model, cfg)
-    if m == "l2":
-        return _EWCStrategy(model, cfg, None)
-    if m in IMPORTANCE_METHODS:
-        return _EWCStrategy(model, cfg, m)
-    if m == "si":
-        return _SIStrategy(model, cfg)
-    if m == "wva":
-        return _WVAStrategy(model, cfg)
-    raise ValueError(m)
-
-
-# --------------------------------------------------------------------------------------------
 # one run
 # --------------------------------------------------------------------------------------------
 def _to_tensors(data: MNIST):
@@ -551,7 +273,7 @@ def run_sequence(
         model = build_model(cfg.model, n_in=data.n_features, n_out=n_out)
     model = model.to(dev)
     gen = torch.Generator().manual_seed(seed)
-    strategy = _make_strategy(model, cfg)
+    strategy = make_strategy(model, cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     strategy.attach(optimizer)
     if setup is not None:
@@ -636,7 +358,7 @@ def summarize_runs(results: list[RunResult]) -> dict:
 def run_experiment(
     data: MNIST,
     base: RunConfig,
-    methods,
+    methods: Sequence[str],
     *,
     lams: dict | None = None,
     n_tasks: int = 10,

@@ -1,4 +1,4 @@
-"""Seed 000 (Kutalev, "Correlation of the importances…"): how alike are FIS, MAS, SI and SIG?
+"""Correlation of the weight importances (Kutalev's study): how alike are FIS, MAS, SI and SIG?
 
 Protocol (as in the paper): train the FC net sequentially on permuted-MNIST tasks with an EWC
 penalty fed by MAS importances (Kutalev's best). An SI tracker runs along the whole time (Kutalev's
@@ -15,14 +15,17 @@ A constant vector has no correlation: NaN (e.g. an all-zero SI tensor).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
-from .continual import RunConfig, _lib, estimate, run_sequence
+from ..consolidation import SynapticIntelligence
+from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import build_tasks
+from .training import estimate
 
 __all__ = ["rankdata", "pearson", "spearman", "correlation_table", "run_correlate", "IMPORTANCE_NAMES", "PAIRS"]
 
@@ -30,7 +33,7 @@ IMPORTANCE_NAMES = ("FIS", "MAS", "SI", "SIG")
 PAIRS = tuple(itertools.combinations(IMPORTANCE_NAMES, 2)) + (("FIS", "MAS²"),)
 
 
-def rankdata(a) -> np.ndarray:
+def rankdata(a: ArrayLike) -> np.ndarray:
     """Ranks 1..n of a 1-D array, ties get the average rank (as ``scipy.stats.rankdata``)."""
     a = np.asarray(a, dtype=np.float64).ravel()
     order = np.argsort(a, kind="mergesort")
@@ -43,7 +46,7 @@ def rankdata(a) -> np.ndarray:
     return ranks
 
 
-def pearson(a, b) -> float:
+def pearson(a: ArrayLike, b: ArrayLike) -> float:
     """Pearson correlation in float64; NaN if either vector is constant or empty."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
@@ -58,16 +61,16 @@ def pearson(a, b) -> float:
     return float(np.clip(np.dot(da, db) / den, -1.0, 1.0))
 
 
-def spearman(a, b) -> float:
+def spearman(a: ArrayLike, b: ArrayLike) -> float:
     """Spearman rank correlation (Pearson of average ranks)."""
     return pearson(rankdata(a), rankdata(b))
 
 
-def _as_np(t) -> np.ndarray:
+def _as_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().ravel()
 
 
-def correlation_table(importances: dict, *, stage: int = 0, names=None) -> list[dict]:
+def correlation_table(importances: dict, *, stage: int = 0, names: Sequence[str] | None = None) -> list[dict]:
     """Rows ``{stage, param, pair, pearson, spearman}`` for every pair of :data:`PAIRS` present.
 
     ``importances[label]`` maps parameter name → tensor (an ``Importance`` or a dict).
@@ -118,12 +121,11 @@ def run_correlate(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Sequential training with ``cfg.method`` (MAS) penalty; correlations after each task."""
-    SI = _lib("SynapticIntelligence")
     tasks = build_tasks("permuted", n_tasks, seed, first_identity=first_identity, n_pixels=data.n_features)
     state: dict = {"acc": {"FIS": None, "MAS": None, "SIG": None}, "rows": [], "si": None}
 
     def setup(model, optimizer):
-        state["si"] = SI(model, xi=cfg.si_xi, variant=cfg.si_variant)
+        state["si"] = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
         state["si"].attach(optimizer)
 
     def on_task_end(stage, model, x_imp, y_imp, strategy):
@@ -164,7 +166,7 @@ def run_correlate(
     }
 
 
-def surfaces(out: dict, kind: str = "pearson", *, weights_only: bool = True):
+def surfaces(out: dict, kind: str = "pearson", *, weights_only: bool = True) -> tuple[dict, list[str]]:
     """``{pair: array (n_tasks, n_layers)}`` and the layer labels, for plotting."""
     params = [p for p in out["params"] if (p.endswith("weight") or not weights_only)]
     T = out["n_tasks"]

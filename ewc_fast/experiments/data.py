@@ -31,8 +31,10 @@ import io
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -239,7 +241,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     pickle names is ever called. Persistent ids are refused too.
     """
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Callable:
         resolver = _ALLOWED_GLOBALS.get((module, name))
         if resolver is None:
             raise UnsafePickleError(
@@ -248,7 +250,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             )
         return resolver()
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: object) -> NoReturn:
         raise UnsafePickleError("refusing to unpickle a persistent id")
 
 

@@ -3,30 +3,33 @@
 1. Three permuted-MNIST tasks (task 0 unpermuted) on the embedded 5000-digit set, FC 784-300-150-10,
    trained without consolidation and with EWC (empirical Fisher); both accuracy matrices printed.
 2. On the trained model, the empirical Fisher of ``n_timing`` samples two ways:
-   ewc_fast's ``estimate_importance(..., methods=("fisher",))`` and the per-sample loop of the
-   seeds' authors' code (batch of 1, one ``backward`` per sample, square, average) — wall time of
+   ewc_fast's ``estimate_importance(..., methods=("fisher",))`` and the per-sample loop of
+   Kutalev & Lapina's code (batch of 1, one ``backward`` per sample, square, average) — wall time of
    each and the largest relative difference between them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import nn
 
-from .continual import RunConfig, _lib, run_sequence
+from ..estimation import estimate_importance
+from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import permuted_tasks
+from .training import minibatches
 
 __all__ = ["loop_fisher", "max_relative_difference", "time_importance", "run_demo"]
 
 
 def loop_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Empirical Fisher by a batch-1 loop of backward passes (the seeds' reference way).
+    """Empirical Fisher by a batch-1 loop of backward passes (the reference way of Kutalev & Lapina's code).
 
     ``F = (1/N) Σ_n (∂ CE(f(x_n), y_n) / ∂θ)²`` accumulated in float64.
     """
@@ -48,7 +51,9 @@ def loop_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {k: v / n for k, v in acc.items()}
 
 
-def max_relative_difference(a, b, *, floor: float = 1e-6) -> float:
+def max_relative_difference(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, floor: float = 1e-6
+) -> float:
     """``max |a − b| / max(|b|, floor · max|b|)`` over all entries of all tensors (``b`` = reference).
 
     The floor keeps entries that are ~0 in the reference (dead units) from dividing by zero.
@@ -76,9 +81,8 @@ def time_importance(
     repeats: int = 1,
 ) -> dict:
     """Time ewc_fast's Fisher pass and the batch-1 loop on the same samples."""
-    estimate_importance = _lib("estimate_importance")
     model.eval()
-    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    batches = minibatches(x, y, batch_size)
     # warm-up (first-call dispatch, allocations) on a few samples
     estimate_importance(model, batches[:1], methods=("fisher",), backend=backend, progress=False)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -106,7 +110,8 @@ def time_importance(
     }
 
 
-def format_matrix(R, names=None) -> str:
+def format_matrix(R: ArrayLike, names: Sequence[str] | None = None) -> str:
+    """The accuracy matrix as text: one row per stage, plus the mean over the tasks seen so far."""
     R = np.asarray(R, dtype=float)
     head = "after \\ test " + " ".join(f"{j:>6d}" for j in range(R.shape[1])) + "   mean(seen)"
     lines = [head]

@@ -1,9 +1,9 @@
-"""Models of the seeds' experiments (all take flattened images ``(N, 784)`` and return logits).
+"""Models of the experiments (all take flattened images ``(N, 784)`` and return logits).
 
-* ``mlp`` — Kutalev's FC 784-300-150-10 with leaky-ReLU (seeds 000/001; torch's default negative
-  slope 0.01). Parameters: ``fc1``, ``fc2``, ``out``.
-* ``cnn`` — the Keras network of seed 002's appendix: Dropout(0.2) → Conv 64@3×3 'same' + ReLU →
-  MaxPool 2×2 → Flatten → Dense 1024 + ReLU → Dropout(0.5) → Dense 1024 + ReLU → Dropout(0.5) →
+* ``mlp`` — Kutalev & Lapina 2021's FC 784-300-150-10 with leaky-ReLU (torch's default negative
+  slope 0.01; the table, correlation and pruning experiments). Parameters: ``fc1``, ``fc2``, ``out``.
+* ``cnn`` — a Keras-style network for block-permuted MNIST: Dropout(0.2) → Conv 64@3×3 'same' +
+  ReLU → MaxPool 2×2 → Flatten → Dense 1024 + ReLU → Dropout(0.5) → Dense 1024 + ReLU → Dropout(0.5) →
   Dense 10 (the softmax lives in the loss). 13.9 M parameters (the 12544×1024 ``fc1`` dominates):
   a GPU model.
 * ``small-mlp`` — 784-100-10 leaky-ReLU (tests, quick runs).
@@ -17,6 +17,7 @@ parameter names (``fc1.weight`` …) are readable in tables and each layer's act
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,9 @@ MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
 class MLP(nn.Sequential):
     """Fully connected net ``n_in → hidden… → n_out`` with leaky-ReLU between layers."""
 
-    def __init__(self, n_in: int = 784, hidden=(300, 150), n_out: int = 10, negative_slope: float = 0.01):
+    def __init__(
+        self, n_in: int = 784, hidden: Sequence[int] = (300, 150), n_out: int = 10, negative_slope: float = 0.01
+    ):
         layers: list[tuple[str, nn.Module]] = []
         width = n_in
         for i, h in enumerate(hidden, start=1):
@@ -41,7 +44,7 @@ class MLP(nn.Sequential):
 
 
 class SeedCNN(nn.Sequential):
-    """Seed 002's Keras CNN (dropouts, one 64-filter conv, two 1024-unit dense layers)."""
+    """The Keras-style CNN of ``build_model("cnn")`` (dropouts, one 64-filter conv, two 1024-unit dense layers)."""
 
     def __init__(self, image_size: int = 28, n_out: int = 10):
         if image_size % 2:

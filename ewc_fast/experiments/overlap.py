@@ -1,4 +1,4 @@
-"""Seed 003 (Kirkpatrick et al. 2017, Fig. 3C): Fisher overlap vs task similarity.
+"""Fisher overlap vs task similarity (Kirkpatrick et al. 2017, Fig. 3C).
 
 Task A is unpermuted MNIST; task B permutes a fraction ``f`` of the pixels
 (:func:`ewc_fast.experiments.tasks.partial_permutation`, nested sets as ``f`` grows). A network is trained on
@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from numpy.typing import ArrayLike
 
-from .continual import RunConfig, _make_strategy, estimate, evaluate, importance_subset, resolve_device, train_task
+from .continual import RunConfig
 from .data import MNIST
 from .models import build_model
+from .strategies import make_strategy
 from .tasks import Task, partial_permutation
+from .training import estimate, evaluate, importance_subset, resolve_device, train_task
 
 __all__ = ["fisher_overlap", "overlap_table", "run_overlap"]
 
 
-def fisher_overlap(fa, fb) -> float:
+def fisher_overlap(fa: ArrayLike | torch.Tensor, fb: ArrayLike | torch.Tensor) -> float:
     """``Σ √(f̂a f̂b)`` of two non-negative arrays/tensors normalised to unit sum (NaN if one is 0)."""
     a = torch.as_tensor(fa).detach().to("cpu", torch.float64).reshape(-1).clamp_min(0)
     b = torch.as_tensor(fb).detach().to("cpu", torch.float64).reshape(-1).clamp_min(0)
@@ -42,7 +45,7 @@ def fisher_overlap(fa, fb) -> float:
     return float(torch.sqrt((a / sa) * (b / sb)).sum())
 
 
-def overlap_table(fa, fb) -> dict:
+def overlap_table(fa: Mapping[str, torch.Tensor], fb: Mapping[str, torch.Tensor]) -> dict:
     """Overlap per parameter name, plus ``"all"`` (all parameters as one vector)."""
     out = {name: fisher_overlap(fa[name], fb[name]) for name in fa}
     out["all"] = fisher_overlap(
@@ -56,7 +59,7 @@ def run_overlap(
     data: MNIST,
     cfg: RunConfig,
     *,
-    fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    fractions: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
     seed: int = 0,
     fisher_at: str = "final",
     progress: bool = False,
@@ -83,7 +86,7 @@ def run_overlap(
     for f in fractions:
         task_b = Task(f"B-partial{f:g}", partial_permutation(float(f), seed, n_pixels=data.n_features))
         m = copy.deepcopy(model)
-        strategy = _make_strategy(m, cfg)
+        strategy = make_strategy(m, cfg)
         opt_b = torch.optim.Adam(m.parameters(), lr=cfg.lr, foreach=True)
         strategy.attach(opt_b)
         if cfg.method != "none":

@@ -7,9 +7,13 @@ matplotlib is optional (``pip install ewc_fast[plots]``): without it every funct
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+PathLike = str | os.PathLike
 
 __all__ = [
     "available",
@@ -38,7 +42,7 @@ def available() -> bool:
     return _plt() is not None
 
 
-def _save(fig, path) -> str:
+def _save(fig: Any, path: PathLike) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -48,7 +52,7 @@ def _save(fig, path) -> str:
     return str(path)
 
 
-def accuracy_heatmaps(matrices: dict, path, *, title: str = "accuracy matrix R[i, j]"):
+def accuracy_heatmaps(matrices: dict, path: PathLike, *, title: str = "accuracy matrix R[i, j]") -> str | None:
     """One heatmap per label: rows = after training task i, columns = test task j."""
     plt = _plt()
     if plt is None or not matrices:
@@ -87,10 +91,10 @@ def task_curves(
     curves: dict,
     n_tasks: int,
     epochs: int,
-    path,
+    path: PathLike,
     *,
     title: str = "test accuracy of each task during sequential training",
-):
+) -> str | None:
     """Per label a panel: x = tasks trained so far (fractional within a task), one line per task."""
     plt = _plt()
     if plt is None or not curves:
@@ -115,7 +119,7 @@ def task_curves(
     return _save(fig, path)
 
 
-def lam_grid(grid: dict, path, *, title: str = "final mean accuracy vs λ"):
+def lam_grid(grid: dict, path: PathLike, *, title: str = "final mean accuracy vs λ") -> str | None:
     """``grid[method] = {λ: (mean, std)}`` → one line per method on a log-λ axis."""
     plt = _plt()
     if plt is None or not grid:
@@ -137,7 +141,9 @@ def lam_grid(grid: dict, path, *, title: str = "final mean accuracy vs λ"):
     return _save(fig, path)
 
 
-def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *, kind: str = "pearson"):
+def correlation_surfaces(
+    values: dict, layers: list, n_tasks: int, path: PathLike, *, kind: str = "pearson"
+) -> str | None:
     """``values[pair] = array (n_tasks, n_layers)`` → one 3-D surface per pair (layer × task)."""
     plt = _plt()
     if plt is None or not values:
@@ -163,7 +169,9 @@ def correlation_surfaces(values: dict, layers: list, n_tasks: int, path, *, kind
     return _save(fig, path)
 
 
-def prune_curves(curves: dict, fractions, path, *, title: str = "importance-ordered pruning"):
+def prune_curves(
+    curves: dict, fractions: Sequence[float], path: PathLike, *, title: str = "importance-ordered pruning"
+) -> str | None:
     """``curves[label] = {"acc": [...], "loss": [...]}`` over ``fractions`` → acc and loss panels."""
     plt = _plt()
     if plt is None or not curves:
@@ -186,8 +194,12 @@ def prune_curves(curves: dict, fractions, path, *, title: str = "importance-orde
 
 
 def overlap_curves(
-    fractions, overlaps: dict, path, *, title: str = "Fisher overlap between task A and a partly permuted task B"
-):
+    fractions: Sequence[float],
+    overlaps: dict,
+    path: PathLike,
+    *,
+    title: str = "Fisher overlap between task A and a partly permuted task B",
+) -> str | None:
     """``overlaps[layer] = [overlap at each fraction]``."""
     plt = _plt()
     if plt is None or not overlaps:

@@ -1,4 +1,4 @@
-"""Seeds 001 / 004: prune by importance and watch accuracy fall.
+"""Prune by importance and watch accuracy fall (Kutalev & Lapina 2021, arXiv 2109.10021).
 
 Train a network on one task (unpermuted MNIST), compute importances (FIS, MAS, SI, SIG, |w|,
 random — SI from a tracker attached during training, the others by
@@ -12,7 +12,7 @@ members' importances:
 * ``weight`` — every parameter entry on its own (biases included);
 * ``unit``   — one output unit of a Linear / Conv layer: its weight row (Linear) or whole filter
   ``W[o]`` (Conv) together with its bias ``b[o]``;
-* ``filter`` — one 2-D kernel ``W[o, i]`` of a Conv layer (seed 004's conv-filter aggregation);
+* ``filter`` — one 2-D kernel ``W[o, i]`` of a Conv layer (conv-filter aggregation);
   Linear weights and all biases stay per entry.
 
 Scope: ``global`` ranks all groups of the network together (Kutalev & Lapina's setting: global
@@ -20,7 +20,7 @@ over all parameters); ``layer`` prunes the fraction ``f`` inside each layer (mod
 separately. ``round(f · n_groups)`` groups are removed (in each layer for ``layer``), so ``f = 0``
 leaves the model unchanged and ``f = 1`` removes everything. Removed entries are set to zero
 (``replace="zero"``) or to ``N(0, (std/10)²)`` with ``std`` the standard deviation of that tensor
-before pruning (``replace="noise"``, seed 004's "small random weight"). Ties are broken by a
+before pruning (``replace="noise"``, a "small random weight"). Ties are broken by a
 stable sort (index order).
 
 The ordering table ranks the importances by the area under the accuracy-vs-fraction curve
@@ -29,16 +29,19 @@ The ordering table ranks the importances by the area under the accuracy-vs-fract
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import nn
 
-from .continual import RunConfig, _lib, estimate, evaluate, run_sequence
+from ..consolidation import SynapticIntelligence
+from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import Task
+from .training import estimate, evaluate
 
 __all__ = [
     "PruneGroups",
@@ -46,6 +49,7 @@ __all__ = [
     "apply_pruning",
     "prune_curve",
     "auc",
+    "value_at",
     "run_prune",
     "ordering_table",
     "IMPORTANCE_CHOICES",
@@ -136,7 +140,7 @@ def build_groups(model: nn.Module, aggregation: str = "weight") -> PruneGroups:
     return PruneGroups(gid, torch.tensor(layer_of_group, dtype=torch.long), layers)
 
 
-def group_scores(groups: PruneGroups, importance, reduce: str = "mean") -> torch.Tensor:
+def group_scores(groups: PruneGroups, importance: Mapping[str, torch.Tensor], reduce: str = "mean") -> torch.Tensor:
     """Score of every group: ``reduce`` of its members' importances (float64, CPU)."""
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}")
@@ -212,7 +216,7 @@ def apply_pruning(
     return removed
 
 
-def auc(fractions, values) -> float:
+def auc(fractions: ArrayLike, values: ArrayLike) -> float:
     """Trapezoid area under ``values`` over ``fractions``."""
     f = np.asarray(fractions, dtype=float)
     v = np.asarray(values, dtype=float)
@@ -221,15 +225,15 @@ def auc(fractions, values) -> float:
 
 def prune_curve(
     model: nn.Module,
-    importance,
-    x_test,
-    y_test,
-    fractions,
+    importance: Mapping[str, torch.Tensor],
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    fractions: Sequence[float],
     *,
-    aggregation="weight",
-    reduce="mean",
-    scope="global",
-    replace="zero",
+    aggregation: str = "weight",
+    reduce: str = "mean",
+    scope: str = "global",
+    replace: str = "zero",
     task: Task | None = None,
     seed: int = 0,
     eval_batch: int = 2000,
@@ -258,14 +262,15 @@ def prune_curve(
     return {"acc": accs, "loss": losses, "removed": removed}
 
 
-def _interp(fractions, values, at: float) -> float:
+def value_at(fractions: ArrayLike, values: ArrayLike, at: float) -> float:
+    """``values`` linearly interpolated at fraction ``at`` (NaN outside the fractions' range)."""
     f = np.asarray(fractions, dtype=float)
     if at < f.min() or at > f.max():
         return float("nan")
     return float(np.interp(at, f, np.asarray(values, dtype=float)))
 
 
-def ordering_table(curves: dict, fractions) -> list[dict]:
+def ordering_table(curves: dict, fractions: Sequence[float]) -> list[dict]:
     """Rows sorted by accuracy AUC (best first): label, acc_auc, loss_auc, acc at 50% / 90%."""
     rows = []
     for label, c in curves.items():
@@ -274,8 +279,8 @@ def ordering_table(curves: dict, fractions) -> list[dict]:
                 "importance": label,
                 "acc_auc": auc(fractions, c["acc"]),
                 "loss_auc": auc(fractions, c["loss"]),
-                "acc_at_0.5": _interp(fractions, c["acc"], 0.5),
-                "acc_at_0.9": _interp(fractions, c["acc"], 0.9),
+                "acc_at_0.5": value_at(fractions, c["acc"], 0.5),
+                "acc_at_0.9": value_at(fractions, c["acc"], 0.9),
             }
         )
     rows.sort(key=lambda r: -r["acc_auc"])
@@ -288,11 +293,11 @@ def run_prune(
     data: MNIST,
     cfg: RunConfig,
     *,
-    importances=("fisher", "mas", "si", "sig", "magnitude", "random"),
-    fractions=None,
-    scopes=("global",),
-    aggregations=("weight",),
-    reduces=("mean",),
+    importances: Sequence[str] = ("fisher", "mas", "si", "sig", "magnitude", "random"),
+    fractions: Sequence[float] | None = None,
+    scopes: Sequence[str] = ("global",),
+    aggregations: Sequence[str] = ("weight",),
+    reduces: Sequence[str] = ("mean",),
     replace: str = "zero",
     runs: int = 1,
     seed: int = 0,
@@ -306,7 +311,6 @@ def run_prune(
     if fractions is None:
         fractions = np.linspace(0.0, 1.0, 21)
     fractions = [float(f) for f in fractions]
-    SI = _lib("SynapticIntelligence") if "si" in importances else None
     task = Task("identity")
     x_te, y_te = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     settings = [(s, a, r) for s in scopes for a in aggregations for r in reduces]
@@ -317,8 +321,8 @@ def run_prune(
         holder: dict = {}
 
         def setup(model, optimizer, holder=holder):
-            if SI is not None:
-                holder["si"] = SI(model, xi=cfg.si_xi, variant=cfg.si_variant)
+            if "si" in importances:
+                holder["si"] = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
                 holder["si"].attach(optimizer)
 
         def on_task_end(stage, model, x_imp, y_imp, strategy, holder=holder, k=k):

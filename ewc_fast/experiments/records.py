@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch
 __all__ = ["jsonable", "write_json", "read_json", "write_csv", "git_commit", "cpu_model", "machine_info"]
 
 
-def jsonable(obj):
+def jsonable(obj: Any) -> Any:
     """``obj`` with every value made JSON-safe (see the module docstring); other values pass unchanged."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
         return obj
@@ -71,7 +72,7 @@ def _atomic(path: Path, newline: str | None = None):
         raise
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``jsonable(obj)`` to ``path`` atomically (indent 1, no NaN); returns the path."""
     path = Path(path)
     with _atomic(path) as f:
@@ -79,7 +80,7 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path) -> Any:
     """The JSON value in ``path``, or ``None`` if the file does not exist."""
     path = Path(path)
     if not path.exists():

@@ -9,23 +9,31 @@ Permutation convention: ``x_task[:, i] = x[:, perm[i]]`` (output pixel ``i`` tak
 
 * :func:`permuted_tasks` — permuted MNIST: a random permutation of all pixels per task (task 0 the
   identity unless ``first_identity=False``), as in Kirkpatrick et al. 2017 and Kutalev & Lapina.
-* :func:`block_permuted_tasks` — seed 002's spatial variant: the 28×28 image is a 4×4 grid of 7×7
+* :func:`block_permuted_tasks` — a spatial variant: the 28×28 image is a 4×4 grid of 7×7
   blocks and each task permutes the positions of the blocks (pixels inside a block keep their
   layout), which keeps local strokes intact for a CNN.
 * :func:`split_tasks` — split MNIST: task ``t`` holds the samples of one class pair
   ((0,1), (2,3), …); labels are kept (class-incremental, 10-way head) or mapped to 0/1
   (``relabel=True``, domain-incremental).
 * :func:`partial_permutation` / :func:`partial_permuted_tasks` — permute only a fraction of the
-  pixels (for the Fisher-overlap experiment, seed 003): a seeded pixel order is drawn once and the
-  first ``round(fraction·n)`` pixels are moved along one seeded random cycle through them, so the
-  permuted sets are nested as the fraction grows and every chosen pixel moves.
+  pixels (for the Fisher-overlap experiment, Kirkpatrick et al. 2017 Fig. 3C): a seeded pixel
+  order is drawn once and the first ``round(fraction·n)`` pixels are moved along one seeded random
+  cycle through them, so the permuted sets are nested as the fraction grows and every chosen pixel
+  moves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported lazily: building tasks needs numpy only
+    import torch
+
+    Array = np.ndarray | torch.Tensor  # images (N, n_pixels) or labels (N,), numpy or torch
 
 __all__ = [
     "Task",
@@ -68,7 +76,7 @@ class Task:
     def is_identity(self) -> bool:
         return self.perm is None
 
-    def transform(self, x):
+    def transform(self, x: Array) -> Array:
         """Permute the pixels of ``x`` (numpy array or torch tensor, ``(N, n_pixels)``)."""
         if self.perm is None:
             return x
@@ -79,7 +87,8 @@ class Task:
             return x.index_select(-1, idx)
         return np.take(x, self.perm, axis=-1)
 
-    def label_map(self, y):
+    def label_map(self, y: Array) -> Array:
+        """Labels mapped to 0…k−1 in ``classes`` order when ``relabel``; else unchanged."""
         if self.classes is None or not self.relabel:
             return y
         lut = np.full(int(max(self.classes)) + 1, -1, dtype=np.int64)
@@ -90,13 +99,13 @@ class Task:
             return torch.as_tensor(lut, device=y.device)[y]
         return lut[y]
 
-    def mask(self, y) -> np.ndarray | None:
+    def mask(self, y: Array) -> np.ndarray | None:
         """Boolean mask of the samples that belong to this task (None = all)."""
         if self.classes is None:
             return None
         return np.isin(np.asarray(y), np.asarray(self.classes))
 
-    def apply(self, x, y):
+    def apply(self, x: Array, y: Array) -> tuple[Array, Array]:
         """Select this task's samples, permute pixels, map labels → ``(x', y')``."""
         m = self.mask(y if not hasattr(y, "cpu") else y.cpu().numpy())
         if m is not None:
@@ -151,7 +160,7 @@ def block_permutation(seed: int = 0, index: int = 0, *, image_size: int = 28, bl
 def block_permuted_tasks(
     n_tasks: int, seed: int = 0, *, first_identity: bool = True, image_size: int = 28, block: int = 7
 ) -> list[Task]:
-    """Seed 002's tasks: permute the 4×4 grid of 7×7 blocks (task 0 identity by default)."""
+    """Block-permuted tasks: permute the 4×4 grid of 7×7 blocks (task 0 identity by default)."""
     tasks = []
     for t in range(int(n_tasks)):
         if t == 0 and first_identity:
@@ -161,7 +170,13 @@ def block_permuted_tasks(
     return tasks
 
 
-def split_tasks(n_tasks: int = 5, *, pairs=None, relabel: bool = False, n_classes: int = 10) -> list[Task]:
+def split_tasks(
+    n_tasks: int = 5,
+    *,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    relabel: bool = False,
+    n_classes: int = 10,
+) -> list[Task]:
     """Split MNIST: task ``t`` = classes ``(2t, 2t+1)`` (or the given ``pairs``)."""
     if pairs is None:
         if n_tasks * 2 > n_classes:

@@ -54,6 +54,15 @@ def check_group(op: str, idx: int, dtypes: dict, **tensors) -> None:
             raise TypeError(f"{op}: {name}[{idx}] has dtype {t.dtype}; allowed: {[str(d) for d in allowed]}")
 
 
+def check_tensor_lists(op: str, dtypes: dict, **lists) -> int:
+    """Lists of per-parameter tensors (one entry per parameter in each list): one length, and for every
+    parameter index the checks of :func:`check_group`. Returns the number of parameters."""
+    n = check_lists(op, **lists)
+    for i in range(n):
+        check_group(op, i, dtypes, **{name: tensors[i] for name, tensors in lists.items()})
+    return n
+
+
 def common_device(op: str, tensors) -> torch.device:
     devs = {t.device for t in tensors}
     if len(devs) > 1:

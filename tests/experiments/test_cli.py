@@ -172,26 +172,27 @@ def test_permuted_mnist_from_idx_dir_blocks(tmp_path, capsys):
 
 
 def test_lam_resolution_and_conversion(capsys):
-    from ewc_fast.cli import _resolve_lams, build_parser
+    from ewc_fast.cli import build_parser
+    from ewc_fast.cli.common import resolve_lams
 
     args = build_parser().parse_args(
         ["permuted-mnist", "--lam", "41", "--lam-convention", "kutalev", "--methods", "none,fisher,wva"]
     )
-    lams = _resolve_lams(args, args.methods)
+    lams = resolve_lams(args, args.methods)
     assert lams == {"none": [0.0], "fisher": [82.0], "wva": [41.0]}  # WVA has no ½: unconverted
     assert "λ'=41" in capsys.readouterr().out
     args = build_parser().parse_args(["permuted-mnist", "--methods", "fisher,si", "--stabilize"])
     # their stabilised scripts already carry the ½: 85 / 0.64 are ewc_fast's λ as they stand
-    assert _resolve_lams(args, args.methods) == {"fisher": [85.0], "si": [0.64]}
+    assert resolve_lams(args, args.methods) == {"fisher": [85.0], "si": [0.64]}
     # ... so a λ given in Kutalev's convention together with --stabilize is not doubled either
     args = build_parser().parse_args(
         ["permuted-mnist", "--methods", "fisher", "--stabilize", "--lam", "85", "--lam-convention", "kutalev"]
     )
-    assert _resolve_lams(args, args.methods) == {"fisher": [85.0]}
+    assert resolve_lams(args, args.methods) == {"fisher": [85.0]}
     args = build_parser().parse_args(
         ["permuted-mnist", "--methods", "fisher", "--lam", "41", "--lam-convention", "kutalev"]
     )
-    assert _resolve_lams(args, args.methods) == {"fisher": [82.0]}
+    assert resolve_lams(args, args.methods) == {"fisher": [82.0]}
 
 
 def test_missing_data_source_is_a_clear_error(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Pure-PyTorch implementations of the consolidation ops (any device; the readable reference path).
 
-Every function here has the exact signature and semantics of its C++ (``ewc_fast._cpp``) and Triton
-(``ewc_fast.kernels.consolidation``) twins; inputs arrive validated and contiguous from the op layer.
+Every function here has the exact signature and semantics of its C++ (:mod:`._cpp` ->
+``csrc/consolidation.cpp``) and Triton (:mod:`._triton` -> ``kernels/consolidation.py``) twins; inputs
+arrive validated and contiguous from the op layer.
 Arithmetic: fp32 for fp32/bf16/fp16 parameters and fp64 for fp64 parameters (:func:`_arith_dtype`),
 except ``theta - mu``, taken in the promoted dtype of the parameter and mu (fp64 mu keeps the anchor
 exact), and ``consolidate``, which works in fp64 throughout.

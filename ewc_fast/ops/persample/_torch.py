@@ -1,9 +1,10 @@
 """Pure-PyTorch backend of ``persample_sq_`` (any device; the readable path).
 
 ``persample_sq(sq_out, abs_out, G, A)`` has the same name, signature and semantics in
-``ewc_fast/_cpp_persample.py`` (C++) and ``kernels/persample.py`` (Triton). Inputs arrive validated
-from the op layer: ``G`` (N, T, O) and ``A`` (N, T, I) share a float dtype and may have any strides;
-``sq_out`` / ``abs_out`` are contiguous (O, I) fp32/fp64 tensors or None (not both None).
+``ewc_fast/ops/persample/_cpp.py`` (C++, ``csrc/persample.cpp``) and ``ewc_fast/ops/persample/_triton.py``
+(Triton, ``kernels/persample.py``). Inputs arrive validated from the op layer: ``G`` (N, T, O) and
+``A`` (N, T, I) share a float dtype and may have any strides; ``sq_out`` / ``abs_out`` are contiguous
+(O, I) fp32/fp64 tensors or None (not both None).
 
 Per-sample weight gradient P_n = G_n^T A_n (summed over T);
 ``sq_out += sum_n P_n**2`` and ``abs_out += sum_n |P_n|``, computed in fp32 (fp64 for fp64 inputs).

@@ -1,0 +1,163 @@
+"""Consolidation strategies: what each method of :data:`METHODS` does around training.
+
+A strategy is attached once (``attach(optimizer)``), adds its penalty gradient after every
+``backward`` (``after_backward``, ``None`` when it has none) and consolidates after each task
+(``end_task(x_imp, y_imp, generator)``, which returns the seconds spent estimating importances).
+:func:`make_strategy` builds the one for ``cfg.method``; :func:`ewc_fast.experiments.continual.run_sequence`
+and :func:`ewc_fast.experiments.overlap.run_overlap` drive them. A new method is one subclass here
+plus its name in :data:`METHODS`.
+
+=============  ==================================================================================
+none           :class:`Strategy`: plain sequential training
+l2             :class:`EWCStrategy` with Ω = 1 (:func:`.training.unit_importance`)
+fisher …       :class:`EWCStrategy`: :class:`ewc_fast.EWC` (``mode="separate"``, one anchor per task)
+(fisher,       fed by :func:`.training.estimate` with that method after each task
+fisher_mc,
+fisher_exact,
+mas, sig)
+si             :class:`SIStrategy`: Zenke et al. 2017's synaptic intelligence
+wva            :class:`WVAStrategy`: weight-velocity attenuation (Kutalev 2020, arXiv 2005.07107)
+=============  ==================================================================================
+
+``cfg.stabilize`` gives the EWC penalties Kutalev & Lapina 2021's stabilisation
+(``stabilize_lr = cfg.lr``; arXiv 2109.10021).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..consolidation import EWC, WVA, SynapticIntelligence
+from .training import estimate, unit_importance
+
+if TYPE_CHECKING:  # the run configuration; imported for annotations only (continual imports this module)
+    from .continual import RunConfig
+
+__all__ = [
+    "METHODS",
+    "IMPORTANCE_METHODS",
+    "Strategy",
+    "EWCStrategy",
+    "SIStrategy",
+    "WVAStrategy",
+    "make_strategy",
+]
+
+#: every consolidation method :func:`make_strategy` knows
+METHODS = ("none", "l2", "fisher", "fisher_mc", "fisher_exact", "mas", "si", "sig", "wva")
+#: the methods that are an importance estimator of :func:`ewc_fast.estimate_importance` feeding EWC
+IMPORTANCE_METHODS = ("fisher", "fisher_mc", "fisher_exact", "mas", "sig")
+
+
+def _stabilize_kwargs(cfg: RunConfig) -> dict:
+    return {"stabilize_lr": cfg.lr} if cfg.stabilize else {}
+
+
+class Strategy:
+    """No consolidation; the base class. ``attach`` once, ``after_backward`` each step (``None``:
+    nothing to add), ``end_task`` after each task (returns seconds spent estimating importances)."""
+
+    after_backward = None
+
+    def __init__(self, model: nn.Module, cfg: RunConfig):
+        self.model, self.cfg = model, cfg
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+        return 0.0
+
+
+class EWCStrategy(Strategy):
+    """EWC (Kirkpatrick et al. 2017) with one anchor per task: after task k the penalty gains
+    ``(λ/2) Σ_i Ω_k,i (θ_i − θ*_k,i)²``, Ω_k from ``importance_method`` (``None``: Ω = 1, ``l2``)."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, importance_method: str | None):
+        super().__init__(model, cfg)
+        self.ewc = EWC(model, cfg.lam, mode="separate", **_stabilize_kwargs(cfg))
+        self.importance_method = importance_method
+        self.after_backward = self.ewc.apply_
+
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+        t0 = time.perf_counter()
+        if self.importance_method is None:
+            imp = unit_importance(self.model)
+        else:
+            m = self.importance_method
+            imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]
+        dt = time.perf_counter() - t0
+        self.ewc.consolidate(imp)
+        return dt
+
+
+class SIStrategy(Strategy):
+    """Zenke et al. 2017's SI: path integral per optimizer step; after each task the penalty is
+    rebuilt as one quadratic at the latest parameters with the running importance ``si.cumulative``
+    (a fresh online :class:`ewc_fast.EWC`, λ = 2c). Kutalev's unclipped variant
+    (``cfg.si_variant="kutalev"``) can produce negative entries: they are clamped at 0 for the
+    penalty (EWC needs Ω ≥ 0)."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig):
+        super().__init__(model, cfg)
+        self.si = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
+        self.ewc = None
+
+    def after_backward(self) -> None:
+        if self.ewc is not None:
+            self.ewc.apply_()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.si.attach(optimizer)
+
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+        t0 = time.perf_counter()
+        self.si.consolidate()
+        cum = self.si.cumulative
+        dt = time.perf_counter() - t0
+        if any(bool((t < 0).any()) for t in cum.values()):
+            cum = type(cum)(
+                {k: t.clamp_min(0) for k, t in cum.items()}, method=cum.method, n_samples=cum.n_samples, meta=cum.meta
+            )
+        self.ewc = EWC(self.model, self.cfg.lam, mode="online", **_stabilize_kwargs(self.cfg)).consolidate(cum)
+        return dt
+
+
+class WVAStrategy(Strategy):
+    """Weight-velocity attenuation (Kutalev 2020): no penalty, each optimizer step is attenuated by
+    ``1/(1 + λA)``; A accumulates ``cfg.wva_importance`` (SIG by default) after each task."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig):
+        super().__init__(model, cfg)
+        self.wva = WVA(model, cfg.lam)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.wva.attach(optimizer)
+
+    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+        t0 = time.perf_counter()
+        m = self.cfg.wva_importance
+        imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]
+        dt = time.perf_counter() - t0
+        self.wva.consolidate(imp)
+        return dt
+
+
+def make_strategy(model: nn.Module, cfg: RunConfig) -> Strategy:
+    """The strategy of ``cfg.method`` (one of :data:`METHODS`) for ``model``."""
+    m = cfg.method
+    if m == "none":
+        return Strategy(model, cfg)
+    if m == "l2":
+        return EWCStrategy(model, cfg, None)
+    if m in IMPORTANCE_METHODS:
+        return EWCStrategy(model, cfg, m)
+    if m == "si":
+        return SIStrategy(model, cfg)
+    if m == "wva":
+        return WVAStrategy(model, cfg)
+    raise ValueError(m)
