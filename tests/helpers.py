@@ -100,6 +100,138 @@ def run_case(make, name, backend, **kw):
     return res, methods
 
 
+# ------------------------------------------------------------------------- Hugging Face models
+HF = importlib.util.find_spec("transformers") is not None
+PEFT = importlib.util.find_spec("peft") is not None
+HF_FAMILIES = ("gpt2", "llama", "bert", "t5", "bart", "vit")
+
+
+def hf_model(name, seed=0):
+    """A tiny randomly initialised Hugging Face model of family ``name`` (built from a config: no
+    download), in eval mode; ``"lora"``: a PEFT LoRA wrapper around a tiny Llama."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers as T
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    V = 37
+    if name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+        m = T.GPT2LMHeadModel(cfg)
+    elif name in ("llama", "lora"):
+        cfg = T.LlamaConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        m = T.LlamaForCausalLM(cfg)
+    elif name == "bert":
+        cfg = T.BertConfig(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+        m = T.BertForSequenceClassification(cfg)
+    elif name == "t5":
+        cfg = T.T5Config(
+            vocab_size=V,
+            d_model=16,
+            d_kv=8,
+            d_ff=24,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        m = T.T5ForConditionalGeneration(cfg)
+    elif name == "bart":
+        cfg = T.BartConfig(
+            vocab_size=V,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=24,
+            decoder_ffn_dim=24,
+            max_position_embeddings=16,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+        )
+        m = T.BartForConditionalGeneration(cfg)
+    elif name == "vit":
+        cfg = T.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            num_labels=3,
+        )
+        m = T.ViTForImageClassification(cfg)
+    else:
+        raise KeyError(name)
+    with torch.no_grad():  # random init (some families start norms / biases at constants)
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        m = get_peft_model(m, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+        with torch.no_grad():  # LoRA B starts at zero: move it so every gradient is non-trivial
+            for k, p in m.named_parameters():
+                if "lora_B" in k:
+                    p.normal_(0, 0.1)
+    return m.eval()
+
+
+def hf_batches(name, sizes=(4, 2), t=4, seed=1):
+    """Hugging Face-style batches (dicts with ``labels``) for ``hf_model(name)``: ragged batch sizes,
+    N == T in the first batch, padding (attention_mask 0 and label -100) in the first sample."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        if name == "vit":
+            out.append(
+                {"pixel_values": torch.randn(n, 3, 8, 8, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+            )
+            continue
+        ids = torch.randint(3, 37, (n, t), generator=g)
+        mask = torch.ones(n, t, dtype=torch.long)
+        mask[0, -1] = 0
+        if name == "bert":
+            labels = torch.randint(0, 3, (n,), generator=g)
+        else:
+            labels = torch.randint(3, 37, (n, t), generator=g)
+            labels[0, -1] = -100
+            if name in ("gpt2", "llama", "lora"):
+                labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
 def load_example(name: str):
     """``examples/<name>.py`` imported as a module (its ``main(argv)`` runs it)."""
     from pathlib import Path

@@ -47,6 +47,17 @@ def _check_activations(model: nn.Module, sig_activation) -> dict[str, Callable]:
     return dict(sig_activation)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` looks like a Hugging Face causal language model (its loss shifts the labels)."""
+    name = type(model).__name__
+    return (
+        name.endswith("ForCausalLM")
+        or name.endswith("LMHeadModel")
+        or getattr(model, "loss_type", None) == "ForCausalLM"
+        or getattr(getattr(model, "config", None), "loss_type", None) == "ForCausalLM"
+    )
+
+
 def estimate_importance(
     model: nn.Module,
     data,
@@ -61,6 +72,9 @@ def estimate_importance(
     process_group=None,
     generator: torch.Generator | None = None,
     sig_activation: dict[str, Callable] | None = None,
+    output: str | Callable | None = None,
+    label_shift: bool | None = None,
+    token_reduction: str = "sum",
 ) -> dict[str, Importance]:
     """Estimate weight importances of ``model``'s trainable parameters on ``data``.
 
@@ -89,6 +103,14 @@ def estimate_importance(
         generator: ``torch.Generator`` for ``fisher_mc`` label draws and ``random``.
         sig_activation: module name -> callable applied to that module's output before SIG's
             |post-activation| bias statistic (default: the module output itself).
+        output: which tensor of the model's outputs the methods (and the default loss) use: None ->
+            the output itself if it is a tensor, else its ``"logits"`` entry (Hugging Face
+            ``ModelOutput`` / dict); a key; or a callable ``outputs -> tensor``.
+        label_shift: the default loss scores position t against target t + 1, as causal language
+            models' own losses do. None: True for Hugging Face causal language models (class name
+            ending in ``ForCausalLM`` / ``LMHeadModel``, or ``loss_type == "ForCausalLM"``), else False.
+        token_reduction: ``"sum"`` (default: the sequence's log-likelihood) or ``"mean"`` (over the
+            sample's non-ignored tokens) of the default loss's token NLLs for (N, T, C) outputs.
 
     Returns:
         ``{method: Importance}`` in the order of ``methods``; each maps every trainable parameter name
@@ -113,38 +135,70 @@ def estimate_importance(
         * Which rule serves which parameter is decided on the first batch (models whose parameter
           use depends on the data are not supported).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(data, Tensor) or not hasattr(data, "__iter__"):
-        raise TypeError(
-            f"data must be an iterable of batches (e.g. a DataLoader or a list of (inputs, targets)), "
-            f"got {type(data).__name__}"
-        )
-    methods = check_methods(methods)
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
-    if mas_output not in ("logits", "softmax"):
-        raise ValueError(f"mas_output must be 'logits' or 'softmax', got {mas_output!r}")
-    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
-        raise ValueError(f"n_samples must be None or an int >= 1, got {n_samples!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError("loss_fn must be callable (outputs, targets) -> per-sample losses (N,)")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    activations = _check_activations(model, sig_activation)
-    named = dict(model.named_parameters())
-    trainable = [(k, p) for k, p in named.items() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
-    devices = {p.device for _, p in trainable}
-    if len(devices) > 1:
-        raise ValueError(
-            f"the model's trainable parameters are on several devices {sorted(map(str, devices))}; "
-            "estimate_importance needs them on one device"
-        )
-    device = next(iter(devices))
-    resolved = _backend.resolve(backend, device)
     group = distributed.resolve_group(process_group)
+
+    def validate():
+        nonlocal methods
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(data, Tensor) or not hasattr(data, "__iter__"):
+            raise TypeError(
+                f"data must be an iterable of batches (e.g. a DataLoader or a list of (inputs, targets)), "
+                f"got {type(data).__name__}"
+            )
+        methods = check_methods(methods)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+        if mas_output not in ("logits", "softmax"):
+            raise ValueError(f"mas_output must be 'logits' or 'softmax', got {mas_output!r}")
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+            raise ValueError(f"n_samples must be None or an int >= 1, got {n_samples!r}")
+        if output is not None and not (isinstance(output, str) or callable(output)):
+            raise TypeError(
+                f"output must be None, a key (str) or a callable outputs -> tensor, got {type(output).__name__}"
+            )
+        if label_shift is not None and not isinstance(label_shift, bool):
+            raise TypeError(f"label_shift must be None or a bool, got {type(label_shift).__name__}")
+        if token_reduction not in ("sum", "mean"):
+            raise ValueError(f"token_reduction must be 'sum' or 'mean', got {token_reduction!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable (outputs, targets) -> per-sample losses (N,)")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        activations = _check_activations(model, sig_activation)
+        named = dict(model.named_parameters())
+        trainable = [(k, p) for k, p in named.items() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+        devices = {p.device for _, p in trainable}
+        if len(devices) > 1:
+            raise ValueError(
+                f"the model's trainable parameters are on several devices {sorted(map(str, devices))}; "
+                "estimate_importance needs them on one device"
+            )
+        device = next(iter(devices))
+        resolved = _backend.resolve(backend, device)
+        return methods, activations, trainable, device, resolved
+
+    error = None
+    try:
+        methods, activations, trainable, device, resolved = validate()
+    except Exception as e:  # every rank learns about it in the collective check below
+        error = e
+    config = {
+        "methods": tuple(methods) if isinstance(methods, (list, tuple)) else methods,
+        "mc_samples": mc_samples,
+        "mas_output": mas_output,
+        "loss_fn": loss_fn is not None,
+        "output": output if isinstance(output, str) or output is None else "callable",
+        "label_shift": label_shift,
+        "token_reduction": token_reduction,
+        "sig_activation": sorted(sig_activation) if isinstance(sig_activation, dict) else None,
+        "parameters": [(k, tuple(p.shape)) for k, p in model.named_parameters() if p.requires_grad]
+        if isinstance(model, nn.Module)
+        else None,
+    }
+    distributed.check_config(config, error, group)
 
     results: dict[str, Importance] = {}
     base_meta = {"estimator": "ewc_fast.estimate_importance", "backend": resolved}
@@ -175,6 +229,9 @@ def estimate_importance(
             progress=progress,
             generator=generator,
             activations=activations,
+            output=output,
+            label_shift=is_causal_lm(model) if label_shift is None else label_shift,
+            token_reduction=token_reduction,
         )
         stats = run(model, data, cfg)
     for m in methods:
@@ -188,8 +245,13 @@ def estimate_importance(
             results[m] = Importance(rnd, method=m, n_samples=0, meta=meta)
             continue
         meta["n_batches"] = stats.n_batches
+        if m in ("fisher", "fisher_mc", "fisher_exact", "mas", "fisher_batched"):
+            meta["fallback"] = dict(stats.fallback)
         if m == "fisher":
             meta["loss"] = "loss_fn" if loss_fn is not None else "nll"
+            if loss_fn is None:
+                meta["label_shift"] = cfg.label_shift
+                meta["token_reduction"] = token_reduction
         elif m == "fisher_mc":
             meta["mc_samples"] = mc_samples
         elif m == "mas":

@@ -1,14 +1,21 @@
 """What one element of ``data`` holds, and how the model is called on it.
 
 A batch is ``(inputs, targets)``, ``(inputs,)`` or ``inputs`` alone; ``inputs`` is passed as
-``model(inputs)``, a tuple/list as ``model(*inputs)``, a dict as ``model(**inputs)``. The first
-dimension of the first tensor in ``inputs`` is the batch size N, and every tensor (of inputs or
-targets) whose leading size is N is batched along it: truncation to ``n_samples`` cuts those
-tensors to their first k rows. Inputs and targets must be on the device of the model's parameters.
+``model(inputs)``, a tuple/list as ``model(*inputs)``, a mapping (a dict, a Hugging Face
+``BatchEncoding``) as ``model(**inputs)``. A mapping without separate targets that holds ``labels``
+(a Hugging Face batch) uses them as the targets (they stay in the model's inputs too, so
+sequence-to-sequence models still build their decoder inputs from them).
+
+The batch contract: every tensor of a batch with at least one dimension holds one row per sample
+along dim 0, so all of them share the leading size N (checked: a shared tensor, e.g. one mask for
+every sample, belongs in the model or a closure, not in the batch). These tensors are the roots of
+the sample provenance (:mod:`.provenance`); truncation to ``n_samples`` cuts them to their first k
+rows. Inputs and targets must be on the device of the model's parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +38,14 @@ class Batch:
 
 def _split(batch, idx: int):
     """(inputs, targets or None) of one batch."""
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        return inputs, inputs.get("labels")
     if isinstance(batch, (tuple, list)):
         if len(batch) == 2:
-            return batch[0], batch[1]
+            return _plain(batch[0]), batch[1]
         if len(batch) == 1:
-            return batch[0], None
+            return _plain(batch[0]), None
         raise ValueError(
             f"batch {idx} is a {type(batch).__name__} of length {len(batch)}; expected "
             "(inputs, targets) or inputs alone"
@@ -43,13 +53,39 @@ def _split(batch, idx: int):
     return batch, None
 
 
-def _batch_size(inputs, idx: int) -> int:
-    for t in tree_leaves(inputs):
-        if isinstance(t, Tensor):
-            if t.dim() == 0:
-                raise ValueError(f"batch {idx}: inputs hold a 0-dim tensor; the first dimension must be the batch")
-            return int(t.shape[0])
-    raise ValueError(f"batch {idx}: inputs hold no tensor (got {type(inputs).__name__})")
+def _plain(inputs):
+    """A mapping (e.g. a ``BatchEncoding``) as a plain dict, so that pytree sees its tensors."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
+
+
+def _named_leaves(obj, prefix: str):
+    """(path, tensor) of every tensor in a nested structure of dicts / tuples / lists."""
+    if isinstance(obj, Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, Mapping):
+        return [x for k, v in obj.items() for x in _named_leaves(v, f"{prefix}[{k!r}]")]
+    if isinstance(obj, (tuple, list)):
+        return [x for i, v in enumerate(obj) for x in _named_leaves(v, f"{prefix}[{i}]")]
+    return []
+
+
+def _batch_size(inputs, targets, idx: int) -> int:
+    """N: the leading size every tensor of the batch shares (the batch contract, module doc)."""
+    named = [(p, t) for p, t in _named_leaves(inputs, "inputs") + _named_leaves(targets, "targets") if t.dim() > 0]
+    if not named:
+        raise ValueError(
+            f"batch {idx}: inputs hold no tensor with a sample dimension (got {type(inputs).__name__}); "
+            "the first dimension of every tensor of a batch must be the sample"
+        )
+    sizes = {int(t.shape[0]) for _, t in named}
+    if len(sizes) > 1:
+        desc = ", ".join(f"{p} {tuple(t.shape)}" for p, t in named[:6])
+        raise ValueError(
+            f"batch {idx}: its tensors disagree on the leading (sample) dimension ({desc}); every tensor of a "
+            "batch must hold one row per sample along dim 0. A tensor shared by all samples (e.g. one mask "
+            "for every sample) belongs in the model (a buffer) or a closure, not in the batch"
+        )
+    return sizes.pop()
 
 
 def truncate(obj, n: int, k: int):
@@ -72,7 +108,7 @@ def read_batch(
     """Batch ``idx`` of ``data`` checked and truncated so that at most ``n_samples`` are used in all
     (``taken`` already were); None if no sample of it is used."""
     inputs, targets = _split(batch, idx)
-    n = _batch_size(inputs, idx)
+    n = _batch_size(inputs, targets, idx)
     if n_samples is not None and taken + n > n_samples:
         k = n_samples - taken
         inputs, targets = truncate(inputs, n, k), truncate(targets, n, k)
@@ -84,15 +120,20 @@ def read_batch(
     if targets is None and needs_targets:
         raise ValueError(
             f"batch {idx} has no targets, but 'fisher'/'fisher_batched' need (inputs, targets) "
-            "batches (use 'fisher_mc'/'fisher_exact'/'mas' for unlabelled data)"
+            "batches or a mapping with 'labels' (use 'fisher_mc'/'fisher_exact'/'mas' for unlabelled data)"
         )
     return Batch(idx, inputs, targets, n)
 
 
 def forward(model: nn.Module, inputs):
-    """``model`` called on ``inputs`` (a dict as keywords, a tuple/list as positional arguments)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """``model`` called on ``inputs`` (a mapping as keywords, a tuple/list as positional arguments).
+
+    ``torch.compile``'d models and functions run eagerly here (``torch.compiler.set_stance("force_eager")``):
+    the engine's hooks and its provenance tracker need the eager forward; the parameters and their
+    names are those of the module passed (``_orig_mod.`` prefixes included)."""
+    with torch.compiler.set_stance("force_eager"):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)

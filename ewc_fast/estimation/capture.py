@@ -1,9 +1,16 @@
-"""Recording the planned modules' calls during a forward, and restoring the model afterwards.
+"""Recording the planned calls during a forward, and restoring the model afterwards.
 
-:class:`Capture` puts a forward hook on every module of the plan; while a batch is recorded each
-call's (args, kwargs, output) is kept as a :class:`~.rules.Call`, with args and kwargs detached
-(rules and the fallback recompute from them; the outputs stay attached so the backward can deliver
-their gradients).
+:class:`Capture` records, while a batch's forward runs under the provenance tracker
+(:class:`~.provenance.Tracker`), every call of the planned modules (a forward hook placed before any
+user hook, so the rule sees the module's own output even when a user's forward hook changes it) and
+of the planned function call sites (:mod:`.rules.functional`), as :class:`~.rules.Call` s with
+args and kwargs detached (rules and the fallback recompute from them) and the provenance of every
+tensor. Each planned module's output tensors are handed on as fresh aliases (``view_as``): the
+captured tensor is then used only outside the module, so its gradient is the gradient from the
+module's consumers alone, never including a path back into the module itself (a module that also
+consumes a tensor it returns, e.g. hidden states it returns and feeds on: the fallback re-runs the
+module, so that path would otherwise be counted twice). A planned output that does not depend on the
+batch is *tainted*, so that the tracker broadcasts it where it meets per-sample data (:mod:`.shared`).
 
 In-place modification: a forward that later modifies a captured tensor in place (e.g.
 ``ReLU(inplace=True)`` after a Linear) would hand rules the wrong inputs. Every captured tensor's
@@ -19,10 +26,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .batches import forward
+from .plan import ModuleStack, Plan, function_key, param_args, role_name
+from .provenance import Tracker
 from .rules import Call
+from .rules.functional import function_role
+from .shared import Meeting, broadcast_operand
 
 __all__ = ["Capture", "SavedState"]
 
@@ -45,47 +56,111 @@ class SavedState:
 
 
 class Capture:
-    """Forward hooks recording (args, kwargs, output) of the planned modules while ``active``.
+    """Records the planned calls of a forward (module doc); ``calls[key]`` lists the calls of a
+    module (key ``id(module)``) or function call site (:func:`~.plan.function_key`), in call order."""
 
-    ``calls[id(module)]`` lists the module's calls of the current batch, in call order."""
-
-    def __init__(self, modules: list[nn.Module]):
+    def __init__(self, model: nn.Module, plan: Plan, trainable_ids: set[int]):
+        self.model, self.plan, self.ids = model, plan, trainable_ids
         self.active = False
         self.safe = False
-        self.calls: dict[int, list[Call]] = {id(m): [] for m in modules}
+        self.calls: dict = {k: [] for k in plan.keys()}
         self.versions: list[tuple[Tensor, int]] = []
-        self.handles = [m.register_forward_hook(self._hook(id(m)), with_kwargs=True) for m in modules]
+        self.meetings: list[Meeting] = []
+        self.tracker: Tracker | None = None
+        self.func_params = {id(p) for t in plan.functions.values() for p in t.roles.values()}
+        self.handles = [
+            m.register_forward_hook(self._hook(id(m)), with_kwargs=True, prepend=True) for m in plan.modules()
+        ]
+
+    # ------------------------------------------------------------------------------ recording
+    def _record_call(self, key, args, kwargs, output, func=None):
+        """Append one call (args detached, provenance of every tensor) and return what the forward
+        continues with (aliases of the output tensors; clones in safe mode)."""
+        tr = self.tracker
+        leaves, _ = tree_flatten((args, kwargs))
+        dims_in = [tr.get(t) for t in leaves]
+        if self.safe:
+            det = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
+        else:
+            det = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+        in_dims = {id(d): bd for d, bd in zip(det, dims_in) if isinstance(d, Tensor) and bd is not None}
+        args_d, kwargs_d = _unflatten(det, args, kwargs)
+        outs, spec = tree_flatten(output)
+        out_dims = [tr.get(t) for t in outs]
+        new, handed = [], []
+        for t, bd in zip(outs, out_dims):
+            if isinstance(t, Tensor) and t.requires_grad:
+                with torch._C.DisableTorchFunction():
+                    t2 = t.view_as(t)
+                    t3 = t2.clone() if self.safe else t2  # safe mode: later in-place ops hit the clone
+                tr.set(t2, bd)
+                tr.set(t3, bd)
+                new.append(t2)
+                handed.append(t3)
+            else:
+                new.append(t)
+                handed.append(t)
+        captured = spec.unflatten(new)
+        for t, bd in zip(new, out_dims):
+            if isinstance(t, Tensor) and t.requires_grad and bd is None:
+                tr.taint[t] = (t,)
+        for t, h in zip(new, handed):
+            if h is not t and t in tr.taint:
+                tr.taint[h] = (t,)  # shared by all samples: per-sample gradients from its meetings
+        if not self.safe:
+            for t in det + new:
+                if isinstance(t, Tensor):
+                    self.versions.append((t, t._version))
+        self.calls[key].append(Call(args_d, kwargs_d, captured, in_dims, out_dims, func))
+        return spec.unflatten(handed)
 
     def _hook(self, key):
         def hook(module, args, kwargs, output):
             if not self.active:
                 return None
-            if self.safe:
-                args, kwargs = tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, (args, kwargs))
-                self.calls[key].append(Call(args, kwargs, output))
-                return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
-            args, kwargs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
-            for t in tree_leaves((args, kwargs, output)):
-                if isinstance(t, Tensor):
-                    self.versions.append((t, t._version))
-            self.calls[key].append(Call(args, kwargs, output))
-            return None
+            return self._record_call(key, args, kwargs, output)
 
         return hook
 
-    def record(self, model: nn.Module, inputs):
+    def _on_call(self, func, name, args, kwargs, out):
+        """Function-level capture: a call of a planned function call site (tracker callback)."""
+        if not self.func_params or not self.tracker.stack:
+            return
+        found = [(pos, p) for pos, p in param_args(args, kwargs, self.ids) if id(p) in self.func_params]
+        if not found:
+            return
+        fname = role_name(func, name)
+        roles = [(fr[1], p) for pos, p in found if (fr := function_role(fname, pos, args, kwargs)) is not None]
+        key = function_key(self.tracker.stack[-1], fname, roles)
+        if key not in self.plan.functions:
+            return
+        return self._record_call(key, args, kwargs, out, func)
+
+    def _on_meet(self, s, origins, bd, out_shape, tracker):
+        s_b = broadcast_operand(s, bd, out_shape)
+        self.meetings.append(Meeting(s, s_b, origins, bd, ""))
+        return s_b
+
+    def record(self, model: nn.Module, inputs, n: int):
         """The model outputs of a forward on ``inputs`` whose planned calls are now in :attr:`calls`
         (re-run in safe mode, once and for all, if the forward modified a captured tensor in place)."""
-        self.clear()
-        self.active = True
-        try:
-            outputs = forward(model, inputs)
-            if not self.safe and self.modified_in_place():
-                self.clear()
-                self.safe = True
-                outputs = forward(model, inputs)
-        finally:
-            self.active = False
+        for _ in range(2):
+            self.clear()
+            self.tracker = tr = Tracker(n)
+            tr.mark_inputs(tree_leaves(inputs))
+            tr.on_call = self._on_call
+            tr.on_meet = self._on_meet
+            stack = ModuleStack(model, tr)
+            self.active = True
+            try:
+                with tr:
+                    outputs = forward(model, inputs)
+            finally:
+                self.active = False
+                stack.remove()
+            if self.safe or not self.modified_in_place():
+                break
+            self.safe = True
         self.versions.clear()
         return outputs
 
@@ -99,12 +174,13 @@ class Capture:
 
         for lst in self.calls.values():
             for i, c in enumerate(lst):
-                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output))
+                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func)
 
     def clear(self) -> None:
         for v in self.calls.values():
             v.clear()
         self.versions.clear()
+        self.meetings = []
 
     def modified_in_place(self) -> bool:
         return any(t._version != v for t, v in self.versions)
@@ -113,3 +189,9 @@ class Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.tracker = None
+
+
+def _unflatten(det, args, kwargs):
+    _, spec = tree_flatten((args, kwargs))
+    return spec.unflatten(det)

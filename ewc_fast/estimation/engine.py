@@ -15,6 +15,7 @@ and every hook removed on return, also when an exception is raised.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from . import distributed, sig
 from .batches import Batch, read_batch
 from .capture import Capture, SavedState
-from .methods import GRADIENT_METHODS, Seed, check_outputs, divisor, seeds
+from .methods import GRADIENT_METHODS, Seed, check_outputs, divisor, seeds, select_output
 from .plan import Plan, make_plan
 from .stream import Stream
 
@@ -53,6 +54,17 @@ class RunConfig:
     generator: torch.Generator | None = None
     #: SIG: module path -> activation applied to its output
     activations: dict[str, Callable] = field(default_factory=dict)
+    #: which tensor of the model outputs the methods use (:func:`.methods.select_output`)
+    output: object = None
+    #: the default loss scores position t against target t + 1 (causal language models)
+    label_shift: bool = False
+    #: "sum" or "mean" of a sample's token losses (default loss)
+    token_reduction: str = "sum"
+
+    @property
+    def needs_selected(self) -> bool:
+        """Whether a method reads the selected output tensor (else only ``loss_fn`` sees the outputs)."""
+        return any(m in self.methods for m in ("fisher_mc", "fisher_exact", "mas")) or self.loss_fn is None
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +92,8 @@ class PassResult:
     batch_size: int | None
     #: SIG: parameters that got |w| (no rule, or their module never ran on any rank)
     sig_magnitude_fallback: list[str]
+    #: parameters served by the torch.func fallback -> why
+    fallback: dict = field(default_factory=dict)
 
 
 class _DataPass:
@@ -99,14 +113,26 @@ class _DataPass:
         """Add one batch's statistics to the sums."""
         if self.plan is None:
             self.plan = make_plan(self.model, self.cfg.trainable, batch)
-            self.capture = Capture(self.plan.modules())
+            if self.plan.fallback_reasons:
+                reasons = self.plan.fallback_reasons
+                shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
+                warnings.warn(
+                    f"estimate_importance: {len(reasons)} parameter(s) use the exact but slower torch.func "
+                    f"fallback (re-runs the enclosing module per sample): {shown}"
+                    + (" ..." if len(reasons) > 3 else "")
+                    + ". meta['fallback'] lists them all.",
+                    stacklevel=4,
+                )
+            self.capture = Capture(self.model, self.plan, {id(p) for _, p in self.cfg.trainable})
         with torch.enable_grad() if self.cfg.needs_backward else torch.no_grad():
             self._batch(batch)
 
     def _batch(self, batch: Batch) -> None:
         cfg, capture, n = self.cfg, self.capture, batch.n
-        outputs = capture.record(self.model, batch.inputs)
-        check_outputs(outputs, cfg.methods, n, batch.idx)
+        raw = capture.record(self.model, batch.inputs, n)
+        outputs = select_output(raw, cfg.output, batch.idx) if cfg.needs_selected else None
+        bd = capture.tracker.get(outputs) if outputs is not None else None
+        check_outputs(raw, outputs, cfg.methods, n, batch.idx, bd, cfg.loss_fn is None)
         if "sig" in cfg.methods:  # activations only: before the backward frees the captured tensors
             with torch.no_grad():
                 sig.add_factors(self.plan, capture.calls, self.sums["sig"], n, cfg.activations, self.sig_times_w)
@@ -122,6 +148,7 @@ class _DataPass:
                 it = iter(
                     seeds(
                         cfg.methods,
+                        raw,
                         outputs,
                         batch.targets,
                         cfg.loss_fn,
@@ -130,9 +157,11 @@ class _DataPass:
                         mc_samples=cfg.mc_samples,
                         mas_output=cfg.mas_output,
                         generator=cfg.generator,
+                        label_shift=cfg.label_shift,
+                        token_reduction=cfg.token_reduction,
                     )
                 )
-                del outputs
+                del outputs, raw
                 seed = next(it, None)
                 while seed is not None:
                     nxt = next(it, None)
@@ -140,7 +169,27 @@ class _DataPass:
                     seed = nxt
             finally:
                 stream.remove()
+            self._check_finite(batch.idx)
         capture.clear()
+
+    def _check_finite(self, idx: int) -> None:
+        """The model outputs and losses were finite, yet a NaN/Inf inside the model that a later op
+        masked (nan_to_num, where) still reaches the per-sample gradients (autograd's too): refuse."""
+        bad = [
+            (m, k)
+            for m in self.cfg.methods
+            if m in GRADIENT_METHODS or m == "fisher_batched"
+            for k, b in self.sums[m].items()
+            if not bool(torch.isfinite(b).all())
+        ]
+        if bad:
+            names = sorted({k for _, k in bad})
+            raise ValueError(
+                f"non-finite (NaN/Inf) importance for {names[:5]}{' ...' if len(names) > 5 else ''} after batch "
+                f"{idx}, although the model outputs and losses are finite: a NaN/Inf inside the model that a "
+                "later op masks (e.g. nan_to_num or torch.where) still poisons the per-sample gradients (autograd's "
+                "own gradients are non-finite too); remove the non-finite values where they arise"
+            )
 
     def _backward(self, seed: Seed, stream: Stream, n: int, last: bool) -> None:
         """One seed's backward: statistics streamed per module, then fisher_batched from the weight grads."""
@@ -180,6 +229,7 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
     n_total = n_batches = 0
     batch_size = None
     bar = None
+    error = None
     try:
         model.eval()
         total = len(data) if hasattr(data, "__len__") else None
@@ -195,22 +245,33 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
             batch_size = batch_size or batch.n
             if cfg.n_samples is not None and n_total >= cfg.n_samples:
                 break  # before the iterator loads another batch
+    except Exception as e:
+        if cfg.group is None:
+            raise
+        error = e  # still join the closing collective, with a failure flag, so no rank waits forever
     finally:
         dp.close()
         if bar is not None:
             bar.close()
         state.restore()
-    return _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size)
+    res = _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size, error)
+    res.fallback = dict(dp.plan.fallback_reasons) if dp.plan is not None else {}
+    return res
 
 
-def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batch_size) -> PassResult:
-    """All-reduce the sums and counts (one collective) and divide each method by its count."""
+def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batch_size, error=None) -> PassResult:
+    """All-reduce the sums and counts (one collective) and divide each method by its count. Each
+    rank's failure flag travels with the counts: if any rank failed, every rank raises."""
     names, methods = cfg.names, cfg.methods
     # SIG's per-parameter flags travel with the counts (same collective): the rule must be the same
     # on every rank, so it is decided on the reduced flags, not on this rank's own
-    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else [])
+    fails = distributed.failure_slots(error is not None, cfg.group)
+    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else []) + fails
     flat = [sums[m][k] for m in methods for k in names]
     reduced, counts = distributed.all_reduce_sums(flat, counts, cfg.group)
+    if fails:
+        distributed.raise_if_failed(counts[len(counts) - len(fails) :], error, cfg.group)
+        counts = counts[: len(counts) - len(fails)]
     n_total, n_batches = int(round(counts[0])), int(round(counts[1]))
     if n_total == 0:
         raise ValueError("data yielded no samples (empty iterable or empty batches)")

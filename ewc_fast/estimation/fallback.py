@@ -13,19 +13,21 @@ fallback are differentiated. Used for any module with direct parameters but no r
 :mod:`.rules.attention` leaves here), and parameters used outside the module that owns
 them (then M is the lowest common ancestor of every module using the parameter).
 
-Which dimension of each tensor is the batch dimension is decided by a resolver: by default a tensor
-whose leading size equals the batch size N is batched along dim 0 and any other tensor is shared by
-all samples. ``BATCH_DIMS`` maps a module class to a specific resolver (``nn.MultiheadAttention``
-with ``batch_first=False`` is batched along dim 1). The module must treat samples independently in
-eval mode (no batch statistics, no data-dependent Python control flow under ``vmap``).
-Attention runs on SDPA's math backend, the one with ``vmap`` batching rules (the fused CPU/CUDA
-kernels fall back to a per-sample loop). Chunks of samples keep the ``vmap`` temporaries under a
-quarter of :data:`.rules.base.CHUNK_BYTES`.
+Which dimension of each tensor holds the samples comes from provenance (each :class:`Call`
+records it, :mod:`.provenance`): a tensor derived from the batch is sliced per sample along that
+dimension (kept as a dimension of size 1, so the module sees the layout it was called with), a
+shared tensor is passed whole to every sample, and a tensor whose samples were flattened with other
+positions or could not be followed is refused with the reason. ``BATCH_DIMS`` maps a module class to
+a resolver that overrides provenance for its calls. Output gradients arrive batch-first; the
+gradient of a shared output arrives per sample (:mod:`.shared`). The module must treat samples
+independently in eval mode (no batch statistics, no data-dependent Python control flow under
+``vmap``). Attention runs on SDPA's math backend, the one with ``vmap`` batching rules (the fused
+CPU/CUDA kernels fall back to a per-sample loop). Chunks of samples keep the ``vmap`` temporaries
+under a quarter of :data:`.rules.base.CHUNK_BYTES`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -33,62 +35,58 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .provenance import Unknown
 from .rules import base as rules_base
 from .rules.base import Call, chunk_rows, reduce_into
 
 
-def _default_dims(module: nn.Module, call: Call, n: int):
-    """(batch dim per leaf of (args, kwargs), batch dim per leaf of the output): 0 if size[0] == n."""
+def _plain(bd, what: str, module: nn.Module):
+    """A provenance entry as a plain dimension index (None: shared), or a clear refusal."""
+    if bd is None:
+        return None
+    if isinstance(bd, Unknown):
+        raise ValueError(
+            f"{type(module).__name__} (torch.func fallback): cannot tell where the samples of {what} are: {bd.reason}"
+        )
+    if bd.outer != 1 or bd.inner != 1:
+        raise ValueError(
+            f"{type(module).__name__} (torch.func fallback): {what} holds the samples flattened with other "
+            f"positions (dimension {bd.dim}); the fallback can only split a plain sample dimension"
+        )
+    return bd.dim
 
-    def dims(leaves):
-        return [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None for t in leaves]
 
-    return dims(tree_flatten((call.args, call.kwargs))[0]), dims(tree_flatten(call.output)[0])
-
-
-def _mha_dims(module: nn.MultiheadAttention, call: Call, n: int):
-    """nn.MultiheadAttention: 3-D query/key/value and the attention output are batched along dim 0 if
-    ``batch_first`` else dim 1; key_padding_mask and the attention weights along dim 0; a 2-D
-    attn_mask is shared; a 3-D (per sample and head) attn_mask is refused."""
-    names = list(inspect.signature(type(module).forward).parameters)[1:]
-    seq_dim = 0 if module.batch_first else 1
-
-    def dims(name, v):
-        if not isinstance(v, Tensor):
-            return [None] * len(tree_flatten(v)[0])
-        if name in ("query", "key", "value"):
-            return [seq_dim if v.dim() == 3 else None]
-        if name == "key_padding_mask":
-            return [0 if v.dim() == 2 else None]
-        if name == "attn_mask" and v.dim() == 3:
-            raise NotImplementedError(
-                "nn.MultiheadAttention with a 3-D attn_mask (one mask per sample and head) "
-                "is not supported by the per-sample fallback; pass a 2-D attn_mask or "
-                "a key_padding_mask"
-            )
-        return [None]
-
-    in_dims = []
-    for i, a in enumerate(call.args):
-        in_dims += dims(names[i] if i < len(names) else "", a)
-    for k, v in call.kwargs.items():
-        in_dims += dims(k, v)
-    out_leaves = tree_flatten(call.output)[0]
-    out_dims = [seq_dim if i == 0 else (0 if isinstance(t, Tensor) else None) for i, t in enumerate(out_leaves)]
+def _provenance_dims(module: nn.Module, call: Call, n: int):
+    """(dim per leaf of (args, kwargs), dim per leaf of the output) from the call's provenance."""
+    leaves = tree_flatten((call.args, call.kwargs))[0]
+    in_dims = [
+        _plain(call.dim_of(t, n), f"input #{i} {tuple(t.shape)}", module) if isinstance(t, Tensor) else None
+        for i, t in enumerate(leaves)
+    ]
+    outs = tree_flatten(call.output)[0]
+    if call.out_dims is None:
+        out_dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None for t in outs]
+    else:
+        out_dims = [
+            _plain(bd, f"output #{j}", module) if isinstance(t, Tensor) else None
+            for j, (t, bd) in enumerate(zip(outs, call.out_dims))
+        ]
     return in_dims, out_dims
 
 
-#: module class -> resolver(module, call, n) -> (batch dims of the (args, kwargs) leaves, of the output leaves)
-BATCH_DIMS: dict[type, Callable] = {nn.MultiheadAttention: _mha_dims}
+#: module class -> resolver(module, call, n) -> (batch dims of the (args, kwargs) leaves, of the output
+#: leaves); overrides provenance for that class (none is registered by default)
+BATCH_DIMS: dict[type, Callable] = {}
 
 
 def batch_dims(module: nn.Module, call: Call, n: int):
-    """The batch dimension of every leaf of ``call``'s (args, kwargs) and output (None: shared by all
-    samples), from the resolver in :data:`BATCH_DIMS` of the first class in ``module``'s MRO, else by size."""
+    """The sample dimension of every leaf of ``call``'s (args, kwargs) and output (None: shared by all
+    samples), from the resolver in :data:`BATCH_DIMS` of the first class in ``module``'s MRO, else
+    from provenance."""
     for cls in type(module).__mro__:
         if cls in BATCH_DIMS:
             return BATCH_DIMS[cls](module, call, n)
-    return _default_dims(module, call, n)
+    return _provenance_dims(module, call, n)
 
 
 def _take(t: Tensor, d: int, lo: int, hi: int) -> Tensor:
@@ -121,13 +119,8 @@ def per_sample_grads(
         for j, (gj, d) in enumerate(zip(g, out_dims)):
             if gj is None:
                 continue
-            if d is None:
-                raise ValueError(
-                    f"{type(module).__name__}: output #{j} with a gradient has no batch dimension "
-                    f"of size {n}; the per-sample fallback cannot split it by sample"
-                )
-            outs.append((j, d))
-            batched.append(_take(gj, d, lo, hi))
+            outs.append((j, d))  # gradients arrive batch-first (a shared output's: per sample)
+            batched.append(gj[lo:hi].detach())
         plans.append((fixed, spec, slots, outs))
     if not plans:
         return {k: torch.zeros((hi - lo,) + tuple(p.shape), dtype=p.dtype, device=p.device) for k, p in params.items()}
@@ -142,7 +135,8 @@ def per_sample_grads(
             args, kwargs = tree_unflatten(leaves, spec)
             out_leaves = tree_flatten(functional_call(module, p, tuple(args), kwargs))[0]
             for j, d in outs:
-                g = next(it).unsqueeze(d)
+                g = next(it)
+                g = g.unsqueeze(d) if d is not None else g
                 total = total + (out_leaves[j] * g.to(out_leaves[j].dtype)).sum()
         return total
 

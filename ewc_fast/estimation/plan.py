@@ -1,18 +1,24 @@
 """Which path serves each trainable parameter: decided once, on the first batch.
 
-Discovery runs a no-grad forward of (at most two samples of) the first batch under a
-``TorchFunctionMode`` that records, whenever a trainable parameter enters a torch function, which
-module's ``forward`` is innermost at that moment (its *users*). With the *owners* of a parameter
-(the modules holding it, plus a module whose rule handles a submodule's parameter, e.g.
-``nn.MultiheadAttention``'s ``out_proj.weight``), the plan is:
+Discovery runs a no-grad forward of (at most two samples of) the first batch under the provenance
+tracker (:class:`~.provenance.Tracker`), which records, whenever a trainable parameter is an argument
+of a torch function, the function, the argument position and the innermost module running
+(reading ``weight.dtype`` / ``.shape`` / ``.device`` is no use: only functions that take the
+tensor count). With the *owners* of a parameter (the modules holding it, plus a module whose rule
+handles a submodule's parameter, e.g. ``nn.MultiheadAttention``'s ``out_proj.weight``), each use is
 
-* used only by owners that have a rule for it (:func:`~.rules.rule_for`) -> that rule (a
-  :class:`Group` per module); if several such owners use it (tied embedding / output layer), the
-  *tied path* (:class:`Tied`): their per-sample gradients are summed chunk by chunk before squaring
-  (exact);
-* otherwise (no rule, or used outside its owner, e.g. an ``nn.Parameter`` in a custom ``forward``
-  or ``F.linear(h, self.emb.weight)``) -> the exact ``torch.func`` fallback (:class:`Fallback`) on
-  the lowest common ancestor of its users and owners (the root if it is not reachable from there).
+* a *module use*: inside an owner that has a module rule for it (:func:`~.rules.rule_for`: the fast
+  path, e.g. ``nn.Linear``), or
+* a *function use*: a function with a function-level rule (:mod:`.rules.functional`: ``linear``,
+  ``addmm``, ``embedding``, the norms, convolutions, a broadcast ``mul`` / ``add`` / ``expand``), keyed
+  by (innermost module, function, the planned parameters of the call), whatever the module's class.
+
+If every use of a parameter is one of these: one use -> that rule (:class:`Group`); several (a tied
+embedding / output layer, a module and a function use) -> the *tied path* (:class:`Tied`): the
+per-sample gradients of all uses are summed chunk by chunk before squaring (exact). Otherwise (a
+function without a rule, e.g. an ``nn.Parameter`` used in ``torch.einsum``) -> the exact
+``torch.func`` fallback (:class:`Fallback`) on the lowest common ancestor of its users and owners
+(the root if it is not reachable from there); :attr:`Plan.fallback_reasons` says why.
 
 Models whose parameter use depends on the data are not supported (the plan is not revisited).
 """
@@ -20,86 +26,139 @@ Models whose parameter use depends on the data are not supported (the plan is no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batches import Batch, forward, truncate
+from .provenance import Tracker
 from .rules import Rule, rule_for
+from .rules.functional import FuncTarget, function_role
 
-__all__ = ["Group", "TiedUse", "Tied", "Fallback", "Plan", "make_plan", "build_plan", "discover"]
+__all__ = ["Group", "TiedUse", "Tied", "Fallback", "Plan", "make_plan", "build_plan", "discover", "ModuleStack"]
 
 
 # ---------------------------------------------------------------------------------------- discovery
-class _UseRecorder(TorchFunctionMode):
-    """Records, for every trainable parameter entering a torch function, the innermost module running."""
+class ModuleStack:
+    """Forward pre/post hooks on every module keeping ``tracker.stack`` (innermost module last)."""
 
-    def __init__(self, trainable_ids: set[int]):
-        super().__init__()
-        self.ids = trainable_ids
-        self.stack: list[nn.Module] = []
-        self.uses: dict[int, dict[int, nn.Module]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.stack:
-            top = self.stack[-1]
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, nn.Parameter) and id(t) in self.ids:
-                    self.uses.setdefault(id(t), {})[id(top)] = top
-        return func(*args, **kwargs)
-
-
-def discover(model: nn.Module, inputs, trainable_ids: set[int]) -> dict[int, dict[int, nn.Module]]:
-    """id(parameter) -> {id(module): module} of the innermost modules running when the parameter
-    entered a torch function during a no-grad forward on ``inputs``."""
-    rec = _UseRecorder(trainable_ids)
-    handles = []
-    try:
-
-        def push(mod, args):
-            rec.stack.append(mod)
-
-        def pop(mod, args, output):
-            rec.stack.pop()
-
+    def __init__(self, model: nn.Module, tracker: Tracker):
+        self.tracker = tracker
+        self.handles = []
         for m in model.modules():
-            handles.append(m.register_forward_pre_hook(push))
-            handles.append(m.register_forward_hook(pop))
-        with torch.no_grad(), rec:
+            self.handles.append(m.register_forward_pre_hook(self._push, prepend=True))
+            self.handles.append(m.register_forward_hook(self._pop, always_call=True))
+
+    def _push(self, mod, args):
+        self.tracker.stack.append(mod)
+
+    def _pop(self, mod, args, output):
+        if self.tracker.stack and self.tracker.stack[-1] is mod:
+            self.tracker.stack.pop()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def param_args(args, kwargs, ids: set[int]):
+    """(position or keyword, parameter) of every trainable parameter passed directly to a function."""
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, nn.Parameter) and id(a) in ids:
+            out.append((i, a))
+        elif isinstance(a, (list, tuple)):
+            out.extend((("list", i), x) for x in a if isinstance(x, nn.Parameter) and id(x) in ids)
+    for k, a in kwargs.items():
+        if isinstance(a, nn.Parameter) and id(a) in ids:
+            out.append((k, a))
+    return out
+
+
+def role_name(func, name: str) -> str:
+    """The function-rule name of a torch function (operators: ``__rmul__`` -> ``mul``, ``__rsub__`` -> ``rsub``)."""
+    raw = getattr(func, "__name__", "") or ""
+    if raw.startswith("__") and raw.endswith("__"):
+        core = raw[2:-2]
+        return {"radd": "add", "rmul": "mul", "rsub": "rsub", "add": "add", "mul": "mul", "sub": "sub"}.get(
+            core, "matmul" if core == "matmul" else "op_" + core
+        )
+    return name
+
+
+class Use(NamedTuple):
+    """One function call taking trainable parameters, seen in discovery."""
+
+    module: nn.Module
+    fname: str
+    params: list  # (position, parameter, (rule, role) or None)
+
+
+def discover(model: nn.Module, inputs, trainable_ids: set[int], n: int) -> list[Use]:
+    """Every torch function call taking a trainable parameter during a no-grad forward on ``inputs``,
+    with the innermost module running."""
+    tracker = Tracker(n)
+    uses: list[Use] = []
+
+    def on_call(func, name, args, kwargs, out):
+        found = param_args(args, kwargs, trainable_ids)
+        if not found or not tracker.stack:
+            return
+        if out is found[0][1] or not any(isinstance(o, torch.Tensor) for o in tree_leaves(out)):
+            return  # p.to(p.dtype) returns p itself; non-tensor results are no use
+        fname = role_name(func, name)
+        uses.append(
+            Use(tracker.stack[-1], fname, [(pos, p, function_role(fname, pos, args, kwargs)) for pos, p in found])
+        )
+
+    tracker.on_call = on_call
+    stack = ModuleStack(model, tracker)
+    try:
+        with torch.no_grad(), tracker:
             forward(model, inputs)
     finally:
-        for h in handles:
-            h.remove()
-    return rec.uses
+        stack.remove()
+    return uses
 
 
 # --------------------------------------------------------------------------------------------- plan
 @dataclass
 class Group:
-    """Parameters of one module served by its rule: local name -> full name."""
+    """Parameters served by one rule on one target: local name (module rules) or role (function
+    rules) -> full name. ``key`` indexes the captured calls: ``id(module)`` for a module rule,
+    (id(module), function, planned parameters) for a function rule."""
 
-    module: nn.Module
+    key: Any
+    target: Any  # the module, or a :class:`~.rules.functional.FuncTarget`
     path: str
     rule: Rule
     params: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def module(self):
+        return self.target
+
 
 class TiedUse(NamedTuple):
-    """One rule module using a tied parameter, under the name ``local``."""
+    """One use (module or function call site) of a tied parameter, under the name ``local``."""
 
-    module: nn.Module
+    key: Any
+    target: Any
     path: str
     rule: Rule
     local: str
 
+    @property
+    def module(self):
+        return self.target
+
 
 @dataclass
 class Tied:
-    """A parameter used by several rule modules: per-sample gradients summed before squaring."""
+    """A parameter with several uses: per-sample gradients summed before squaring."""
 
     full: str
     uses: list[TiedUse]
@@ -113,6 +172,10 @@ class Fallback:
     path: str
     params: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def key(self):
+        return id(self.module)
+
 
 @dataclass
 class Plan:
@@ -121,23 +184,40 @@ class Plan:
     groups: list[Group]
     tied: list[Tied]
     fallbacks: list[Fallback]
+    #: function-rule capture keys -> target (the tracker records their calls)
+    functions: dict = field(default_factory=dict)
+    #: full name -> why it uses the torch.func fallback
+    fallback_reasons: dict = field(default_factory=dict)
 
     def modules(self) -> list[nn.Module]:
-        """The modules whose calls must be captured, each once, in plan order."""
+        """The modules whose calls must be captured (module rules and fallbacks), each once, in plan order."""
         seen, out = set(), []
-        for m in (
-            [g.module for g in self.groups]
-            + [u.module for t in self.tied for u in t.uses]
-            + [f.module for f in self.fallbacks]
-        ):
-            if id(m) not in seen:
+        targets = [g.target for g in self.groups] + [u.target for t in self.tied for u in t.uses]
+        for m in targets + [f.module for f in self.fallbacks]:
+            if isinstance(m, nn.Module) and id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
         return out
 
+    def keys(self) -> list:
+        """Every capture key (modules and function call sites), each once."""
+        seen, out = set(), []
+        for k in (
+            [g.key for g in self.groups] + [u.key for t in self.tied for u in t.uses] + [f.key for f in self.fallbacks]
+        ):
+            if k not in seen:
+                seen.add(k)
+                out.append(k)
+        return out
 
-def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses) -> Plan:
-    """The plan (module doc) from the users found by :func:`discover`."""
+
+def function_key(module: nn.Module, fname: str, roles) -> tuple:
+    """Capture key of a function call site: (id(innermost module), function, planned (role, id(param)))."""
+    return (id(module), fname, tuple(sorted((r, id(p)) for r, p in roles)))
+
+
+def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses: list[Use]) -> Plan:
+    """The plan (module doc) from the uses found by :func:`discover`."""
     paths, parent = {}, {}
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), path)
@@ -174,34 +254,77 @@ def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses
                 return a
         return model
 
-    groups: dict[int, Group] = {}
+    # per parameter: its units (module uses / function call sites), or why it cannot have them
+    units: dict[int, dict] = {}
+    users: dict[int, dict] = {}
+    bad: dict[int, str] = {}
+    for use in uses:
+        roles = [(fr[1], p) for pos, p, fr in use.params if fr is not None]
+        for pos, p, fr in use.params:
+            users.setdefault(id(p), {})[id(use.module)] = use.module
+            rule_owner = next(
+                ((m, local) for m, local in owners.get(id(p), []) if m is use.module and local in handled[id(m)][1]),
+                None,
+            )
+            if rule_owner is not None:
+                units.setdefault(id(p), {})[id(use.module)] = ("module", use.module, rule_owner[1])
+            elif fr is not None:
+                key = function_key(use.module, use.fname, roles)
+                units.setdefault(id(p), {})[key] = ("func", use.module, use.fname, fr[1], pos, fr[0], roles)
+            else:
+                bad.setdefault(
+                    id(p),
+                    f"used by torch function {use.fname!r} (argument {pos}) in "
+                    f"{paths.get(id(use.module), '?') or '<root>'} ({type(use.module).__name__}), "
+                    "which has no module or function rule for it",
+                )
+
+    groups: dict = {}
+    functions: dict = {}
     tied: list[Tied] = []
     fallbacks: dict[int, Fallback] = {}
+    reasons: dict[str, str] = {}
+
+    def unit_of(key, u, local_hint):
+        if u[0] == "module":
+            m, local = u[1], u[2]
+            return key, m, paths[id(m)], handled[id(m)][0], local
+        _, m, fname, role, pos, rule, roles = u
+        tgt = functions.get(key)
+        if tgt is None:
+            tgt = functions[key] = FuncTarget(m, paths.get(id(m), ""), fname, {}, {})
+        tgt.roles[role] = next(p for r, p in roles if r == role and id(p) == local_hint)
+        tgt.positions[role] = pos
+        return key, tgt, tgt.describe, rule, role
+
     for full, p in trainable:
         own = owners.get(id(p), [])
-        rule_owners = [(m, local) for m, local in own if local in handled[id(m)][1]]
-        users = uses.get(id(p), {})
-        rule_ids = {id(m) for m, _ in rule_owners}
-        if rule_owners and all(u in rule_ids for u in users):
-            used = [(m, local) for m, local in rule_owners if not users or id(m) in users]
-            if len(used) == 1:
-                m, local = used[0]
-                g = groups.setdefault(id(m), Group(m, paths[id(m)], handled[id(m)][0]))
+        mine = units.get(id(p), {})
+        if id(p) not in bad and not mine:  # never used in discovery: its rule owners serve it (zero)
+            mine = {id(m): ("module", m, local) for m, local in own if local in handled[id(m)][1]}
+        if id(p) not in bad and mine:
+            built = [unit_of(k, u, id(p)) for k, u in mine.items()]
+            if len(built) == 1:
+                key, tgt, path, rule, local = built[0]
+                g = groups.setdefault(key, Group(key, tgt, path, rule))
                 g.params[local] = full
             else:
-                tied.append(Tied(full, [TiedUse(m, paths[id(m)], handled[id(m)][0], local) for m, local in used]))
+                tied.append(Tied(full, [TiedUse(*b) for b in built]))
             continue
-        anchor = lca(list(users.values()) + [m for m, _ in own]) if own else model
+        reasons[full] = bad.get(id(p), "no rule serves it (its module has no rule and it enters no function with one)")
+        us = list(users.get(id(p), {}).values())
+        anchor = lca(us + [m for m, _ in own]) if own or us else model
         rel = next((k for k, q in anchor.named_parameters(remove_duplicate=False) if q is p), None)
         if rel is None:  # not reachable from the common ancestor: use the root
             anchor = model
             rel = next(k for k, q in model.named_parameters(remove_duplicate=False) if q is p)
         fb = fallbacks.setdefault(id(anchor), Fallback(anchor, paths.get(id(anchor), "")))
         fb.params[rel] = full
-    return Plan(list(groups.values()), tied, list(fallbacks.values()))
+    return Plan(list(groups.values()), tied, list(fallbacks.values()), functions, reasons)
 
 
 def make_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], batch: Batch) -> Plan:
     """The plan of ``model``'s trainable parameters, discovered on (two samples of) ``batch``."""
-    inputs = truncate(batch.inputs, batch.n, min(batch.n, 2))
-    return build_plan(model, trainable, discover(model, inputs, {id(p) for _, p in trainable}))
+    k = min(batch.n, 2)
+    inputs = truncate(batch.inputs, batch.n, k)
+    return build_plan(model, trainable, discover(model, inputs, {id(p) for _, p in trainable}, k))

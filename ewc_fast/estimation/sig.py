@@ -34,10 +34,10 @@ def add_factors(
 ) -> None:
     """Add one batch's SIG factor sums to ``bufs``; ``times_w[name]`` records that a factor arrived
     (and whether |w| multiplies it). Parameters that never get one fall back to |w|."""
-    uses = [(g.module, g.path, g.rule, local, full) for g in plan.groups for local, full in g.params.items()]
-    uses += [(u.module, u.path, u.rule, u.local, t.full) for t in plan.tied for u in t.uses]
-    for m, path, rule, local, full in uses:
-        cs = calls[id(m)]
+    uses = [(g.key, g.target, g.path, g.rule, local, full) for g in plan.groups for local, full in g.params.items()]
+    uses += [(u.key, u.target, u.path, u.rule, u.local, t.full) for t in plan.tied for u in t.uses]
+    for key, m, path, rule, local, full in uses:
+        cs = calls[key]
         if not cs:
             continue
         res = rule.sig(m, cs, [local], n, activations.get(path))

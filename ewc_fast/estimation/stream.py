@@ -12,6 +12,10 @@ arrived, its rule (:mod:`.rules`) or the ``torch.func`` fallback (:mod:`.fallbac
 forward+backward's instead of holding every layer's G until the backward ends. Modules serving tied
 parameters keep their gradients until the backward ends: the tied sums (per-sample gradients of
 every use summed before squaring) need all uses and are done in :meth:`Stream.finish`.
+
+Gradients reach the rules *batch-first*: each captured output's gradient is laid out with the samples
+along dim 0 from the output's provenance (:func:`~.provenance.batch_first`); the gradient of an
+output shared by all samples is replaced by its per-sample gradients (:mod:`.shared`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from .capture import Capture
 from .fallback import FunctionalFallback
 from .methods import Seed
 from .plan import Plan
+from .provenance import BDim, Unknown, batch_first
 from .rules import chunk_rows, reduce_into
+from .shared import SharedGrads
 
 __all__ = ["Stream", "walk", "call_grads"]
 
@@ -41,6 +47,10 @@ def call_grads(calls, received, per_leaf: bool) -> list:
         else:
             out.append(received.get((ci, 0)) if isinstance(c.output, Tensor) else None)
     return out
+
+
+def _describe(target) -> str:
+    return getattr(target, "describe", None) or type(target).__name__
 
 
 def walk(root, edges: dict) -> tuple[set, list, list]:
@@ -84,25 +94,31 @@ class Stream:
 
     def __init__(self, plan: Plan, capture: Capture, n: int, backend: str):
         self.plan, self.capture, self.n, self.backend = plan, capture, n, backend
-        self.groups = {id(g.module): g for g in plan.groups}
-        self.fallbacks = {id(f.module): f for f in plan.fallbacks}
-        self.tied_modules = {id(u.module) for t in plan.tied for u in t.uses}
-        # (id(grad_fn), output_nr) of a captured output -> [(module key, call index, leaf index)]
+        self.groups = {g.key: g for g in plan.groups}
+        self.fallbacks = {f.key: f for f in plan.fallbacks}
+        self.tied_modules = {u.key for t in plan.tied for u in t.uses}
+        self.targets = {g.key: g.target for g in plan.groups}
+        self.targets.update({u.key: u.target for t in plan.tied for u in t.uses})
+        self.targets.update({f.key: f.module for f in plan.fallbacks})
+        # (id(grad_fn), output_nr) of a captured output -> [(unit key, call index, leaf index)]
         self.where: dict[tuple, list] = {}
         self.edges: dict[tuple, GradientEdge] = {}
+        self.ids: dict[tuple, int] = {}  # (unit key, call, leaf) -> id of the captured output tensor
         self.leaf_output = False
         self.handles = []
         self.seed: Seed | None = None
-        for m in plan.modules():
-            for ci, c in enumerate(capture.calls[id(m)]):
+        self.shared = SharedGrads(capture.meetings, n)
+        for mkey in plan.keys():
+            for ci, c in enumerate(capture.calls[mkey]):
                 for li, t in enumerate(tree_flatten(c.output)[0]):
                     if not (isinstance(t, Tensor) and t.requires_grad):
                         continue
                     if t.grad_fn is None:
                         self.leaf_output = True
                         continue
+                    self.ids[(mkey, ci, li)] = id(t)
                     key = (id(t.grad_fn), t.output_nr)
-                    self.where.setdefault(key, []).append((id(m), ci, li))
+                    self.where.setdefault(key, []).append((mkey, ci, li))
                     if key not in self.edges:
                         self.edges[key] = get_gradient_edge(t)
                         self.handles.append(t.register_hook(self._hook(key)))
@@ -111,10 +127,11 @@ class Stream:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.shared.remove()
 
     def _hook(self, key):
         def hook(g):
-            if self.seed is not None:
+            if self.seed is not None and not self.shared.busy:
                 self._arrive(key, g)
             return None
 
@@ -124,6 +141,8 @@ class Stream:
     def begin(self, seed: Seed, bufs: dict, last: bool) -> list[GradientEdge]:
         """Start a seed; returns the frontier (gradient edges of captured outputs) to differentiate to."""
         self.seed, self.bufs, self.last = seed, bufs, last
+        self.shared.reset()
+        self.shared.active = True
         self.received = {key: {} for key in set(self.groups) | set(self.fallbacks) | self.tied_modules}
         self.done: set[int] = set()
         referenced, frontier, keep = walk(seed.value.grad_fn, self.edges)
@@ -145,17 +164,29 @@ class Stream:
                     "ewc_fast internal error: a module output gradient arrived after its module "
                     "was processed; please report this model"
                 )
-            self.received[mkey][(ci, li)] = g
+            self.received[mkey][(ci, li)] = self._batch_first(mkey, ci, li, g)
             if len(self.received[mkey]) >= self.expected[mkey] and mkey not in self.tied_modules:
                 self._process(mkey)
 
-    def _process(self, mkey: int) -> None:
+    def _batch_first(self, mkey, ci: int, li: int, g: Tensor) -> Tensor:
+        """The gradient of one captured output, batch-first (per sample for a shared output)."""
+        c = self.capture.calls[mkey][ci]
+        bd = c.out_dims[li] if c.out_dims is not None else BDim(0)
+        what = _describe(self.targets[mkey])
+        if isinstance(bd, Unknown):
+            raise ValueError(f"{what}: cannot tell which dimension of its output holds the samples: {bd.reason}")
+        if bd is None:
+            ids = self.ids[(mkey, ci, li)]
+            return self.shared.take(_ById(ids), g, what)
+        return batch_first(g, bd, self.n)
+
+    def _process(self, mkey) -> None:
         """Statistics of the group / fallback parameters of one module from the gradients received."""
         calls, got = self.capture.calls[mkey], self.received[mkey]
         g = self.groups.get(mkey)
         if g is not None:
             g.rule.accumulate(
-                g.module,
+                g.target,
                 calls,
                 call_grads(calls, got, g.rule.per_leaf),
                 {local: self.bufs[full] for local, full in g.params.items()},
@@ -180,6 +211,7 @@ class Stream:
 
     def finish(self) -> None:
         """After the backward: modules still waiting (a gradient that never came), then the tied sums."""
+        self.shared.active = False
         for mkey in list(self.received):
             if mkey not in self.done and mkey not in self.tied_modules:
                 self._process(mkey)
@@ -189,13 +221,20 @@ class Stream:
             step = chunk_rows(n, 4 * buf.numel())
             per_use = []
             for u in t.uses:
-                cs = self.capture.calls[id(u.module)]
-                per_use.append((u, cs, call_grads(cs, self.received[id(u.module)], u.rule.per_leaf)))
+                cs = self.capture.calls[u.key]
+                per_use.append((u, cs, call_grads(cs, self.received[u.key], u.rule.per_leaf)))
             for lo in range(0, n, step):
                 hi = min(n, lo + step)
-                ps = sum(u.rule.per_sample(u.module, cs, gs, [u.local], lo, hi, n)[u.local] for u, cs, gs in per_use)
+                ps = sum(u.rule.per_sample(u.target, cs, gs, [u.local], lo, hi, n)[u.local] for u, cs, gs in per_use)
                 reduce_into(buf, ps, self.seed.mode)
         for mkey in self.tied_modules:
             if mkey not in self.done:  # its group / fallback parameters, with the gradients kept
                 self._process(mkey)
         self.received = {}  # the seed is cleared by the caller (also when the backward raised)
+
+
+class _ById:
+    """Stands for a captured output tensor (replaced by a meta tensor) in :meth:`SharedGrads.take`."""
+
+    def __init__(self, key: int):
+        self.key = key

@@ -96,3 +96,58 @@ def test_sig_decision_is_collective():
     bad = [x + y for x, y in zip(rank0, sig.flags(names, {"a": False}))]
     with pytest.raises(RuntimeError, match="disagree"):
         sig.decide(names, bad)
+
+
+def _misuse_worker(rank, world, port, path):
+    """Rank 1 asks for other methods (config check); then rank 1's data loader raises mid-pass and
+    rank 1 catches it and carries on (failure flag in the closing collective)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60)
+    )
+    out = {}
+    try:
+        shard = _ddp_data()[rank::world]
+        try:
+            ewc_fast.estimate_importance(mlp(), shard, "fisher" if rank == 0 else "mas", progress=False)
+        except ValueError as e:
+            out["config"] = str(e)
+        try:
+            ewc_fast.estimate_importance(mlp(), shard, "fisher", mc_samples=0 if rank == 1 else 1, progress=False)
+        except ValueError as e:
+            out["invalid"] = str(e)
+
+        def loader():
+            yield shard[0]
+            if rank == 1:
+                raise RuntimeError("loader broke")
+            yield shard[1]
+
+        try:
+            ewc_fast.estimate_importance(mlp(), loader(), "fisher", progress=False)
+        except RuntimeError as e:
+            out["failed"] = str(e)
+        ok = ewc_fast.estimate_importance(mlp(), shard, "fisher", progress=False)["fisher"]  # still usable
+        out["after"] = ok.n_samples
+        torch.save(out, f"{path}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_different_arguments_or_a_failing_loader_all_raise_promptly():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "res")
+        torch.multiprocessing.spawn(_misuse_worker, args=(2, port, path), nprocs=2, join=True)
+        ranks = [torch.load(f"{path}.{r}", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert "different configurations" in r["config"] and "methods" in r["config"]
+        assert "mc_samples" in r["invalid"]
+        assert r["after"] == 10
+    assert "invalid arguments on rank(s) [1]" in ranks[0]["invalid"]
+    assert ranks[1]["failed"] == "loader broke"
+    assert "failed on rank(s) [1]" in ranks[0]["failed"] and "loader broke" in ranks[0]["failed"]

@@ -74,8 +74,8 @@ def test_captured_inputs_are_released_on_the_last_seed(monkeypatch):
     orig_cls = engine.Capture
 
     class Spy(orig_cls):
-        def __init__(self, modules):
-            super().__init__(modules)
+        def __init__(self, *args):
+            super().__init__(*args)
             holder["capture"] = self
 
     monkeypatch.setattr(engine, "Capture", Spy)

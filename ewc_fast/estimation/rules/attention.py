@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ..provenance import BDim
 from .base import Call, Rule, cat_tokens, chunk_rows, live_calls, persample_into, reduce_into
 
 __all__ = ["MultiheadAttentionRule"]
@@ -172,6 +173,13 @@ class MultiheadAttentionRule(Rule):
                     f"nn.MultiheadAttention (batch_first={bf}): its {what} has shape {tuple(t.shape)}, "
                     f"whose batch dimension {bdim} is not the batch size {n}"
                 )
+            bd = call.dim_of(t, n)
+            if n > 1 and bd is not None and bd != BDim(bdim):
+                raise ValueError(
+                    f"nn.MultiheadAttention (batch_first={bf}): its {what} {tuple(t.shape)} holds the samples "
+                    + (f"along dimension {bd.dim}" if isinstance(bd, BDim) else f"in an unknown way ({bd.reason})")
+                    + f", not along its batch dimension {bdim}: the attention would mix the samples"
+                )
         leaves = tree_flatten(call.output)[0]
         g_y = g[0] if len(g) > 0 else None
         g_w = g[1] if len(g) > 1 and len(leaves) > 1 and isinstance(leaves[1], Tensor) else None
@@ -208,7 +216,7 @@ class MultiheadAttentionRule(Rule):
         p = torch.softmax(scores, -1)
         del scores
         ctx = merge(torch.matmul(p, v))
-        gy = take(g_y).to(dt) if g_y is not None else None
+        gy = g_y[lo:hi].to(dt) if g_y is not None else None  # output gradients arrive batch-first
         out = _Chunk()
         out.gy, out.ctx = gy, ctx
         out.self_attn = _same(query, key) and _same(key, value)

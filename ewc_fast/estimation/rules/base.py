@@ -19,8 +19,14 @@ that the engine divides by N and, where the rule says so, multiplies by |w|.
 
 The registry :data:`RULES` maps a module class to a rule instance; a module uses the rule of the
 first class in its MRO found there, provided it does not override that class's ``forward``
-(:func:`rule_for`). Per-layer rules read the batch along dim 0 of every input and output gradient
-(:func:`input_grad_slices` is the one place that slices and checks it).
+(:func:`rule_for`).
+
+Sample dimensions: every :class:`Call` the engine records carries the provenance of its tensors
+(:mod:`ewc_fast.estimation.provenance`): which dimension of each input and output holds the samples,
+or that a tensor is shared by all samples. The output gradients handed to a rule are already
+*batch-first* (``grads[i]`` has the N samples along dim 0); :func:`main_input` gives the main input
+batch-first too (sequence-first and flattened ``(N * T, F)`` inputs are moved / unflattened, a shared
+input is broadcast to every sample), and :func:`input_grad_slices` is the one place that slices both.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import persample_sq_
+from ..provenance import BDim, batch_first
 
 #: bytes bounding one chunk's temporaries (unfolded inputs, per-sample gradients, scatter buffers)
 CHUNK_BYTES = 64 * 2**20
@@ -40,11 +47,28 @@ CHUNK_BYTES = 64 * 2**20
 
 @dataclass
 class Call:
-    """One forward invocation of a module: its positional args, kwargs and output."""
+    """One forward invocation of a module (or of a torch function): its positional args, kwargs and
+    output, and where their samples are.
+
+    ``in_dims`` maps ``id(tensor)`` of the (detached) tensors in ``args``/``kwargs`` to their
+    :class:`~ewc_fast.estimation.provenance.BDim` (absent: shared by all samples; an
+    :class:`~ewc_fast.estimation.provenance.Unknown` says why it could not be followed);
+    ``out_dims`` is aligned with ``tree_flatten(output)[0]``. ``None`` (a hand-made Call): every
+    tensor whose leading size is the batch size holds the samples along dim 0."""
 
     args: tuple
     kwargs: dict
     output: Any
+    in_dims: dict | None = None
+    out_dims: list | None = None
+    #: the torch function of a function-level call (None for a module call)
+    func: Any = None
+
+    def dim_of(self, t: Tensor, n: int):
+        """The sample dimension of an input tensor of this call (None: shared)."""
+        if self.in_dims is None:
+            return BDim(0) if t.dim() > 0 and t.shape[0] == n else None
+        return self.in_dims.get(id(t))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -75,13 +99,24 @@ def call_input(call: Call, name: str = "input") -> Tensor:
     raise ValueError(f"could not find the input tensor of a module call (args empty, no {name!r} kwarg)")
 
 
-def check_batch_first(x: Tensor, n: int, module: nn.Module, what: str = "input") -> None:
-    """Raise ValueError unless ``x``'s leading dimension is the batch size ``n``."""
-    if x.dim() == 0 or x.shape[0] != n:
+def module_name(module) -> str:
+    """How messages name a rule's target (a module, or a function call site)."""
+    return getattr(module, "describe", None) or type(module).__name__
+
+
+def main_input(call: Call, n: int, module, name: str = "input", sample_dim0: bool = False) -> Tensor:
+    """The call's main input with its samples along dim 0 (see the module doc). ``sample_dim0``:
+    the layer defines dim 0 as its batch (convolutions, GroupNorm, BatchNorm): refuse anything else."""
+    x = call_input(call, name)
+    bd = call.dim_of(x, n)
+    if sample_dim0 and isinstance(bd, BDim) and (bd.dim != 0 or bd.outer != 1 or bd.inner != 1) and n > 1:
         raise ValueError(
-            f"{type(module).__name__}: its {what} has shape {tuple(x.shape)}, whose leading "
-            f"dimension is not the batch size {n}; per-layer rules need batch-first tensors"
+            f"{module_name(module)}: its input {tuple(x.shape)} holds the samples along dimension {bd.dim}"
+            + (" (flattened with other positions)" if bd.dim == 0 else "")
+            + "; this layer treats dim 0 as the batch, so it would mix the samples: per-sample "
+            "importances are undefined (pass the samples along dim 0)"
         )
+    return batch_first(x, bd, n, f"input of {module_name(module)}")
 
 
 def live_calls(calls: list[Call], grads: list) -> tuple[list[Call], list]:
@@ -93,12 +128,14 @@ def live_calls(calls: list[Call], grads: list) -> tuple[list[Call], list]:
 def input_grad_slices(
     module: nn.Module, calls: list[Call], grads: list, lo: int, hi: int, n: int
 ) -> list[tuple[Tensor, Tensor]]:
-    """(main input[lo:hi], output gradient[lo:hi]) of every call that received a gradient, the input
-    checked batch-first (leading size ``n``): what every single-input rule reads for samples lo:hi."""
+    """(main input[lo:hi], output gradient[lo:hi]) of every call that received a gradient, both
+    batch-first (:func:`main_input`): what every single-input rule reads for samples lo:hi."""
     out = []
+    dim0 = getattr(module, "sample_dim0", False) or isinstance(
+        module, (nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    )
     for call, g in zip(*live_calls(calls, grads)):
-        x = call_input(call)
-        check_batch_first(x, n, module)
+        x = main_input(call, n, module, sample_dim0=dim0)
         out.append((x[lo:hi], g[lo:hi]))
     return out
 

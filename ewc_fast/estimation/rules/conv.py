@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from .base import (
     Rule,
     apply_activation,
-    call_input,
     cat_tokens,
     chunk_rows,
     input_grad_slices,
     live_calls,
+    main_input,
     persample_into,
     reduce_into,
 )
@@ -120,7 +120,7 @@ class ConvRule(Rule):
         if not calls:
             return
         if "bias" in bufs:
-            reduce_into(bufs["bias"], sum(g.flatten(2).sum(2) for g in grads), mode)
+            reduce_into(bufs["bias"], sum(g.reshape(n, module.out_channels, -1).sum(2) for g in grads), mode)
         if "weight" not in bufs:
             return
         w = bufs["weight"].view(module.out_channels, cg)
@@ -144,7 +144,7 @@ class ConvRule(Rule):
         if "weight" in names:
             tot = torch.zeros(groups, cg, dtype=torch.float32, device=module.weight.device)
             for call in calls:
-                x = call_input(call)
+                x = main_input(call, n, module, sample_dim0=True)
                 step = self._chunk(module, call.output, n)
                 for lo in range(0, n, step):
                     a = unfold(module, x[lo : min(n, lo + step)]).abs().sum((0, 1), dtype=torch.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import base
-from .base import Rule, call_input, cat_tokens, input_grad_slices, live_calls
+from .base import Rule, cat_tokens, input_grad_slices, live_calls, main_input
 
 __all__ = ["EmbeddingRule"]
 
@@ -62,7 +62,7 @@ class EmbeddingRule(Rule):
         live, _ = live_calls(calls, grads)
         if not live:
             return
-        t = sum(call_input(c).reshape(n, -1).shape[1] for c in live)
+        t = sum(main_input(c, n, module).reshape(n, -1).shape[1] for c in live)
         V, D = module.num_embeddings, module.embedding_dim
         step = n  # scatter buffer (step x unique ids x D) in fp32; unique ids <= min(V, step * t)
         while step > 1 and step * min(V, step * t) * D * 4 > base.CHUNK_BYTES:
@@ -77,7 +77,7 @@ class EmbeddingRule(Rule):
         V = module.num_embeddings
         cnt = torch.zeros(V, dtype=torch.float32, device=module.weight.device)
         for call in calls:
-            ids = call_input(call).reshape(-1)
+            ids = main_input(call, n, module).reshape(-1)
             if module.padding_idx is not None:
                 ids = ids[ids != module.padding_idx]
             cnt += torch.bincount(ids, minlength=V).to(torch.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Rule, apply_activation, call_input, cat_tokens, input_grad_slices, persample_into, reduce_into
+from .base import Rule, apply_activation, cat_tokens, input_grad_slices, main_input, persample_into, reduce_into
 
 __all__ = ["LinearRule"]
 
@@ -60,15 +60,17 @@ class LinearRule(Rule):
         out = {}
         if "weight" in names:
             s = sum(
-                call_input(c).reshape(n, -1, module.in_features).abs().sum((0, 1), dtype=torch.float32) for c in calls
+                main_input(c, n, module).reshape(n, -1, module.in_features).abs().sum((0, 1), dtype=torch.float32)
+                for c in calls
             )
             out["weight"] = (s.expand(module.out_features, module.in_features), True)
         if "bias" in names:
             s = sum(
                 apply_activation(activation, c.output)
-                .reshape(n, -1, module.out_features)
                 .abs()
-                .sum((0, 1), dtype=torch.float32)
+                .reshape(-1, module.out_features)
+                .sum(0, dtype=torch.float32)
+                * (n if c.out_dims is not None and c.out_dims[0] is None else 1)  # shared: every sample
                 for c in calls
             )
             out["bias"] = (s, False)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Rule, apply_activation, call_input, input_grad_slices, reduce_into
+from .base import Rule, apply_activation, input_grad_slices, main_input, reduce_into
 
 __all__ = ["NormRule", "LayerNormRule", "RMSNormRule", "GroupNormRule", "BatchNormRule"]
 
@@ -36,8 +36,20 @@ class NormRule(Rule):
 
     Subclasses define :meth:`xhat` and :meth:`feat`."""
 
+    #: the layer defines dim 0 as its batch (GroupNorm, BatchNorm)
+    dim0 = False
+
     def xhat(self, module, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def _out_bf(call, n, module, activation):
+        """The (activated) output of a call, batch-first."""
+        from ..provenance import batch_first
+
+        y = apply_activation(activation, call.output)
+        bd = call.out_dims[0] if call.out_dims is not None else None
+        return batch_first(y, bd, n, f"output of {type(module).__name__}") if call.out_dims is not None else y
 
     def feat(self, module, t: Tensor, n: int) -> Tensor:
         """Reshape a (n, ...) tensor to (n, T, *param_shape) for the per-sample sum over T."""
@@ -65,13 +77,15 @@ class NormRule(Rule):
         out = {}
         if "weight" in names:
             s = sum(
-                self.feat(module, self.xhat(module, call_input(c)), n).abs().sum((0, 1), dtype=torch.float32)
+                self.feat(module, self.xhat(module, main_input(c, n, module, sample_dim0=self.dim0)), n)
+                .abs()
+                .sum((0, 1), dtype=torch.float32)
                 for c in calls
             )
             out["weight"] = (s, True)
         if "bias" in names:
             s = sum(
-                self.feat(module, apply_activation(activation, c.output), n).abs().sum((0, 1), dtype=torch.float32)
+                self.feat(module, self._out_bf(c, n, module, activation), n).abs().sum((0, 1), dtype=torch.float32)
                 for c in calls
             )
             out["bias"] = (s, False)
@@ -102,6 +116,8 @@ class RMSNormRule(LayerNormRule):
 
 class _ChannelNormRule(NormRule):
     """Norms whose parameters index dim 1 (channels): T = every other position of a sample."""
+
+    dim0 = True
 
     def feat(self, module, t, n):
         return t.reshape(n, t.shape[1], -1).transpose(1, 2)
