@@ -25,6 +25,8 @@ def _runs_of(report: dict, source: str) -> list[dict]:
             "workloads": list(report["workloads"]),
             "consolidation": bool(report.get("consolidation")),
             "partial": bool(report.get("partial")),
+            "torch": report["meta"].get("torch"),
+            "versions": dict(report["meta"].get("versions", {})),
         }
     ]
 

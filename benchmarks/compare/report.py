@@ -130,6 +130,12 @@ def _header(report: dict) -> list[str]:
             + ("; consolidation" if run["consolidation"] else "")
             + ("; a partial run (stopped midway: the workloads listed finished)" if run.get("partial") else "")
             + (f"; command `{run['command']}`" if run.get("command") else "")
+            + (f"; torch {run['torch']}" if run.get("torch") and run["torch"] != m.get("torch") else "")
+            + (
+                f"; avalanche-lib {run['versions']['avalanche-lib']}"
+                if run.get("versions", {}).get("avalanche-lib") not in (None, "?")
+                else ""
+            )
         )
     return L
 
