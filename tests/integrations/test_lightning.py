@@ -144,3 +144,30 @@ def test_end_task_and_errors():
         cb.load_state_dict({"format": "something else"})
     with pytest.raises(ValueError, match=r"the state holds \['ewc', 'si'\]"):
         cb.load_state_dict({"format": "ewc_fast.integrations.Consolidator", "version": 1, "ewc": {}, "si": {}})
+
+
+class _SGDClassifier(EX.Classifier):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_wva_attenuates_every_lightning_step():
+    """WVA (no penalty): each SGD step becomes -lr * g / (1 + lam * A), A the accumulated importance."""
+    data = EX.make_task(1, n=8, seed=3)
+    model = _SGDClassifier(lr=0.1)
+    wva = ewc_fast.WVA(model, lam=3.0)
+    imp = ewc_fast.estimate_importance(model, DataLoader(EX.make_task(0, n=16), batch_size=8), progress=False)
+    wva.consolidate(imp["fisher"])
+    before = _params(model)
+    x, y = data.tensors
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = {n: before[n] - 0.1 * p.grad / (1 + 3.0 * wva.accum[n]) for n, p in model.named_parameters()}
+    plain = {n: before[n] - 0.1 * p.grad for n, p in model.named_parameters()}
+    assert any(not torch.allclose(plain[n], expected[n], rtol=1e-4) for n in plain)  # the attenuation shows
+    cb = ConsolidationCallback(wva=wva)
+    EX.trainer(1, callbacks=[cb]).fit(model, DataLoader(data, batch_size=8))
+    assert not wva.attached  # unhooked at fit's end
+    for n, p in model.named_parameters():
+        # the op computes old + (new - old)/(1 + lam*A) in fp32: a few ulps from the formula above
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-7)
