@@ -78,7 +78,7 @@ class ConsolidationPlugin(ConsolidatorAccess, SupervisedPlugin):
             self.consolidator.attach(strategy.optimizer)
 
     def before_update(self, strategy, **kwargs):
-        self.consolidator.before_step()
+        self.consolidator.before_step(strategy.optimizer)
 
     def after_training_exp(self, strategy, **kwargs):
         self.consolidator.detach()

@@ -160,16 +160,29 @@ class Consolidator:
         self._attached_to = None
 
     # ------------------------------------------------------------------------------ optimizer hooks
+    def fused_by(self, optimizer) -> frozenset[str]:
+        """Which of ``"ewc"``, ``"si"``, ``"wva"`` the (unwrapped) ``optimizer`` applies inside its own
+        step: a fused optimizer (``ewc_fast.optim``) exposes the objects it was given as ``.ewc`` /
+        ``.si`` / ``.wva``; those are then left to it (no ``apply_``, no hooks)."""
+        inner, _ = unwrap_optimizer(optimizer)
+        return frozenset(
+            k
+            for k, obj in (("ewc", self.ewc), ("si", self.si), ("wva", self.wva))
+            if obj is not None and getattr(inner, k, None) is obj
+        )
+
     def attach(self, optimizer, *, si_gradients: str = "pre_step") -> None:
-        """Hook WVA, then SI (so that SI sees the attenuated step) to ``optimizer`` (unwrapped first).
-        Re-attaching to the same optimizer is a no-op; another optimizer replaces the old hooks."""
+        """Hook WVA, then SI (so that SI sees the attenuated step) to ``optimizer`` (unwrapped first),
+        except what a fused optimizer applies itself (:meth:`fused_by`). Re-attaching to the same
+        optimizer is a no-op; another optimizer replaces the old hooks."""
         inner, _ = unwrap_optimizer(optimizer)
         if self._attached_to is inner:
             return
         self.detach()
-        if self.wva is not None:
+        fused = self.fused_by(inner)
+        if self.wva is not None and "wva" not in fused:
             self.wva.attach(inner)
-        if self.si is not None:
+        if self.si is not None and "si" not in fused:
             self.si.attach(inner, gradients=si_gradients)
             self._manual_si = si_gradients == "manual"
         self._attached_to = inner
@@ -192,17 +205,32 @@ class Consolidator:
         """Once per optimizer step, with the gradients final: unscale them if ``optimizer`` carries a
         ``GradScaler`` that has not unscaled them yet, add the EWC gradient (``EWC.apply_``), optionally
         clip ``parameters``' gradients to ``clip_grad_norm`` (task + penalty gradient together), and
-        capture SI's gradients when it reads them manually. Returns the penalty value (or None)."""
+        capture SI's gradients when it reads them manually. Returns the penalty value (or None).
+
+        With a fused optimizer that applies the EWC penalty itself (:meth:`fused_by`), nothing is added
+        here; clipping then goes through the optimizer's ``clip_grad_norm_`` (which clips the task
+        gradient and the penalty gradient of its coming step together), and the value returned is the
+        optimizer's ``last_penalty``, the penalty at its previous step."""
+        fused = frozenset()
         if optimizer is not None:
             inner, scaler = unwrap_optimizer(optimizer)
-            unscale_gradients(inner, scaler)
+            fused = self.fused_by(inner)
+            needs_unscaled = (self.ewc is not None and "ewc" not in fused) or clip_grad_norm is not None
+            if needs_unscaled or self._manual_si:
+                unscale_gradients(inner, scaler)
         value = None
-        if self.ewc is not None:
+        if self.ewc is not None and "ewc" in fused:
+            last = getattr(inner, "last_penalty", None)
+            value = None if last is None else float(last)
+        elif self.ewc is not None:
             value = float(self.ewc.apply_())
         if clip_grad_norm is not None:
-            if parameters is None:
-                raise ValueError("before_step: clip_grad_norm needs parameters=")
-            torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+            if "ewc" in fused:
+                inner.clip_grad_norm_(clip_grad_norm)
+            else:
+                if parameters is None:
+                    raise ValueError("before_step: clip_grad_norm needs parameters=")
+                torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
         if self._manual_si:
             self.si.capture_gradients()
         self.last_penalty = value

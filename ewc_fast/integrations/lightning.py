@@ -91,8 +91,8 @@ class ConsolidationCallback(ConsolidatorAccess, Callback):
             self.consolidator.attach(trainer.optimizers[0], si_gradients="manual")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # Lightning has already unscaled 16-mixed gradients here; no scaler is passed.
-        self.consolidator.before_step()
+        # Lightning has already unscaled 16-mixed gradients here (its optimizer carries no scaler)
+        self.consolidator.before_step(optimizer)
         self.penalty_steps += 1
 
     def on_train_end(self, trainer, pl_module) -> None:

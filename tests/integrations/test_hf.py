@@ -293,3 +293,34 @@ def test_causal_lm_and_lora_through_the_trainer(tmp_path, family):
     # a second task: the penalty is applied on every optimizer step
     _train(model, _args(tmp_path / "b", max_steps=2), data, [cb])
     assert cb.penalty_steps == 4 and cb.last_penalty is not None and ewc.n_tasks == 2
+
+
+def test_fused_optimizer_passed_by_the_user(tmp_path):
+    """Trainer(optimizers=(ewc_fast.optim.AdamW(..., ewc=ewc), None)): the optimizer adds the penalty
+    inside its step, so the callback adds nothing (it would count twice); same parameters as the hook
+    path (torch's single-tensor AdamW + the callback's EWC.apply_)."""
+    optim = pytest.importorskip("ewc_fast.optim", reason="the fused optimizers (ewc_fast.optim) are not in this tree")
+    data = EX.TokenTask(1, 16, seed=5)
+    finals = []
+    for fused in (False, True):
+        model, ewc = _consolidated_model()
+        if fused:
+            opt = optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0, ewc=ewc)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0, foreach=False)
+        cb = ConsolidationCallback(ewc=ewc)
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path / str(fused), max_steps=3),
+            train_dataset=data,
+            callbacks=[cb],
+            optimizers=(opt, None),
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        assert cb.penalty_steps == 3 and cb.last_penalty is not None
+        if fused:
+            assert cb.consolidator.fused_by(opt) == {"ewc"}
+        finals.append(_params(model))
+    for n in finals[0]:  # the fused step reproduces torch's single-tensor AdamW + apply_ (up to fp32 order)
+        torch.testing.assert_close(finals[1][n], finals[0][n], rtol=1e-6, atol=1e-7)

@@ -171,3 +171,25 @@ def test_wva_attenuates_every_lightning_step():
     for n, p in model.named_parameters():
         # the op computes old + (new - old)/(1 + lam*A) in fp32: a few ulps from the formula above
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_optimizer_from_configure_optimizers():
+    """An ewc_fast.optim.SGD holding the EWC and the SI tracker: the callback neither adds the penalty
+    nor hooks SI (the step does both); same parameters and SI importance as the hook path."""
+    optim = pytest.importorskip("ewc_fast.optim", reason="the fused optimizers (ewc_fast.optim) are not in this tree")
+    data = EX.make_task(1, n=24, seed=3)
+    results = []
+    for fused in (False, True):
+        model, ewc = _consolidated()
+        si = ewc_fast.SynapticIntelligence(model)
+        if fused:
+            model.configure_optimizers = lambda m=model, e=ewc, s=si: optim.SGD(m.parameters(), lr=0.05, ewc=e, si=s)
+        else:
+            model.configure_optimizers = lambda m=model: torch.optim.SGD(m.parameters(), lr=0.05)
+        cb = ConsolidationCallback(ewc=ewc, si=si, importance="si")
+        EX.trainer(1, callbacks=[cb]).fit(model, DataLoader(data, batch_size=8))
+        assert ewc.n_tasks == 2 and cb.penalty_steps == 3
+        results.append((_params(model), cb.consolidator.last_importance))
+    for n in results[0][0]:
+        torch.testing.assert_close(results[1][0][n], results[0][0][n], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-5, atol=1e-9)
