@@ -192,4 +192,8 @@ def test_fused_optimizer_from_configure_optimizers():
         results.append((_params(model), cb.consolidator.last_importance))
     for n in results[0][0]:
         torch.testing.assert_close(results[1][0][n], results[0][0][n], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-5, atol=1e-9)
+        # SI sums g*dtheta over the steps with cancellation; the fused step forms dtheta from its own
+        # update, the hooks from fp32 theta_after - theta_before: elements near 0 differ by ulps of the
+        # largest terms (measured: 1.6e-9 absolute, 3e-5 relative, on one element of 256)
+        ref = results[0][1][n]
+        torch.testing.assert_close(results[1][1][n], ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
