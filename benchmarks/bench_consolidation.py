@@ -8,7 +8,8 @@ read grad, theta, Omega (fp32) and mu (fp64) and write grad = 24 B.
 
 SI rows (Zenke et al. 2017): one optimizer step (Adam) with and without ``SynapticIntelligence``
 attached, and a whole training step (forward + backward + step) with and without it;
-:func:`bench_si_avalanche` measures Avalanche's per-step SI bookkeeping, reproduced, on the same model.
+:func:`bench_si_avalanche` measures Avalanche's per-step SI bookkeeping, reproduced, on the same model;
+:func:`bench_si_avalanche_lib` the real Avalanche plugin's (in the Avalanche environment).
 
 Run: ``python -m benchmarks.bench_consolidation [--sizes 10e6 100e6] [--tasks 1 10] [--repeats 5]``.
 """
@@ -177,6 +178,43 @@ def bench_si_avalanche(width: int, depth: int, batch: int, repeats: int, device:
         "batch": batch,
         "train_step": measure(train_step, repeats=repeats, device=device),
         "train_step+si": measure(train_step_si, repeats=repeats, device=device),
+    }
+
+
+def bench_si_avalanche_lib(width: int, depth: int, batch: int, repeats: int, device: str) -> dict:
+    """The real Avalanche 0.6 ``SynapticIntelligencePlugin`` bookkeeping around each training step.
+
+    Its own static methods, as its ``before_training_iteration`` / ``after_training_iteration`` hooks
+    call them: ``pre_update`` (snapshot the weights) before the step, ``post_update`` (snapshot weights
+    and gradients, add ``g * (new - old)`` to the trajectory) after it; set up with ``create_syn_data``
+    / ``init_batch`` as at ``before_training_exp``. The snapshots are ``param.detach().cpu().flatten()``:
+    on a CUDA model a copy to the host, on a CPU model a *view* of the parameter (no copy -- and the path
+    integral stays 0, because "old" and "new" are then the same tensor). Needs ``avalanche-lib``
+    (the Avalanche environment, ``scripts/avalanche_env.sh``)."""
+    from avalanche.training.plugins import SynapticIntelligencePlugin as AvalancheSI
+
+    model, x, y, opt, loss_fn = si_workload(width, depth, batch, device)
+    plugin = AvalancheSI(si_lambda=0.0)
+    AvalancheSI.create_syn_data(model, plugin.ewc_data, plugin.syn_data, plugin.excluded_parameters)
+    AvalancheSI.init_batch(model, plugin.ewc_data, plugin.syn_data, plugin.excluded_parameters)
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    def train_step_si():
+        AvalancheSI.pre_update(model, plugin.syn_data, plugin.excluded_parameters)
+        train_step()
+        AvalancheSI.post_update(model, plugin.syn_data, plugin.excluded_parameters)
+
+    train_step()
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": batch,
+        "train_step": measure(train_step, repeats=repeats, device=device),
+        "train_step+si": measure(train_step_si, repeats=repeats, device=device),
+        "torch": torch.__version__,
     }
 
 

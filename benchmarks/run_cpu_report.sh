@@ -22,5 +22,18 @@ taskset -c "$CORE" "$PY" -m benchmarks.compare "${common[@]}" --no-consolidation
 taskset -c "$CORE" "$PY" -m benchmarks.compare "${common[@]}" --no-consolidation \
     --workloads mlp-mnist cnn-32 embedding --out "$OUT/runC.md"
 
+# D: the real Avalanche, in its own environment (scripts/avalanche_env.sh: torch 2.14.1 + torchvision):
+#    its importance passes on the smaller workloads and its SI plugin hooks
+AVPY=${AVALANCHE_PYTHON:-.venv-avalanche/bin/python}
+if [ -x "$AVPY" ]; then
+  taskset -c "$CORE" "$AVPY" -m benchmarks.compare "${common[@]}" --contenders avalanche \
+      --consolidation-parts si-avalanche-lib --workloads mlp-mnist cnn-32 embedding transformer-T128 \
+      --out "$OUT/runD.md"
+fi
+
 "$PY" -m benchmarks.compare --merge "$OUT/runA.json" "$OUT/runB.json" "$OUT/runC.json" \
     --notes benchmarks/ANALYSIS_CPU.md --out benchmarks/results/RESULTS.md
+if [ -f "$OUT/runD.json" ]; then  # row by row: D adds the avalanche rows to workloads measured in A-C
+  "$PY" -m benchmarks.compare --merge benchmarks/results/RESULTS.json "$OUT/runD.json" --merge-rows \
+      --notes benchmarks/ANALYSIS_CPU.md --out benchmarks/results/RESULTS.md
+fi

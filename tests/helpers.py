@@ -6,6 +6,8 @@
   classification batches for it, and the relative error of a tensor against a reference.
 * :func:`cached_reference` / :func:`run_case` -- the float64 oracle of a test case (cached per
   case builder and name) and the engine's result on it.
+* :func:`load_example` -- a script of ``examples/`` as a module (the suite runs the examples).
+* :func:`spawn_gloo` -- run a worker on N local processes that join a gloo process group.
 """
 
 import importlib.util
@@ -228,3 +230,37 @@ def hf_batches(name, sizes=(4, 2), t=4, seed=1):
                 labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` imported as a module (its ``main(argv)`` runs it)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def spawn_gloo(worker, world: int, path: str) -> None:
+    """``worker(rank, world, path)`` on ``world`` processes, each in a gloo process group on 127.0.0.1
+    (one intra-op thread), destroyed when the worker returns or raises."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_entry, args=(worker, world, port, path), nprocs=world, join=True)
+
+
+def _gloo_entry(rank, worker, world, port, path):
+    import os
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        worker(rank, world, path)
+    finally:
+        torch.distributed.destroy_process_group()

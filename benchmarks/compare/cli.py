@@ -20,6 +20,7 @@ from ewc_fast.experiments.records import write_json
 
 from ..contenders import all_contenders
 from ..workloads import SIZES, WORKLOADS
+from .consolidation import PARTS
 from .isolation import REPO_ROOT, child_main
 from .measure import TASKS
 from .merge import merge_reports
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--in-process", action="store_true", help="no subprocess per row (memory not measured)")
     ap.add_argument("--no-consolidation", action="store_true", help="skip the penalty / SI section")
     ap.add_argument(
+        "--consolidation-parts",
+        nargs="+",
+        choices=PARTS,
+        default=None,
+        help="only these parts of the penalty / SI section (default: all)",
+    )
+    ap.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -59,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure nothing: combine the JSON reports of earlier runs (a later file's workloads "
         "replace an earlier one's; consolidation from the last that has it), re-check targets "
         "and write --out / --json",
+    )
+    ap.add_argument(
+        "--merge-rows",
+        action="store_true",
+        help="with --merge: a later report's rows replace only the same (contender, task) rows and are "
+        "added otherwise (for a run of a few contenders in another environment, e.g. the real Avalanche)",
     )
     ap.add_argument(
         "--notes",
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         for p, r in zip(args.merge, reports):
             if r.get("partial"):
                 print(f"[bench] note: {p} is a partial run (stopped midway); its finished workloads are merged")
-        report = merge_reports(reports, list(args.merge))
+        report = merge_reports(reports, list(args.merge), by_row=args.merge_rows)
     else:
 
         def checkpoint(rep):
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             max_time=args.max_time,
             threads=args.threads,
             consolidation=not args.no_consolidation,
+            consolidation_parts=args.consolidation_parts,
             checkpoint=checkpoint,
         )
         report["meta"]["command"] = command

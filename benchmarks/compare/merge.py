@@ -25,14 +25,21 @@ def _runs_of(report: dict, source: str) -> list[dict]:
             "workloads": list(report["workloads"]),
             "consolidation": bool(report.get("consolidation")),
             "partial": bool(report.get("partial")),
+            "torch": report["meta"].get("torch"),
+            "versions": dict(report["meta"].get("versions", {})),
         }
     ]
 
 
-def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict:
+def merge_reports(reports: list[dict], sources: list[str] | None = None, *, by_row: bool = False) -> dict:
     """One report from several runs' JSON reports: workloads and their rows in first-seen order, a later
     report's rows replacing an earlier one's for the same workload; targets re-evaluated. Refuses
-    reports of different sizes or devices (``ValueError``)."""
+    reports of different sizes or devices (``ValueError``).
+
+    ``by_row=True`` (``--merge-rows``): a later report's rows replace only the earlier rows of the same
+    (contender, task) and are appended otherwise, so that a run of a few contenders (e.g. the real
+    Avalanche in its own environment) adds its rows to a workload measured elsewhere; the consolidation
+    section keeps the first report's entries and takes only the keys it lacks from later reports."""
     if not reports:
         raise ValueError("merge_reports: no reports")
     sizes = {r["size"] for r in reports}
@@ -50,10 +57,22 @@ def merge_reports(reports: list[dict], sources: list[str] | None = None) -> dict
     rows_by_wl: dict[str, list] = {}
     for r in reports:
         for wname, w in r["workloads"].items():
+            new = [row for row in r["rows"] if row["workload"] == wname]
+            if by_row and wname in rows_by_wl:
+                # the first run's plain row stays the workload's unit (every row's ratio is its own)
+                new = [row for row in new if row["contender"] != "plain"]
+                keys = {(row["contender"], row["task"]) for row in new}
+                kept = [row for row in rows_by_wl[wname] if (row["contender"], row["task"]) not in keys]
+                rows_by_wl[wname] = kept + new
+                continue
             out["workloads"][wname] = w
-            rows_by_wl[wname] = [row for row in r["rows"] if row["workload"] == wname]
+            rows_by_wl[wname] = new
         if r.get("consolidation"):
-            out["consolidation"] = r["consolidation"]
+            if by_row and out.get("consolidation"):
+                extra = {k: v for k, v in r["consolidation"].items() if k not in out["consolidation"]}
+                out["consolidation"] = {**out["consolidation"], **extra}
+            else:
+                out["consolidation"] = r["consolidation"]
     for wname in out["workloads"]:
         out["rows"] += rows_by_wl[wname]
     out["repeats"] = min(r["repeats"] for r in reports)

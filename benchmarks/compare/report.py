@@ -130,6 +130,12 @@ def _header(report: dict) -> list[str]:
             + ("; consolidation" if run["consolidation"] else "")
             + ("; a partial run (stopped midway: the workloads listed finished)" if run.get("partial") else "")
             + (f"; command `{run['command']}`" if run.get("command") else "")
+            + (f"; torch {run['torch']}" if run.get("torch") and run["torch"] != m.get("torch") else "")
+            + (
+                f"; avalanche-lib {run['versions']['avalanche-lib']}"
+                if run.get("versions", {}).get("avalanche-lib") not in (None, "?")
+                else ""
+            )
         )
     return L
 
@@ -164,15 +170,17 @@ def _consolidation(cons: dict) -> list[str]:
         L.append("| params | tasks | contender | median [min-max] | GB/s | of copy BW | vs per-task loop |")
         L.append("|---|---|---|---|---|---|---|")
         L += cons["penalty_lines"]
-    if cons.get("si_lines"):
+    if cons.get("si_lines") or cons.get("si_avalanche_lib_line"):
         L += [
             "",
-            f"SI overhead, {cons['si_title']}",
+            f"SI overhead, {cons.get('si_title', '')}",
             "",
             "| measured | plain | with SI | overhead |",
             "|---|---|---|---|",
         ]
-        L += cons["si_lines"]
+        L += cons.get("si_lines", [])
+        if cons.get("si_avalanche_lib_line"):
+            L.append(cons["si_avalanche_lib_line"])
     for e in cons["errors"]:
         L.append(f"\n* not measured: {e}")
     return L

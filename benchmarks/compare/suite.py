@@ -41,7 +41,7 @@ from .report import row_summary
 from .targets import evaluate_targets
 
 # distributions whose versions the report records (the peers' libraries)
-PEER_DISTRIBUTIONS = ("opacus", "backpack-for-pytorch", "nngeometry", "asdfghjkl")
+PEER_DISTRIBUTIONS = ("opacus", "backpack-for-pytorch", "nngeometry", "asdfghjkl", "avalanche-lib")
 
 
 def select_contenders(names, device) -> list[Contender]:
@@ -65,6 +65,7 @@ def run_suite(
     max_time: float | None = None,
     threads: int | None = None,
     consolidation: bool = True,
+    consolidation_parts=None,
     mem_limit_bytes: int | None = None,
     log=print,
     checkpoint=None,
@@ -160,7 +161,8 @@ def run_suite(
             )
     report["targets"] = evaluate_targets(report)
     if consolidation:
-        report["consolidation"] = run_consolidation(size, device, repeats, log)
+        parts = tuple(consolidation_parts) if consolidation_parts else None
+        report["consolidation"] = run_consolidation(size, device, repeats, log, **({"parts": parts} if parts else {}))
     for r in report["rows"]:
         r.pop("_result_path", None)
     return report

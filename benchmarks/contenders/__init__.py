@@ -17,10 +17,12 @@ Modules:
 * :mod:`.torch_func`, :mod:`.opacus_gsm`, :mod:`.backpack_sgs`, :mod:`.nngeometry_fim`,
   :mod:`.asdl_fisher` -- one module per peer library
 * :mod:`.avalanche_style` -- Avalanche's batch-mean importances, reproduced (approximate baseline)
+* :mod:`.avalanche_lib` -- the real Avalanche plugins' importance passes (runs in the Avalanche environment)
 * :mod:`.registry` -- :func:`all_contenders`, :func:`get_contender`
 """
 
 from .asdl_fisher import ASDL
+from .avalanche_lib import AvalancheLib
 from .avalanche_style import AvalancheStyle
 from .backpack_sgs import BackPACK
 from .base import (
@@ -49,6 +51,7 @@ from .torch_func import TorchFunc
 
 __all__ = [
     "ASDL",
+    "AvalancheLib",
     "AvalancheStyle",
     "BackPACK",
     "Contender",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .asdl_fisher import ASDL
+from .avalanche_lib import AvalancheLib
 from .avalanche_style import AvalancheStyle
 from .backpack_sgs import BackPACK
 from .base import Contender
@@ -28,6 +29,7 @@ def all_contenders(device="cpu") -> list[Contender]:
         NNGeometry(True),
         ASDL(),
         AvalancheStyle(),
+        AvalancheLib(),
     ]
     return out
 

@@ -114,6 +114,7 @@ class SynapticIntelligence:
         self._n_tasks = 0
         self._handles: list = []
         self._pending = None
+        self._manual = False
         self._exclusion = ExclusionEndpoint(self._params)
 
     # -------------------------------------------------------------------------------- properties
@@ -179,24 +180,42 @@ class SynapticIntelligence:
         return {"variant": self._variant, "xi": self._xi, "clip": self._clip, **extra}
 
     # ------------------------------------------------------------------------------ attach/detach
-    def attach(self, optimizer: torch.optim.Optimizer) -> SynapticIntelligence:
+    def attach(self, optimizer: torch.optim.Optimizer, *, gradients: str = "pre_step") -> SynapticIntelligence:
         """Track ``optimizer``'s steps (pre- and post-step hooks); the path integral restarts from the
-        current parameters (``theta_prev <- theta``). Returns ``self``."""
+        current parameters (``theta_prev <- theta``). Returns ``self``.
+
+        ``gradients="pre_step"`` (default) reads ``.grad`` in the step pre-hook. ``gradients="manual"``
+        installs only the post-step hook: call :meth:`capture_gradients` after the backward (and after
+        any :meth:`EWC.apply_ <ewc_fast.EWC.apply_>`) before every step. That is for frameworks whose
+        step runs the backward inside ``optimizer.step(closure)`` (Lightning's automatic optimization),
+        where the pre-hook would read the previous step's gradients; a step taken without a capture
+        raises ``RuntimeError``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"SynapticIntelligence.attach: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if gradients not in ("pre_step", "manual"):
+            raise ValueError(
+                f"SynapticIntelligence.attach: gradients must be 'pre_step' or 'manual', got {gradients!r}"
             )
         if self._handles:
             raise RuntimeError("SynapticIntelligence.attach: already attached; call detach() first")
         with torch.no_grad():
             torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-        ]
+        self._manual = gradients == "manual"
+        self._handles = [optimizer.register_step_post_hook(self._post_step)]
+        if not self._manual:
+            self._handles.insert(0, optimizer.register_step_pre_hook(self._pre_step))
         if self._variant == "zenke":
             ZENKE_REGISTRY.add(self, self._exclusion)
         return self
+
+    def capture_gradients(self) -> None:
+        """Read the task gradients of the coming optimizer step now (``attach(..., gradients="manual")``):
+        what the step pre-hook does otherwise. Call it once the gradients are final."""
+        if not self._handles or not self._manual:
+            raise RuntimeError("SynapticIntelligence.capture_gradients: needs attach(optimizer, gradients='manual')")
+        self._pre_step(None, (), {})
 
     def detach(self) -> None:
         """Remove the optimizer hooks (the accumulated ``omega`` is kept)."""
@@ -226,6 +245,11 @@ class SynapticIntelligence:
         pending, self._pending = self._pending, None
         self.clear_exclusions()
         if pending is None:
+            if self._manual:
+                raise RuntimeError(
+                    "SynapticIntelligence: an optimizer step was taken without capture_gradients() "
+                    "(attached with gradients='manual')"
+                )
             return
         idx, grads = pending
         if idx:

@@ -230,6 +230,42 @@ def test_merge_reports_and_notes(tiny_report, tmp_path):
         compare.merge_reports([a, c])
 
 
+def test_merge_rows_adds_a_few_contenders_to_a_workload(tiny_report, tmp_path):
+    """--merge-rows: a run of one contender in another environment (the real Avalanche) adds its rows
+    to the workloads measured elsewhere, replaces only its own (contender, task) rows, keeps the first
+    run's plain row and consolidation entries, and adds the consolidation keys the first run lacks."""
+    import copy
+
+    a = copy.deepcopy(tiny_report)
+    a["consolidation"] = {"penalty_lines": ["| A |"], "si_lines": [], "errors": []}
+    b = copy.deepcopy(tiny_report)
+    b["workloads"] = {"mlp-mnist": b["workloads"]["mlp-mnist"]}
+    b["rows"] = [
+        dict(r, contender=name, message="from B")
+        for r in b["rows"]
+        if r["workload"] == "mlp-mnist" and r["contender"] in ("plain", "avalanche-style")
+        for name in ([r["contender"]] if r["contender"] == "plain" else ["avalanche", "avalanche-style"])
+    ]
+    b["consolidation"] = {"penalty_lines": ["| B |"], "si_avalanche_lib_line": "| real SI |", "errors": []}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a, default=str))
+    pb.write_text(json.dumps(b, default=str))
+    out = tmp_path / "M.md"
+    assert compare.main(["--merge", str(pa), str(pb), "--merge-rows", "--out", str(out)]) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    mlp = [r for r in rep["rows"] if r["workload"] == "mlp-mnist"]
+    old = [r for r in a["rows"] if r["workload"] == "mlp-mnist"]
+    plain = [r for r in mlp if r["contender"] == "plain"]
+    assert len(plain) == 1 and plain[0].get("message") != "from B"
+    assert [r.get("message") for r in mlp if r["contender"] in ("avalanche", "avalanche-style")] == ["from B"] * 4
+    # this environment's run already has (unavailable) avalanche rows: both kinds are replaced, none added
+    n_new = 2 * (not any(r["contender"] == "avalanche" for r in old))
+    assert len(mlp) == len(old) + n_new
+    assert len(rep["rows"]) == len(a["rows"]) + n_new
+    assert rep["consolidation"]["penalty_lines"] == ["| A |"]
+    assert "| real SI |" in out.read_text()
+
+
 def test_checkpoint_after_each_workload():
     """A long run stopped midway keeps its finished workloads: run_suite hands the report so far to
     ``checkpoint`` after every workload, marked partial and without private fields."""
