@@ -20,6 +20,7 @@ initialised); a single process without a process group works too.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -103,7 +104,9 @@ def load(checkpoint_id, model: nn.Module | None = None, *, extra: Mapping | None
         state["model"] = model.state_dict()
     templates = {k: _template(md, k, params) for k in objects}
     state.update(templates)
-    dcp.load(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
+    with warnings.catch_warnings():  # one process without a group: DCP warns although no_dist says so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
     if model is not None:
         model.load_state_dict(state["model"])
     for k, obj in objects.items():
