@@ -122,11 +122,27 @@ def local_bytes(tensors):
     return out
 
 
+METHODS = ("fisher", "fisher_exact", "mas", "magnitude", "random")
+
+
+def estimate(model, x, y):
+    """estimate_importance on batches of 2 (each rank: its half of the samples, as many batches)."""
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2)]
+    return ewc_fast.estimate_importance(
+        model, batches, METHODS, progress=False, generator=torch.Generator().manual_seed(1)
+    )
+
+
 def scenario(model, x, y, world):
-    """Two SGD steps under EWC (apply_) with SI attached; SI's task importance consolidated into EWC;
-    a step with the autograd penalty; a WVA-attenuated step. Returns full tensors and values."""
+    """Importances estimated on the model; the Fisher consolidated into EWC; two SGD steps under EWC
+    (apply_) with SI attached; SI's task importance consolidated into EWC; a step with the autograd
+    penalty; a WVA-attenuated step. Returns full tensors and values."""
     out = {}
-    ewc = ewc_fast.EWC(model, lam=0.8, gamma=0.9).consolidate(importance(model))
+    est = estimate(model, x, y)
+    out["importances"] = {m: {k: full(t) for k, t in r.items()} for m, r in est.items()}
+    out["imp_types"] = sorted({type(t).__name__ for r in est.values() for t in r.values()})
+    out["imp_bytes"] = local_bytes(est["fisher"].values())
+    ewc = ewc_fast.EWC(model, lam=0.8, gamma=0.9).consolidate(est["fisher"])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     si = ewc_fast.SynapticIntelligence(model, xi=0.1).attach(opt)
     for step in range(2):
@@ -265,6 +281,9 @@ def test_fsdp2_two_ranks_equal_single_process():
         assert out["head_type"] == "Tensor"
         for key in ("value_apply", "value_penalty", "c"):
             _scalar(out[key], ref[key], f"rank {r} {key}")
+        assert out["imp_types"] == ["DTensor", "Tensor"], out["imp_types"]  # shards + the plain head's
+        for m in METHODS:  # estimation on the sharded model equals one process on all the data
+            _close_dict(out["importances"][m], ref["importances"][m], f"rank {r} importance {m}")
         for key in ("grads_apply", "si_task", "grads_penalty", "params"):
             _close_dict(out[key], ref[key], f"rank {r} {key}")
         assert set(out["state"]) == set(ref["state"])
@@ -284,3 +303,9 @@ def test_fsdp2_two_ranks_equal_single_process():
     assert sum(o["state_bytes"] - head for o in ranks[:2]) == sharded
     for o in ranks[:2]:  # ragged shards (odd first dimensions): not exactly half
         assert abs((o["state_bytes"] - head) / sharded - 0.5) < 0.05, (o["state_bytes"], head, sharded)
+    # the estimated importance: each rank holds its shards (and the plain head's full tensors)
+    head = sum(t.numel() * 4 for k, t in ref["importances"]["fisher"].items() if k.startswith("head."))
+    sharded = ref["imp_bytes"] - head
+    assert sum(o["imp_bytes"] - head for o in ranks[:2]) == sharded
+    for o in ranks[:2]:
+        assert abs((o["imp_bytes"] - head) / sharded - 0.5) < 0.05, (o["imp_bytes"], head, sharded)
