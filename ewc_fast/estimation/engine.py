@@ -121,6 +121,7 @@ class _DataPass:
         """Add one batch's statistics to the sums."""
         if self.plan is None:
             if self.sharded:  # track FSDP2's unsharded twins (module doc of .sharded)
+                sharded.check_managed("estimate_importance", self.model, self.sharded)
                 sharded.warm_up(self.model, forward, truncate(batch.inputs, batch.n, min(batch.n, 2)))
                 aliases = sharded.unsharded_aliases("estimate_importance", self.model, self.sharded)
                 trainable = [(k, aliases.get(k, p)) for k, p in self.cfg.trainable]

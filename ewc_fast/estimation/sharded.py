@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..ops._sharding import is_sharded
 
-__all__ = ["sharded_params", "warm_up", "unsharded_aliases", "unsharded_identity", "ShardedSums"]
+__all__ = ["sharded_params", "check_managed", "warm_up", "unsharded_aliases", "unsharded_identity", "ShardedSums"]
 
 #: methods that cannot run on sharded parameters, and why
 UNSUPPORTED = {
@@ -71,6 +71,19 @@ def _fsdp_params(model: nn.Module):
     return out
 
 
+def check_managed(owner: str, model: nn.Module, sharded: dict[str, nn.Parameter]) -> None:
+    """``ValueError`` for a ``DTensor`` parameter that no ``fully_shard`` unit of ``model`` manages
+    (tensor parallelism, ``distribute_tensor`` by hand, or a unit outside ``model``)."""
+    managed = {id(fp.sharded_param) for fp in _fsdp_params(model)}
+    for k, p in sharded.items():
+        if id(p) not in managed:
+            raise ValueError(
+                f"{owner}: parameter {k!r} is a DTensor {tuple(p.placements)} that no FSDP2 fully_shard unit of "
+                "the model manages; importance estimation supports FSDP2 (fully_shard, HSDP) sharding and plain "
+                "parameters, not tensor parallelism or DTensors outside FSDP2"
+            )
+
+
 def warm_up(model: nn.Module, forward, inputs) -> None:
     """One no-grad forward on ``inputs`` (FSDP2 gathers each unit once and creates its unsharded
     parameters, which :func:`unsharded_aliases` needs)."""
@@ -81,8 +94,8 @@ def warm_up(model: nn.Module, forward, inputs) -> None:
 def unsharded_aliases(owner: str, model: nn.Module, sharded: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
     """``name -> unsharded twin`` of every sharded trainable parameter (after :func:`warm_up`).
 
-    ``ValueError`` for a ``DTensor`` parameter that no ``fully_shard`` unit of ``model`` manages
-    (e.g. tensor parallelism, or a unit outside ``model``)."""
+    ``ValueError`` for a parameter FSDP2 did not gather into a plain tensor (tensor parallelism
+    inside FSDP2)."""
     by_id = {}
     for fp in _fsdp_params(model):
         twin = getattr(fp, "_unsharded_param", None)
@@ -93,9 +106,9 @@ def unsharded_aliases(owner: str, model: nn.Module, sharded: dict[str, nn.Parame
         twin = by_id.get(id(p))
         if twin is None or is_sharded(twin):
             raise ValueError(
-                f"{owner}: parameter {k!r} is a DTensor {tuple(p.placements)} that no FSDP2 fully_shard unit of the "
-                "model gathers into a plain tensor; importance estimation supports FSDP2 (fully_shard, HSDP) "
-                "sharding and plain parameters, not tensor parallelism or DTensors outside FSDP2"
+                f"{owner}: parameter {k!r} is a DTensor {tuple(p.placements)} that FSDP2 does not gather into a "
+                "plain tensor (tensor parallelism?); importance estimation supports FSDP2 (fully_shard, HSDP) "
+                "sharding and plain parameters"
             )
         out[k] = twin
     return out

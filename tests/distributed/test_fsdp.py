@@ -82,11 +82,15 @@ def full(t):
     return (t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t).clone()
 
 
-def shard(model, world):
+def shard(model, world, mesh_shape=None):
+    """FSDP2 units per block and at the root (head left out); ``mesh_shape`` (replicate, shard): HSDP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    if mesh_shape is None:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
     for b in model.blocks:
         fully_shard(b, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(model.head.parameters()))
@@ -199,6 +203,47 @@ def continue_one_step(model, objs, x, y, world):
     }
 
 
+def short_run(model, x, y, world):
+    """Fisher estimated, consolidated into EWC, one backward with apply_ (the HSDP checks)."""
+    fisher = estimate(model, x, y)["fisher"]
+    ewc = ewc_fast.EWC(model, lam=0.8).consolidate(fisher)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # away from the anchor
+    backward(model, x, y, world)
+    value = float(ewc.apply_())
+    return {
+        "fisher": {k: full(t) for k, t in fisher.items()},
+        "value": value,
+        "grads": {k: full(p.grad) for k, p in model.named_parameters() if p.requires_grad},
+        "placements": sorted({str(tuple(p.placements)) for p in ewc.omega.values() if hasattr(p, "placements")}),
+    }
+
+
+def refused(rank, world):
+    """Layouts the state does not support: clear errors on every rank, nothing changed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    lin = nn.Linear(3, 2)
+    lin.weight = nn.Parameter(DTensor.from_local(torch.ones(2, 3), mesh, [Partial()]))
+    ewc = ewc_fast.EWC(lin, lam=1.0)
+    try:
+        ewc.consolidate({"weight": torch.ones(2, 3), "bias": torch.ones(2)})
+    except TypeError as e:
+        out["partial"] = str(e)
+    out["partial_n_tasks"] = ewc.n_tasks
+    tp = nn.Linear(3, 2)  # sharded by hand (tensor-parallel style), outside FSDP2
+    tp.weight = nn.Parameter(distribute_tensor(tp.weight.detach(), mesh, [Shard(0)]))
+    try:
+        ewc_fast.estimate_importance(tp, [(torch.randn(2, 3), torch.tensor([0, 1]))], progress=False)
+    except ValueError as e:
+        out["tp"] = str(e)
+    return out
+
+
 def _worker(rank, world, path):
     x, y = data()
     x, y = x[rank::world], y[rank::world]
@@ -209,6 +254,9 @@ def _worker(rank, world, path):
     out["head_type"] = type(ewc.omega["head.weight"]).__name__
     checkpoint.save(os.path.join(path, "ckpt"), model, ewc=ewc, si=si, wva=wva)
     out["continued"] = continue_one_step(model, objs, x, y, world)
+    # HSDP meshes: (replicate 1, shard 2) and (replicate 2, shard 1) -- placements (Replicate(), Shard(0))
+    out["hsdp"] = [short_run(shard(Tiny(), world, shape), x, y, world) for shape in ((1, world), (world, 1))]
+    out["refused"] = refused(rank, world)
     torch.save(out, os.path.join(path, f"out.{rank}"))
 
 
@@ -249,6 +297,7 @@ def test_fsdp2_two_ranks_equal_single_process():
         ranks = [torch.load(os.path.join(d, f"out.{r}"), weights_only=True) for r in range(2)]
         model = Tiny()
         ref, objs = scenario(model, x, y, 1)
+        ref["hsdp"] = short_run(Tiny(), x, y, 1)
         ref["continued"] = continue_one_step(model, objs, x, y, 1)
         # the 2-rank checkpoint onto one plain process (fresh objects, other settings): resharded
         model1 = Tiny()
@@ -277,6 +326,13 @@ def test_fsdp2_two_ranks_equal_single_process():
                 slack = _si_slack(ref, k, ref["continued"]["grads"][k])
                 _close(out["continued"]["si_omega"][k], t, f"loaded continued SI omega[{k}]", slack)
             continue
+        for h in out["hsdp"]:
+            assert h["placements"] == ["(Replicate(), Shard(dim=0))"], h["placements"]
+            _close_dict(h["fisher"], ref["hsdp"]["fisher"], f"rank {r} HSDP fisher")
+            _close_dict(h["grads"], ref["hsdp"]["grads"], f"rank {r} HSDP grads")
+            _scalar(h["value"], ref["hsdp"]["value"], f"rank {r} HSDP penalty value")
+        assert "(Partial(sum),)" in out["refused"]["partial"] and out["refused"]["partial_n_tasks"] == 0
+        assert "no FSDP2 fully_shard unit" in out["refused"]["tp"], out["refused"]["tp"]
         assert out["types"] == ["DTensor", "Tensor"], out["types"]  # sharded state + the plain head's
         assert out["head_type"] == "Tensor"
         for key in ("value_apply", "value_penalty", "c"):
