@@ -255,6 +255,8 @@ def estimate_importance(
         meta["n_batches"] = stats.n_batches
         if m in ("fisher", "fisher_mc", "fisher_exact", "mas", "fisher_batched"):
             meta["fallback"] = dict(stats.fallback)
+            if stats.sharded is not None:
+                meta["fsdp"] = dict(stats.sharded)
         if m == "fisher":
             meta["loss"] = "loss_fn" if loss_fn is not None else "nll"
             if loss_fn is None:

@@ -96,6 +96,9 @@ class PassResult:
     sig_magnitude_fallback: list[str]
     #: parameters served by the torch.func fallback -> why
     fallback: dict = field(default_factory=dict)
+    #: FSDP2 (sharded parameters): this rank's peak bytes of transient full-size sums and the bytes it
+    #: reduce-scattered (:class:`.sharded.ShardedSums`); None without sharded parameters
+    sharded: dict | None = None
 
 
 class _DataPass:
@@ -286,6 +289,12 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
         state.restore()
     res = _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size, error)
     res.fallback = dict(dp.plan.fallback_reasons) if dp.plan is not None else {}
+    if dp.sharded:
+        sums = [s for s in dp.sums.values() if isinstance(s, sharded.ShardedSums)]
+        res.sharded = {
+            "transient_peak_bytes": max((s.peak for s in sums), default=0),
+            "reduce_scatter_bytes": sum(s.rs_bytes for s in sums),
+        }
     return res
 
 

@@ -148,6 +148,8 @@ class ShardedSums:
             k: torch.zeros(p.to_local().shape, dtype=torch.float64, device=p.device) for k, p in sharded.items()
         }
         self.live: dict[str, Tensor] = {}
+        self.peak = 0  # most bytes of transient buffers alive at once
+        self.rs_bytes = 0  # bytes reduce-scattered (input side)
 
     def __getitem__(self, k: str) -> Tensor:
         if k in self.plain:
@@ -156,6 +158,7 @@ class ShardedSums:
         if buf is None:
             p = self.sharded[k]
             buf = self.live[k] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.peak = max(self.peak, sum(b.numel() * b.element_size() for b in self.live.values()))
         return buf
 
     def __contains__(self, k) -> bool:
@@ -173,6 +176,7 @@ class ShardedSums:
             buf = self.live.pop(k, None)
             if buf is None:
                 buf = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.rs_bytes += buf.numel() * buf.element_size()
             mesh = p.device_mesh
             part = DTensor.from_local(
                 buf, mesh, [Partial()] * mesh.ndim, run_check=False, shape=buf.shape, stride=buf.stride()

@@ -147,6 +147,7 @@ def scenario(model, x, y, world):
     out["importances"] = {m: {k: full(t) for k, t in r.items()} for m, r in est.items()}
     out["imp_types"] = sorted({type(t).__name__ for r in est.values() for t in r.values()})
     out["imp_bytes"] = local_bytes(est["fisher"].values())
+    out["fsdp_meta"] = est["fisher"].meta.get("fsdp")
     ewc = ewc_fast.EWC(model, lam=0.8, gamma=0.9).consolidate(est["fisher"])
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     si = ewc_fast.SynapticIntelligence(model, xi=0.1).attach(opt)
@@ -292,6 +293,11 @@ def _si_slack(ref, name, grad):
     return g * (2.0**-21 * theta + 2.0**-23 * float(ref["dtheta_penalty"][name].abs().max()))
 
 
+def sharded_numel(ref):
+    """Elements of the trainable parameters FSDP shards (all but the head's)."""
+    return sum(t.numel() for k, t in ref["importances"]["fisher"].items() if not k.startswith("head."))
+
+
 def _scalar(a, b, what):
     assert abs(a - b) <= REL * abs(b), f"{what}: {a} vs {b}"
 
@@ -370,6 +376,13 @@ def test_fsdp2_two_ranks_equal_single_process():
     assert sum(o["state_bytes"] - head for o in ranks[:2]) == sharded
     for o in ranks[:2]:  # ragged shards (odd first dimensions): not exactly half
         assert abs((o["state_bytes"] - head) / sharded - 0.5) < 0.05, (o["state_bytes"], head, sharded)
+    # estimation never held a full-size copy of every layer: at most the largest module's transient
+    # sums (attention: in_proj 3D x D + 3D, out_proj D x D + D, fp32) beside its shards
+    largest = 4 * (3 * D * D + 3 * D + D * D + D)
+    for o in ranks[:2]:
+        assert 0 < o["fsdp_meta"]["transient_peak_bytes"] <= largest, o["fsdp_meta"]
+        # fisher + fisher_exact (one seed per class) + mas, 2 batches: the full sharded size per seed
+        assert o["fsdp_meta"]["reduce_scatter_bytes"] == 2 * (1 + C + 1) * sharded_numel(ref) * 4, o["fsdp_meta"]
     # the estimated importance: each rank holds its shards (and the plain head's full tensors)
     head = sum(t.numel() * 4 for k, t in ref["importances"]["fisher"].items() if k.startswith("head."))
     sharded = ref["imp_bytes"] - head
