@@ -137,6 +137,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, path: str) -> None:
             "importance_bytes": _local_bytes(fisher.values()),
             "ewc_state_bytes": _local_bytes([*ewc.omega.values(), *ewc.mu.values()]),
             "batches_per_rank": len(batches),
+            "fsdp_meta": fisher.meta.get("fsdp"),
         }
         with open(f"{path}.{world}.{rank}", "w") as f:
             json.dump(out, f)

@@ -11,8 +11,9 @@ without communication. Only sums over all elements -- the penalty value, the con
 ``consolidate_``, the validity flags of an importance -- combine ranks: a sum over a parameter is the
 sum of the local sums over the mesh dimensions on which it is sharded (its ``Shard`` placements;
 ``Replicate`` dimensions hold the same values and are not summed). :func:`reduce_scalars` does it
-with one all-reduce per mesh dimension involved (one for FSDP, one for HSDP). :func:`reduce_scatter_into`
-turns per-rank full-size sums into the local shard of their total (estimation).
+with one all-reduce per mesh dimension involved (one for FSDP, one for HSDP).
+Estimation turns per-rank full-size sums into the local shard of their total with a reduce-scatter
+(``ewc_fast.estimation.sharded``).
 
 Supported placements: ``Shard(d)`` and ``Replicate()`` on any mesh (FSDP2: ``Shard(0)``; HSDP:
 ``(Replicate(), Shard(0))``). ``Partial`` parameters (pending reductions) and other placements are
