@@ -264,6 +264,22 @@ def _worker(rank, world, path):
     # HSDP meshes: (replicate 1, shard 2) and (replicate 2, shard 1) -- placements (Replicate(), Shard(0))
     out["hsdp"] = [short_run(shard(Tiny(), world, shape), x, y, world) for shape in ((1, world), (world, 1))]
     out["refused"] = refused(rank, world)
+    # a single-process state (plain full tensors, e.g. torch.save'd) loads onto the sharded model:
+    # each rank keeps its shard, the penalty is the single process's
+    plain = Tiny()
+    ewc1 = ewc_fast.EWC(plain, lam=0.8).consolidate(importance(plain))
+    sharded_model = shard(Tiny(), world)
+    ewc2 = ewc_fast.EWC(sharded_model, lam=1.0)
+    ewc2.load_state_dict(ewc1.state_dict())
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), sharded_model.parameters()):
+            p.mul_(1.01)
+            q.mul_(1.01)
+    out["adopted"] = (
+        float(ewc1.penalty().detach()),
+        float(ewc2.penalty().detach()),
+        sorted({type(t).__name__ for t in ewc2.omega.values()}),
+    )
     torch.save(out, os.path.join(path, f"out.{rank}"))
 
 
@@ -343,6 +359,9 @@ def test_fsdp2_two_ranks_equal_single_process():
             _close_dict(h["fisher"], ref["hsdp"]["fisher"], f"rank {r} HSDP fisher")
             _close_dict(h["grads"], ref["hsdp"]["grads"], f"rank {r} HSDP grads")
             _scalar(h["value"], ref["hsdp"]["value"], f"rank {r} HSDP penalty value")
+        v1, v2, types = out["adopted"]
+        _scalar(v2, v1, f"rank {r} penalty after loading a plain state")
+        assert types == ["DTensor", "Tensor"], types
         assert "(Partial(sum),)" in out["refused"]["partial"] and out["refused"]["partial_n_tasks"] == 0
         assert "no FSDP2 fully_shard unit" in out["refused"]["tp"], out["refused"]["tp"]
         assert out["types"] == ["DTensor", "Tensor"], out["types"]  # sharded state + the plain head's
