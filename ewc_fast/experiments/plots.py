@@ -170,17 +170,30 @@ def correlation_surfaces(
 
 
 def prune_curves(
-    curves: dict, fractions: Sequence[float], path: PathLike, *, title: str = "importance-ordered pruning"
+    curves: dict,
+    fractions: Sequence[float],
+    path: PathLike,
+    *,
+    title: str = "importance-ordered pruning",
+    mark: float | None = 0.9,
 ) -> str | None:
-    """``curves[label] = {"acc": [...], "loss": [...]}`` over ``fractions`` → acc and loss panels."""
+    """``curves[label] = {"acc": [...], "loss": [...]}`` over ``fractions`` → acc and loss panels;
+    ``acc_min`` / ``acc_max`` (when present) are drawn as a band around the mean accuracy, and a
+    dotted line marks the fraction ``mark``."""
     plt = _plt()
     if plt is None or not curves:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     fig.subplots_adjust(wspace=0.3)
     for label, c in curves.items():
-        a1.plot(fractions, c["acc"], marker=".", label=label)
+        (line,) = a1.plot(fractions, c["acc"], marker=".", label=label)
+        if "acc_min" in c and "acc_max" in c:
+            a1.fill_between(fractions, c["acc_min"], c["acc_max"], color=line.get_color(), alpha=0.15, lw=0)
         a2.plot(fractions, c["loss"], marker=".", label=label)
+    if mark is not None:
+        for a in (a1, a2):
+            a.axvline(mark, color="k", ls=":", lw=1)
+        a1.text(mark, 1.0, f" {mark:.0%}", fontsize=7, va="top")
     a1.set_xlabel("fraction pruned")
     a1.set_ylabel("test accuracy")
     a2.set_xlabel("fraction pruned")
