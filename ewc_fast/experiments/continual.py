@@ -30,6 +30,8 @@ Options of :class:`RunConfig` beyond the method:
   Kirkpatrick et al. 2017's multi-task EWC); ``"previous"`` — only the latest task's penalty (its
   importance at its optimum; older tasks dropped); ``"latest"`` — the importances of all previous
   tasks summed, anchored at the latest optimum (Huszár 2018; Kutalev & Lapina's code).
+* ``steps_per_task``: train each task for exactly this many optimizer steps (epochs repeat as
+  needed; van de Ven et al. count iterations) instead of ``epochs`` epochs.
 * ``multi_head``: task-incremental learning — each task scores only its own output columns
   (:func:`.tasks.with_heads`; split MNIST task t: classes (2t, 2t+1)), in training, evaluation
   and the importance pass.
@@ -195,6 +197,7 @@ class RunConfig:
     clip_norm: float | None = None
     anchor: str = "all"
     multi_head: bool = False
+    steps_per_task: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -215,6 +218,8 @@ class RunConfig:
             )
         if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise ValueError(f"clip_norm (--clip-norm) must be a finite number > 0 or None, got {self.clip_norm}")
+        if self.steps_per_task is not None and not (int(self.steps_per_task) == self.steps_per_task > 0):
+            raise ValueError(f"steps_per_task must be a positive integer or None, got {self.steps_per_task}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
 
@@ -234,6 +239,7 @@ class RunResult:
     curve: list = field(default_factory=list)  # per-epoch [{"stage", "epoch", "acc": [...]}]
     train_time_s: float = 0.0
     importance_time_s: float = 0.0
+    importance_times_s: list = field(default_factory=list)  # one entry per consolidation
 
     @property
     def mean_acc_seen(self) -> list[float]:
@@ -272,6 +278,7 @@ class RunResult:
             "curve": self.curve,
             "train_time_s": self.train_time_s,
             "importance_time_s": self.importance_time_s,
+            "importance_times_s": self.importance_times_s,
         }
 
 
@@ -335,6 +342,7 @@ def run_sequence(
     initial, _ = eval_all()
     R, L, curve = [], [], []
     train_time = imp_time = 0.0
+    imp_times: list[float] = []
     for i, task in enumerate(tasks):
         x_task, y_task = task.apply(x_tr, y_tr)
         x_task, y_task = x_task.to(dev), y_task.to(dev)
@@ -361,7 +369,9 @@ def run_sequence(
         train_time += time.perf_counter() - t0
         x_imp, y_imp = importance_subset(x_task, y_task, cfg.n_importance)
         if i < T - 1 or on_task_end is not None:  # the last task needs no consolidation
-            imp_time += strategy.end_task(x_imp, y_imp, gen, task=task)
+            dt = strategy.end_task(x_imp, y_imp, gen, task=task)
+            imp_time += dt
+            imp_times.append(dt)
         accs, losses = eval_all()
         R.append(accs)
         L.append(losses)
@@ -374,7 +384,9 @@ def run_sequence(
         if on_task_end is not None:
             on_task_end(i, model, x_imp, y_imp, strategy)
         del x_task, y_task
-    return RunResult(cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time)
+    return RunResult(
+        cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time, imp_times
+    )
 
 
 # --------------------------------------------------------------------------------------------

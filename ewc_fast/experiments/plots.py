@@ -23,6 +23,7 @@ __all__ = [
     "correlation_surfaces",
     "prune_curves",
     "overlap_curves",
+    "estimator_comparison",
 ]
 
 
@@ -233,4 +234,36 @@ def overlap_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def estimator_comparison(res: dict, path: PathLike, *, title: str = "EWC with four Fisher estimators") -> str | None:
+    """``ewc-fast estimators`` result → accuracy (ours: mean with min–max, theirs: marker) and the
+    median estimator time per task, per estimator (no EWC as the accuracy baseline)."""
+    plt = _plt()
+    if plt is None or not res.get("estimators"):
+        return None
+    names = list(res["estimators"])
+    ref = res.get("reference", {})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(wspace=0.3)
+    xs = np.arange(len(names) + 1)
+    labels = [*names, "none"]
+    sums = [res["estimators"][n]["summary"] for n in names] + [res["none"]["summary"]]
+    mean = np.array([100 * s["acc_mean"] for s in sums])
+    lo = mean - np.array([100 * s["acc_min"] for s in sums])
+    hi = np.array([100 * s["acc_max"] for s in sums]) - mean
+    a1.errorbar(xs, mean, yerr=[lo, hi], fmt="o", capsize=4, label="ours: mean, min–max")
+    theirs = [ref.get(n, {}).get("acc") for n in labels]
+    a1.plot([x for x, t in zip(xs, theirs) if t], [t for t in theirs if t], "k_", ms=18, mew=2, label="van de Ven 2025")
+    a1.set_xticks(xs, labels)
+    a1.set_ylabel("mean accuracy over the 5 tasks (%)")
+    a1.legend(fontsize=7)
+    t = [1e3 * res["estimators"][n]["summary"]["importance_time_median_s"] for n in names]
+    a2.bar(np.arange(len(names)), t, color="tab:orange")
+    a2.set_xticks(np.arange(len(names)), names)
+    a2.set_ylabel("estimator time per task, median (ms)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -176,7 +176,8 @@ def train_task(
     """``cfg.epochs`` epochs of minibatch training on ``(x, y)`` (already task-transformed).
 
     ``after_backward`` runs between ``loss.backward()`` and ``optimizer.step()`` (``EWC.apply_``),
-    then the gradient is clipped to ``cfg.clip_norm`` if set. ``task`` (multi-head) restricts the
+    then the gradient is clipped to ``cfg.clip_norm`` if set. ``cfg.steps_per_task`` (if set)
+    replaces the epoch count: exactly that many steps, epochs repeated as needed. ``task`` (multi-head) restricts the
     loss to its head's columns. ``on_step(step, task_loss)`` runs after every optimizer step; when
     it returns True training stops (e.g. a diverged run).
     """
@@ -188,8 +189,10 @@ def train_task(
     dev = x.device
     head = task.logits if task is not None and task.head is not None else None
     clip = getattr(cfg, "clip_norm", None)
+    max_steps = getattr(cfg, "steps_per_task", None)
+    n_epochs = cfg.epochs if max_steps is None else -(-int(max_steps) // n_batches)
     step = 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(n_epochs):
         order = torch.randperm(n, generator=generator).to(dev)
         for b in range(n_batches):
             idx = order[b * bs : (b + 1) * bs]
@@ -208,7 +211,8 @@ def train_task(
                 bar.update(1)
                 if b % 20 == 0:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-            if on_step is not None and on_step(step, float(loss.detach())):
+            stop = on_step is not None and on_step(step, float(loss.detach()))
+            if stop or (max_steps is not None and step >= max_steps):
                 if bar is not None:
                     bar.close()
                 return

@@ -1,0 +1,76 @@
+"""The science commands (``estimators``, ``explosion``) end to end in a subprocess on tiny data,
+and the models they use."""
+
+import csv
+
+import pytest
+import torch
+
+from ewc_fast import estimate_importance
+from ewc_fast.experiments.models import build_model
+
+from .test_cli import TINY, _has_plots, _json, _run, idx_data  # noqa: F401 - idx_data is a fixture
+
+
+@pytest.mark.parametrize("name", ["mlp400", "kutalev-cnn", "attention"])
+def test_new_models_shapes_and_exact_importance(name):
+    torch.manual_seed(0)
+    m = build_model(name, n_out=4).eval()
+    x, y = torch.rand(3, 784), torch.tensor([0, 3, 1])
+    assert m(x).shape == (3, 4)
+    imp = estimate_importance(m, [(x, y)], methods=("fisher",), progress=False)["fisher"]
+    assert not imp.meta.get("fallback")  # every parameter served by a per-layer rule
+    # the empirical Fisher is the mean of per-sample squared gradients: check against autograd
+    ref = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for i in range(3):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x[i : i + 1]), y[i : i + 1]).backward()
+        for n, p in m.named_parameters():
+            ref[n] += p.grad**2 / 3
+    for n in ref:
+        # fp32 per-sample gradients by two routes; 1e-5 relative to the tensor's largest entry
+        torch.testing.assert_close(imp[n], ref[n], rtol=1e-4, atol=1e-5 * float(ref[n].abs().max()))
+
+
+def test_estimators(tmp_path, idx_data):  # noqa: F811
+    out = tmp_path / "est"
+    _run(
+        "estimators",
+        "--out",
+        out,
+        "--iterations",
+        "6",
+        "--lam-grid",
+        "1,1e6",
+        "--runs",
+        "2",
+        "--model",
+        "small-mlp",
+        "--estimators",
+        "EXACT,BATCHED",
+        *TINY,
+        *idx_data,
+    )
+    res = _json(out / "estimators.json")
+    assert set(res["estimators"]) == {"EXACT", "BATCHED"}
+    none_acc = [r["final_mean_acc"] for r in res["none"]["runs"]]
+    for v in res["estimators"].values():
+        assert v["best_lam"] in (1.0, 1e6)
+        assert len(v["runs"]) == 2 and [r["seed"] for r in v["runs"]] == [0, 1]
+        for r in v["runs"]:
+            assert len(r["R"]) == 5 and all(0 <= a <= 1 for row in r["R"] for a in row)
+            assert len(r["importance_times_s"]) == 4  # one consolidation after each task but the last
+        assert v["grid"]["1e+06"]["summary"]["n_runs"] == 1
+        s = v["summary"]
+        assert s["acc_min"] <= s["acc_mean"] <= s["acc_max"]
+    assert res["estimators"]["BATCHED"]["summary"]["time_vs_batched"] == 1.0
+    # λ = 1e6 pins the weights: its run differs from no EWC (the penalty acts)
+    big = res["estimators"]["EXACT"]["grid"]["1e+06"]["summary"]["acc_mean"]
+    assert big != pytest.approx(none_acc[0], abs=1e-9)
+    with open(out / "estimators.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * (1 + 2) + 1
+    if _has_plots():
+        assert (out / "estimators.png").exists()
+    proc = _run("estimators", "--out", out, "--runs", "1", "--grid-runs", "2", *TINY, *idx_data, check=False)
+    assert proc.returncode != 0 and "grid_runs" in proc.stderr
