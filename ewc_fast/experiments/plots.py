@@ -24,6 +24,7 @@ __all__ = [
     "prune_curves",
     "overlap_curves",
     "estimator_comparison",
+    "explosion_curves",
 ]
 
 
@@ -266,4 +267,55 @@ def estimator_comparison(res: dict, path: PathLike, *, title: str = "EWC with fo
     for a in (a1, a2):
         a.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def explosion_curves(res: dict, path: PathLike) -> str | None:
+    """``ewc-fast explosion`` result → one row per model, one column per variant: task-B loss plus
+    penalty against the step for every α·λ·max Ω (log scale; × = diverged there), and a last
+    column with the final accuracy on task B (solid) and A (dashed) against α·λ·max Ω."""
+    plt = _plt()
+    if plt is None or not res.get("models"):
+        return None
+    models = list(res["models"])
+    variants = list(res["config"]["variants"])
+    values = list(res["config"]["values"])
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(len(models), len(variants) + 1, figsize=(4 * (len(variants) + 1), 3.2 * len(models)))
+    axes = np.atleast_2d(axes)
+    for i, name in enumerate(models):
+        runs = res["models"][name]["runs"]
+        for j, variant in enumerate(variants):
+            ax = axes[i, j]
+            for r in (r for r in runs if r["variant"] == variant):
+                c = cmap(values.index(r["value"]) / max(len(values) - 1, 1))
+                tot = [
+                    (s, l + p) for s, l, p in zip(r["step"], r["loss"], r["penalty"]) if l is not None and p is not None
+                ]
+                if tot:
+                    ax.plot(*zip(*tot), color=c, lw=1, label=f"{r['value']:g}")
+                if r["diverged"] and tot:
+                    ax.plot(tot[-1][0], tot[-1][1], "x", color=c, ms=8, mew=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{name}: {variant}", fontsize=9)
+            ax.set_xlabel("SGD step on task B")
+            ax.set_ylabel("task-B loss + penalty")
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.legend(title="α·λ·max Ω", fontsize=6, title_fontsize=7)
+        ax = axes[i, -1]
+        for variant, ls in zip(variants, ("-", "--", ":")):
+            rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["value"])
+            for key, mk in (("final_acc_B", "o"), ("final_acc_A", "s")):
+                xs = [r["value"] for r in rs]
+                ys = [r[key] if r[key] is not None else np.nan for r in rs]
+                ax.plot(xs, ys, ls=ls, marker=mk, ms=4, label=f"{variant} {key[-1]}")
+        ax.axvline(2.0, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("α·λ·max Ω")
+        ax.set_ylabel("final test accuracy (gap = diverged)")
+        ax.set_title(f"{name}: accuracy after task B", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _save(fig, path)

@@ -74,3 +74,48 @@ def test_estimators(tmp_path, idx_data):  # noqa: F811
         assert (out / "estimators.png").exists()
     proc = _run("estimators", "--out", out, "--runs", "1", "--grid-runs", "2", *TINY, *idx_data, check=False)
     assert proc.returncode != 0 and "grid_runs" in proc.stderr
+
+
+def test_explosion(tmp_path, idx_data):  # noqa: F811
+    """Plain SGD + EWC diverges above α·λ·max Ω = 2 (here 50, within 25 steps) and not at 0.5;
+    clipping and the stabilised penalty never diverge."""
+    out = tmp_path / "ex"
+    _run(
+        "explosion",
+        "--out",
+        out,
+        "--models",
+        "small-mlp,attention",
+        "--values",
+        "0.5,50",
+        "--steps",
+        "25",
+        "--eval-every",
+        "5",
+        "--n-importance",
+        "100",
+        *TINY,
+        *idx_data,
+    )
+    res = _json(out / "explosion.json")
+    assert set(res["models"]) == {"small-mlp", "attention"}
+    for m in res["models"].values():
+        assert m["max_omega"] > 0
+        assert m["thresholds"] == {
+            "plain": {"first_diverged": 50.0, "last_stable": 0.5},
+            "clip": {"first_diverged": None, "last_stable": 50.0},
+            "stabilized": {"first_diverged": None, "last_stable": 50.0},
+        }
+        for r in m["runs"]:
+            assert r["lam"] == pytest.approx(r["value"] / (0.05 * m["max_omega"]))
+            if r["diverged"]:
+                assert r["final_acc_A"] is None and r["diverged_at"] == len(r["step"]) <= 25
+            else:
+                assert len(r["step"]) == 25 and r["eval"][-1]["step"] == 25
+                assert 0.0 <= r["final_acc_B"] <= 1.0
+            if r["variant"] == "clip" and r["value"] == 50.0:  # the pre-clipping norm: above the clip of 1
+                assert max(r["grad_norm"]) > 1.0
+    with open(out / "explosion.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 3 * 2
+    if _has_plots():
+        assert (out / "explosion.png").exists()
