@@ -18,6 +18,7 @@ Argument groups (each command picks the ones it needs):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ from ..experiments import plots
 from ..experiments.continual import RunConfig, default_lam, from_ewc_lam, to_ewc_lam
 from ..experiments.data import MNIST, load_mnist
 from ..experiments.models import MODEL_NAMES
+from ..experiments.records import machine_info
 
 __all__ = [
     "log",
@@ -42,6 +44,7 @@ __all__ = [
     "set_threads",
     "out_dir",
     "report_written",
+    "command_meta",
     "resolve_lams",
     "single_lam",
     "base_run_config",
@@ -205,6 +208,22 @@ def out_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def command_meta(args: argparse.Namespace, data: MNIST | None, wall_s: float) -> dict:
+    """The ``meta`` block of a command's JSON: the command line, date, wall time, data, machine."""
+    argv = getattr(args, "_argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    meta = {
+        "command": "ewc-fast " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_s": wall_s,
+        "machine": machine_info("cpu"),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if data is not None:
+        meta.update(data=data.source, n_train=int(data.x_train.shape[0]), n_test=int(data.x_test.shape[0]))
+    return meta
 
 
 def report_written(paths: Iterable) -> None:

@@ -9,11 +9,22 @@ and per best-λ summary) and ``estimators.png``.
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..experiments import plots
 from ..experiments.estimators import ESTIMATORS, REFERENCE, EstimatorConfig, run_estimators
 from ..experiments.records import write_csv, write_json
-from .common import add_common_args, choice_list, float_list, load_data, log, out_dir, positive_int, report_written
+from .common import (
+    add_common_args,
+    choice_list,
+    command_meta,
+    float_list,
+    load_data,
+    log,
+    out_dir,
+    positive_int,
+    report_written,
+)
 
 NAME = "estimators"
 HELP = "EWC with EXACT / SAMPLE / EMPIRICAL / BATCHED Fisher on Split MNIST (van de Ven 2025)"
@@ -75,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"ewc-fast estimators: error: {e}") from e
+    t0 = time.perf_counter()
     data = load_data(args)
     out = out_dir(args)
     res = run_estimators(data, ec, log=log, progress=not args.no_progress)
     res["data"] = data.source
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
     res["n_train"], res["n_test"] = int(data.x_train.shape[0]), int(data.x_test.shape[0])
     rows = []
     log(f"\n{'estimator':>10s} {'best λ':>8s} {'acc %':>8s} {'min–max':>13s} {'theirs':>7s} {'est. s/task':>11s}")

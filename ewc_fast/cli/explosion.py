@@ -9,12 +9,23 @@ row per model × variant × α·λ·max Ω) and ``explosion.png``.
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..experiments import plots
 from ..experiments.explosion import VARIANTS, ExplosionConfig, run_explosion
 from ..experiments.models import MODEL_NAMES
 from ..experiments.records import write_csv, write_json
-from .common import add_common_args, choice_list, float_list, load_data, log, out_dir, positive_int, report_written
+from .common import (
+    add_common_args,
+    choice_list,
+    command_meta,
+    float_list,
+    load_data,
+    log,
+    out_dir,
+    positive_int,
+    report_written,
+)
 
 NAME = "explosion"
 HELP = "EWC under plain SGD: explosion at α·λ·max Ω > 2, clipping, stabilisation (Kutalev & Lapina 2021)"
@@ -66,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         raise SystemExit(f"ewc-fast explosion: error: {e}") from e
+    t0 = time.perf_counter()
     data = load_data(args)
     out = out_dir(args)
     res = run_explosion(data, ec, log=log)
     res["data"] = data.source
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
     rows = []
     for name, m in res["models"].items():
         log(f"\n{name}: max Ω = {m['max_omega']:.4g}")

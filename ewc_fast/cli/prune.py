@@ -10,6 +10,7 @@ each importance, and the ordering of the importances by area under the accuracy 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from .common import (
     add_training_args,
     base_run_config,
     choice_list,
+    command_meta,
     load_data,
     log,
     out_dir,
@@ -70,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Train, prune by every importance and setting, print the orderings, write CSV / JSON / plots."""
+    t0 = time.perf_counter()
     data = load_data(args)
     out = out_dir(args)
     cfg = base_run_config(args, method="none", lam=0.0, si_variant=args.si_variant, eval_every_epoch=False)
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         log=log,
         weights_only=args.weights_only,
     )
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
     rows, table_rows, paths = [], [], []
     for key, r in res["results"].items():
         scope, agg, red = key.split("/")

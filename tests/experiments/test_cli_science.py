@@ -32,8 +32,9 @@ def test_new_models_shapes_and_exact_importance(name):
         torch.testing.assert_close(imp[n], ref[n], rtol=1e-4, atol=1e-5 * float(ref[n].abs().max()))
 
 
-def test_estimators(tmp_path, idx_data):  # noqa: F811
-    out = tmp_path / "est"
+@pytest.fixture(scope="module")
+def est_out(tmp_path_factory, idx_data):  # noqa: F811
+    out = tmp_path_factory.mktemp("est")
     _run(
         "estimators",
         "--out",
@@ -51,7 +52,13 @@ def test_estimators(tmp_path, idx_data):  # noqa: F811
         *TINY,
         *idx_data,
     )
+    return out
+
+
+def test_estimators(est_out, idx_data):  # noqa: F811
+    out = est_out
     res = _json(out / "estimators.json")
+    assert res["meta"]["command"].startswith("ewc-fast estimators") and res["meta"]["n_train"] == 300
     assert set(res["estimators"]) == {"EXACT", "BATCHED"}
     none_acc = [r["final_mean_acc"] for r in res["none"]["runs"]]
     for v in res["estimators"].values():
@@ -76,10 +83,9 @@ def test_estimators(tmp_path, idx_data):  # noqa: F811
     assert proc.returncode != 0 and "grid_runs" in proc.stderr
 
 
-def test_explosion(tmp_path, idx_data):  # noqa: F811
-    """Plain SGD + EWC diverges above α·λ·max Ω = 2 (here 50, within 25 steps) and not at 0.5;
-    clipping and the stabilised penalty never diverge."""
-    out = tmp_path / "ex"
+@pytest.fixture(scope="module")
+def exp_out(tmp_path_factory, idx_data):  # noqa: F811
+    out = tmp_path_factory.mktemp("ex")
     _run(
         "explosion",
         "--out",
@@ -97,6 +103,13 @@ def test_explosion(tmp_path, idx_data):  # noqa: F811
         *TINY,
         *idx_data,
     )
+    return out
+
+
+def test_explosion(exp_out):
+    """Plain SGD + EWC diverges above α·λ·max Ω = 2 (here 50, within 25 steps) and not at 0.5;
+    clipping and the stabilised penalty never diverge."""
+    out = exp_out
     res = _json(out / "explosion.json")
     assert set(res["models"]) == {"small-mlp", "attention"}
     for m in res["models"].values():
@@ -119,3 +132,24 @@ def test_explosion(tmp_path, idx_data):  # noqa: F811
         assert len(list(csv.DictReader(f))) == 2 * 3 * 2
     if _has_plots():
         assert (out / "explosion.png").exists()
+
+
+def test_results_md_sections_from_the_command_outputs(tmp_path, est_out, exp_out):
+    """``reproduce --render-only`` renders the science sections from the commands' own JSON files."""
+    import shutil
+
+    res_dir = tmp_path / "results"
+    shutil.copytree(est_out, res_dir / "estimators")
+    shutil.copytree(exp_out, res_dir / "explosion")
+    _run("reproduce", "--render-only", "--out", tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    est = _json(est_out / "estimators.json")
+    ex = _json(exp_out / "explosion.json")
+    assert "## 5. Which Fisher for EWC: van de Ven 2025 (arXiv 2502.11756)" in text
+    s = est["estimators"]["EXACT"]["summary"]
+    assert f"| EXACT (`fisher_exact`) | {est['estimators']['EXACT']['best_lam']:g} | {100 * s['acc_mean']:.2f} " in text
+    assert "| 99.12 |" in text and "| 85.41 |" in text  # their numbers beside ours
+    assert "## 6. The EWC step explosion under plain SGD" in text
+    m = ex["models"]["attention"]
+    assert f"| attention | {m['n_params']} | {m['max_omega']:.4g} | plain | 50.0 | 0.5 |" in text
+    assert "results/explosion/explosion.png" in text and "the brief" not in text
