@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..ops._validate import PARAM_DTYPES, STATE_DTYPES
 from ..ops.backends import BACKENDS
 
-__all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend"]
+__all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend", "check_sum_fits"]
 
 
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -107,3 +107,36 @@ def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str
         if bad:
             raise ValueError(f"{owner}: parameter {name!r} holds NaN/Inf; refusing to anchor at it")
     return names, params, tensors
+
+
+def check_sum_fits(
+    owner: str, names: list[str], state: list[Tensor], added: list[Tensor], params: list[Tensor], gamma: float = 1.0
+) -> None:
+    """Refuse a merge ``gamma*state + added`` (formed in fp64) that overflows the state's dtype or the
+    arithmetic dtype of its parameter (fp64 for fp64 parameters, else fp32: the penalty and WVA
+    kernels compute in it, and ``inf * 0`` at the anchor would be NaN). One fp64 pass and one host
+    synchronisation; ``ValueError`` naming the parameter and the fixes. Nothing is changed."""
+    if not state:
+        return
+    peaks = [
+        (gamma * s.to(torch.float64) + a.to(torch.float64)).abs().amax()
+        if s.numel()
+        else torch.zeros((), dtype=torch.float64, device=s.device)
+        for s, a in zip(state, added)
+    ]
+    values = torch.stack([v.to(peaks[0].device) for v in peaks]).tolist()
+    for name, v, s, p in zip(names, values, state, params):
+        arith = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if v <= torch.finfo(arith).max and v <= torch.finfo(s.dtype).max:
+            continue
+        why = (
+            f"the kernels' arithmetic for {p.dtype} parameters"
+            if not v <= torch.finfo(arith).max
+            else f"the state dtype {s.dtype}"
+        )
+        raise ValueError(
+            f"{owner}: the accumulated importance of {name!r} reaches {v:.3e}, which overflows "
+            f"{str(arith if why.startswith('the kernels') else s.dtype).replace('torch.', '')}, {why}; nothing was "
+            "changed. Rescale the importances (e.g. normalise them and scale lam up accordingly), or use "
+            "float64 parameters with state_dtype=torch.float64"
+        )

@@ -70,6 +70,37 @@ def _penalty_apply(
     return (0.5 * lam) * (s.to(device=device, dtype=torch.float64) + c)
 
 
+def check_penalty_apply_args(
+    grads: list[Tensor],
+    params: list[Tensor],
+    omega: list[Tensor],
+    mu: list[Tensor],
+    lam: float,
+    alpha: float | None,
+    c: float,
+    grad_scale: float,
+) -> tuple[float, float | None, float, float]:
+    """Every check of :func:`penalty_apply_` (raising as it would), without running it: for callers
+    that must validate before changing state of their own (``EWC.apply_``). Returns the validated
+    scalars ``(lam, alpha, c, grad_scale)``."""
+    op = _penalty_apply.name
+    n = check_tensor_lists(
+        op, {"grads": _P, "params": _P, "omega": _S, "mu": _S}, grads=grads, params=params, omega=omega, mu=mu
+    )
+    for i in range(n):
+        if grads[i].dtype != params[i].dtype:
+            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
+    lam = check_finite_scalar(op, "lam", lam, low=0.0)
+    if alpha is not None:
+        alpha = check_finite_scalar(op, "alpha", alpha, low=0.0)
+    c = check_finite_scalar(op, "c", c)
+    grad_scale = check_finite_scalar(op, "grad_scale", grad_scale)
+    common_device(op, params)
+    check_no_overlap(op, {"grads": grads}, {"params": params, "omega": omega, "mu": mu})
+    check_writable(op, grads=grads)
+    return lam, alpha, c, grad_scale
+
+
 def penalty_apply_(
     grads: list[Tensor],
     params: list[Tensor],
@@ -90,21 +121,7 @@ def penalty_apply_(
     Arithmetic (and the per-block partial sums, added in fp64 across blocks) in fp64 for fp64
     params, in fp32 otherwise; ``theta - mu`` is formed in the promoted dtype of params and mu.
     """
-    op = _penalty_apply.name
-    n = check_tensor_lists(
-        op, {"grads": _P, "params": _P, "omega": _S, "mu": _S}, grads=grads, params=params, omega=omega, mu=mu
-    )
-    for i in range(n):
-        if grads[i].dtype != params[i].dtype:
-            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
-    lam = check_finite_scalar(op, "lam", lam, low=0.0)
-    if alpha is not None:
-        alpha = check_finite_scalar(op, "alpha", alpha, low=0.0)
-    c = check_finite_scalar(op, "c", c)
-    grad_scale = check_finite_scalar(op, "grad_scale", grad_scale)
-    common_device(op, params)
-    check_no_overlap(op, {"grads": grads}, {"params": params, "omega": omega, "mu": mu})
-    check_writable(op, grads=grads)
+    lam, alpha, c, grad_scale = check_penalty_apply_args(grads, params, omega, mu, lam, alpha, c, grad_scale)
     return _penalty_apply(list(grads), list(params), list(omega), list(mu), lam, alpha, c, grad_scale, backend)
 
 
