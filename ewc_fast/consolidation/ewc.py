@@ -455,11 +455,13 @@ class EWC:
         resolve_backend(self._backend, op_device(params))
         for p, g in fresh:
             p.grad = g
+        links = []
         if ZENKE_REGISTRY:
             for endpoint, idx, tidx in self._links(params):
                 keep = [k for k, i in enumerate(idx) if params[i].requires_grad]
-                endpoint.snapshot([tidx[k] for k in keep], [grads[idx[k]] for k in keep])
-        return ops.penalty_apply_(
+                links.append((endpoint, [tidx[k] for k in keep], [grads[idx[k]] for k in keep]))
+                endpoint.snapshot(*links[-1][1:])
+        value = ops.penalty_apply_(
             grads,
             params,
             self._omega,
@@ -470,6 +472,9 @@ class EWC:
             grad_scale=grad_scale,
             backend=self._backend,
         )
+        for endpoint, tidx, g in links:  # lets the trackers tell a skipped step's snapshot from this one
+            endpoint.seal(tidx, g)
+        return value
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
