@@ -156,3 +156,28 @@ def test_ops_refuse_sparse_tensors_with_a_fix(backend):
     with pytest.raises(TypeError, match=r"grads\[1\] has layout torch.sparse_coo.*dense"):
         ops.penalty_apply_(grads, params, omega, mu, 2.0, backend=backend)
     assert_unchanged(before, grads, params, omega, mu)
+
+
+# ------------------------------------------------- items 5, 6, 9 for the per-sample statistics ops
+def test_persample_ops_refuse_expanded_outputs_and_bump_versions(backend):
+    g = _g(3)
+    G, A = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 5, generator=g)
+    Gc, Ac = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 2, 5, 5, generator=g)  # conv: O=3, C=2, k=2
+    for call, shape in (
+        (lambda sq, ab: ops.persample_sq_(sq, ab, G, A, backend=backend), (4, 5)),
+        (lambda sq, ab: ops.persample_conv_sq_(sq, ab, Gc, Ac, backend=backend), (3, 2, 2, 2)),
+    ):
+        ab = torch.zeros(shape)
+        expanded = torch.zeros(1).expand(shape)
+        before = frozen(ab, G, A, Gc, Ac)
+        with pytest.raises(ValueError, match=r"sq_out is written in place but several of its elements share memory"):
+            call(expanded, ab)
+        assert_unchanged(before, ab, G, A, Gc, Ac)
+        # an output saved by autograd: the write bumps its version, so the backward refuses
+        w = torch.randn(shape, requires_grad=True)
+        sq = w * 1.0
+        y = (sq * sq).sum()
+        with torch.no_grad():
+            call(sq, None)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
