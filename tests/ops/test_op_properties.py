@@ -283,3 +283,82 @@ def test_aliasing_a_written_argument_is_refused_with_everything_unchanged(op, ba
         assert_unchanged(before, args)
 
     prop()
+
+
+# ------------------------------------------------------------------------- per-sample statistics ops
+def _persample_check(sq, ab, G, A, ref, n_products, what):
+    """Forward-error bound: each per-sample entry is a sum of ``n_products`` fp32 products (exact
+    products of fp32-exact inputs, ``n_products`` roundings of the running sum), then squared / summed:
+    ``|err| <= (n_products + 4) * 2^-23 * terms``, the terms being the same statistics of |G|, |A|."""
+    want_sq, want_ab = ref(G, A)
+    terms_sq, terms_ab = ref(G.abs(), A.abs())
+    extra = (n_products + 4) * 2.0**-23
+    _check(sq, want_sq, terms_sq, torch.float64, f"{what} sq_out", extra=extra)
+    _check(ab, want_ab, terms_ab, torch.float64, f"{what} abs_out", extra=extra)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_persample_sq_matches_reference(backend):
+    _need(backend)
+
+    def ref(G, A):
+        P = torch.einsum("nto,nti->noi", G.double(), A.double())
+        return (P * P).sum(0), P.abs().sum(0)
+
+    @_settings(backend)
+    @given(
+        dims=st.tuples(*[st.integers(1, 5 if backend == "triton" else 9)] * 4),
+        dtype=st.sampled_from(P),
+        odt=st.sampled_from(S),
+        transposed=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+    def prop(dims, dtype, odt, transposed, seed):
+        N, T, O, In = dims
+        g = torch.Generator().manual_seed(seed)
+        G = torch.randn(N, T, O, generator=g).to(dtype)
+        A = torch.randn(N, In, T, generator=g).to(dtype).transpose(1, 2) if transposed else None
+        A = A if A is not None else torch.randn(N, T, In, generator=g).to(dtype)
+        sq = torch.zeros(O, In, dtype=odt)
+        ab = torch.zeros(In, O, dtype=odt).t() if transposed else torch.zeros(O, In, dtype=odt)
+        ops.persample_sq_(sq, ab, G, A, backend=backend)
+        _persample_check(sq, ab, G, A, ref, T, "persample_sq_")
+
+    prop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_persample_conv_sq_matches_reference(backend):
+    _need(backend)
+    from ewc_fast.testing.conv import reference_persample_conv_sq
+
+    @_settings(backend)
+    @given(
+        d=st.sampled_from([1, 2]),
+        n=st.integers(1, 3),
+        c=st.integers(1, 3),
+        o=st.integers(1, 3),
+        k=st.integers(1, 3),
+        size=st.integers(3, 6),
+        stride=st.integers(1, 2),
+        dtype=st.sampled_from(P),
+        seed=st.integers(0, 2**16),
+    )
+    def prop(d, n, c, o, k, size, stride, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(n, c, *[size] * d, generator=g).to(dtype)
+        L = (size - k) // stride + 1
+        G = torch.randn(n, o, *[L] * d, generator=g).to(dtype)
+        kernel = (k,) * d
+
+        def ref(G_, X_):
+            return reference_persample_conv_sq(
+                G_, X_, kernel, stride=(stride,) * d, padding=(0,) * d, dilation=(1,) * d
+            )
+
+        sq = torch.zeros(o, c, *kernel, dtype=torch.float64)
+        ab = torch.zeros(o, c, *kernel, dtype=torch.float32)
+        ops.persample_conv_sq_(sq, ab, G, X, stride=stride, backend=backend)
+        _persample_check(sq, ab, G, X, ref, L**d, "persample_conv_sq_")
+
+    prop()
