@@ -2,6 +2,8 @@
 
 * :mod:`.consolidation` -- the five consolidation ops, the naive per-task penalty and the seed
   report's expanded fp32 form, in float64.
+* :mod:`.fused_step` -- one step of the fused optimizer (SGD / Adam / AdamW + EWC + SI + WVA), in
+  float64.
 * :mod:`.importance` -- every importance method through per-sample gradients of the whole model
   (``torch.func``), in float64.
 
