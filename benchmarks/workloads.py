@@ -8,9 +8,11 @@ the same quantities:
 * MAS ``Omega = (1/N) sum_n |d ||f(x_n)||_2**2 / d theta|`` with ``f`` the logits;
 * exact Fisher ``(1/N) sum_n sum_y p(y|x_n) (d -log p(y|x_n) / d theta)**2`` (for peers that compute it).
 
-Models contain no dropout and no BatchNorm (train and eval mode compute the same function, and no
-layer couples the samples of a batch). Data are synthetic and seeded: the benchmark measures speed,
-memory and agreement with the oracle, not accuracy.
+Models contain no dropout. The CNN workloads of :mod:`benchmarks.workloads_cnn` (ResNet-18,
+depthwise-separable, the seed papers' conv net) contain BatchNorm, which runs in eval mode (running
+statistics, as in every importance pass), so no layer couples the samples of a batch. Data are
+synthetic and seeded: the benchmark measures speed, memory and agreement with the oracle, not
+accuracy.
 
 ``size="tiny"`` shrinks every dimension so that the whole suite runs in seconds (smoke test);
 ``size="small"`` keeps the architectures' shapes but smaller (minutes on a laptop: checks the memory
@@ -177,6 +179,9 @@ class Workload:
     sequence: bool = False
     has_mha: bool = False
     seed: int = 0
+    # the float64 oracle: "func" (torch.func vmap(grad)), or "loop" (a per-sample loop of plain
+    # autograd, for models whose forward cannot run under vmap: the Hugging Face workloads)
+    oracle: str = "func"
     notes: list[str] = field(default_factory=list)
 
     loss_per_sample = staticmethod(per_sample_cross_entropy)
@@ -337,7 +342,17 @@ _FACTORIES: dict[str, Callable[[str], Workload]] = {
     "cnn-32": _cnn,
     "embedding": _embedding,
 }
-WORKLOADS = tuple(_FACTORIES)
+# the CNN workloads live in their own module, which imports Workload from here
+from .workloads_cnn import FACTORIES as _CNN_FACTORIES  # noqa: E402
+
+_FACTORIES.update(_CNN_FACTORIES)
+WORKLOADS = tuple(_FACTORIES)  # the default run
+
+# Hugging Face workloads (benchmarks/workloads_hf.py, need transformers): registered, run when named
+from .workloads_hf import HF_FACTORIES, HF_WORKLOADS  # noqa: E402
+
+_FACTORIES.update(HF_FACTORIES)
+ALL_WORKLOADS = WORKLOADS + HF_WORKLOADS
 
 
 def get_workload(name: str, size: str = "full") -> Workload:
@@ -346,7 +361,7 @@ def get_workload(name: str, size: str = "full") -> Workload:
     try:
         return _FACTORIES[name](size)
     except KeyError:
-        raise ValueError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}") from None
+        raise ValueError(f"unknown workload {name!r}; valid: {', '.join(ALL_WORKLOADS)}") from None
 
 
 def all_workloads(size: str = "full") -> list[Workload]:

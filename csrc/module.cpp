@@ -4,6 +4,7 @@
 #include "consolidation.h"
 #include "fused_step.h"
 #include "persample.h"
+#include "persample_conv.h"
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "ewc_fast C++ CPU kernels (OpenMP). Buffers arrive as raw pointers; the Python side validates.";
@@ -11,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
     ewcf::init_consolidation(m);
     ewcf::init_fused_step(m);
     ewcf::init_persample(m);
+    ewcf::init_persample_conv(m);
 }
