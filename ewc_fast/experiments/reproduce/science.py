@@ -26,7 +26,8 @@ SCIENCE_DIRS = {
     "estimators": ("estimators", "estimators.json"),
     "explosion": ("explosion", "explosion.json"),
     "conv": ("conv", "permuted_mnist.json"),
-    "anchoring": ("anchoring", "permuted_mnist.json"),
+    "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
+    "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
 }
 
@@ -267,13 +268,12 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
                 res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
             ),
         )
-    if res["anchoring"]:
-        add(
-            "anchoring",
-            _render_permuted(
-                res["anchoring"], "## 8. Penalty for all previous tasks vs only the previous one", rel, "anchoring"
-            ),
-        )
+    if res["anchoring_all"] or res["anchoring_previous"]:
+        lines = ["## 8. Penalty for all previous tasks vs only the previous one", ""]
+        for key, sub in (("anchoring_all", "all"), ("anchoring_previous", "previous")):
+            if res[key]:
+                lines += _render_permuted(res[key], f"### anchoring `{sub}`", rel, f"anchoring/{sub}")
+        add("anchoring", lines)
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
     return L
