@@ -22,7 +22,7 @@ from ..records import read_json
 from .correlations import CORR_CLAIMS_PAIRS, correlation_claims, final_weight_correlations
 from .protocol import RESULTS_SUBDIR
 from .pruning import THEIR_TASK1_SCALE
-from .science import render_science
+from .science import correlate_figures, render_science, table_figures
 
 __all__ = ["render_results", "format_minutes"]
 
@@ -473,11 +473,13 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
     ]
     if t:
         L += _render_table(t)
+        L += table_figures(res_dir, t)
         L += _PROTOCOL_NOTES.splitlines() + [""]
         if notes.get("table"):
             L += ["### Discussion", ""] + notes["table"] + [""]
     if c:
         L += _render_correlate(c)
+        L += correlate_figures(res_dir, c)
         if notes.get("correlate"):
             L += notes["correlate"] + [""]
     if p:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
+from .. import plots
+from ..correlate import surfaces
 from ..prune import value_at
 from ..records import read_json
 from .pruning import PRUNE_REFERENCE
 
-__all__ = ["SCIENCE_DIRS", "LAYER_REFERENCE", "render_science"]
+__all__ = ["SCIENCE_DIRS", "LAYER_REFERENCE", "render_science", "table_figures", "correlate_figures"]
 
 #: section → (folder under results/, JSON file name)
 SCIENCE_DIRS = {
@@ -242,6 +246,53 @@ def _render_overlap(r: dict, rel: str) -> list[str]:
         )
     L += ["", f"![overlap]({rel}/overlap/overlap.png)", ""]
     return L
+
+
+def table_figures(res_dir: Path, t: dict, rel: str = "results") -> list[str]:
+    """The main table's mean accuracy matrices R[i, j] and per-task curves (accuracy of every task
+    after each task trained, mean over the runs), drawn from ``table.json``; markdown lines."""
+    mats, curves = {}, {}
+    for row in t["rows"].values():
+        runs = row.get("runs") or []
+        if not runs:
+            continue
+        R = np.mean([np.asarray(r["R"], dtype=float) for r in runs], axis=0)
+        mats[row["label"]] = R.tolist()
+        curves[row["label"]] = [{"stage": i, "epoch": 1, "acc": R[i].tolist()} for i in range(R.shape[0])]
+    if not mats:
+        return []
+    a = plots.accuracy_heatmaps(
+        mats, Path(res_dir) / "table_accuracy_matrices.png", title="mean accuracy matrix R[i, j] of each table row"
+    )
+    b = plots.task_curves(
+        curves,
+        t["n_tasks"],
+        1,
+        Path(res_dir) / "table_task_curves.png",
+        title="test accuracy of each task after each task trained (mean over the runs)",
+    )
+    L = ["### Accuracy matrices and per-task curves of the table", ""]
+    if a:
+        L.append(f"![accuracy matrices]({rel}/table_accuracy_matrices.png)")
+    if b:
+        L.append(f"![per-task curves]({rel}/table_task_curves.png)")
+    return L + [""] if (a or b) else []
+
+
+def correlate_figures(res_dir: Path, c: dict, rel: str = "results") -> list[str]:
+    """Heat-maps (tasks learned × layer, colour bar) of the Pearson and Spearman correlations in
+    ``correlate.json``; markdown lines."""
+    L = []
+    for kind in ("pearson", "spearman"):
+        vals, layers = surfaces(c, kind)
+        p = plots.correlation_heatmaps(vals, layers, Path(res_dir) / f"correlation_heatmap_{kind}.png", kind=kind)
+        if p:
+            L.append(f"![{kind} correlations, heat-map]({rel}/correlation_heatmap_{kind}.png)")
+    return (
+        ["Heat-map form (each cell: the correlation after that many tasks on that layer's weights):", ""] + L + [""]
+        if L
+        else []
+    )
 
 
 def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results") -> list[str]:
