@@ -33,6 +33,7 @@ SCIENCE_DIRS = {
     "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
     "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
+    "correlate_seeds": ("correlate_seeds", "correlations.json"),
 }
 
 #: accuracy at 90 % pruned *by layer* (Kutalev & Lapina 2021, 10 runs)
@@ -295,6 +296,35 @@ def correlate_figures(res_dir: Path, c: dict, rel: str = "results") -> list[str]
     )
 
 
+def _render_correlate_seeds(r: dict, rel: str) -> list[str]:
+    c = r.get("config", {})
+    T = r["n_tasks"]
+    L = ["## 10. Correlations of the importances over several seeds, the authors' anchoring, the batched Fisher", ""]
+    L += _meta_lines(r)
+    L += [
+        f"- protocol: as section 2 but {T} tasks, **{len(r['seeds'])} seeds** ({', '.join(map(str, r['seeds']))}), the "
+        f"MAS penalty anchored `{c.get('anchor', '?')}` (summed importances at the latest optimum, as the authors' EWC "
+        "code), SIG summed over tasks on raw pixels in [0, 1]; FISB = the square of the batch-mean gradient over "
+        f"batches of {c.get('importance_batch', '?')} samples (what the paper's eq. 2 approximates).",
+        "",
+        f"Pearson correlation after task {T}, mean over seeds [min, max]:",
+        "",
+    ]
+    params = [p for p in r["params"] if p.endswith("weight")]
+    L += ["| pair | " + " | ".join(p.rsplit(".", 1)[0] for p in params) + " |", "|---|" + "---|" * len(params)]
+    last = {(x["param"], x["pair"]): x for x in r["rows"] if x["stage"] == T - 1}
+    for pair in r["pairs"]:
+        cells = []
+        for p in params:
+            x = last.get((p, pair))
+            cells.append(
+                "—" if x is None else f"{x['pearson']:+.2f} [{x['pearson_min']:+.2f}, {x['pearson_max']:+.2f}]"
+            )
+        L.append(f"| {pair} | " + " | ".join(cells) + " |")
+    L += ["", f"![correlations over seeds]({rel}/correlate_seeds/correlation_heatmap_pearson.png)", ""]
+    return L
+
+
 def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results") -> list[str]:
     """The sections of every :data:`SCIENCE_DIRS` folder present under ``res_dir`` (markdown lines)."""
     notes = notes or {}
@@ -327,4 +357,6 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
         add("anchoring", lines)
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
+    if res["correlate_seeds"]:
+        add("correlate_seeds", _render_correlate_seeds(res["correlate_seeds"], rel))
     return L
