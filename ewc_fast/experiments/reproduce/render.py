@@ -505,7 +505,10 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
         "",
         "- `results/table.json`, `results/correlate.json`, `results/prune.json`: every run's numbers, "
         "configuration, timings and machine description.",
-        "- `results/*.png`: correlation surfaces and mean pruning curves.",
+        "- `results/*.png`: correlation surfaces and heat-maps, mean pruning curves, the table's accuracy "
+        "matrices and per-task curves.",
+        "- `results/<experiment>/` (`prune_layer/`, `estimators/`, `explosion/`, `conv/`, `anchoring/`, "
+        "`overlap/`, `correlate_seeds/`): the JSON, CSV and PNG files written by that experiment's own command.",
         "",
     ]
     text = "\n".join(L)
