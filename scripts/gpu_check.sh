@@ -9,7 +9,8 @@
 #   tests  pytest -m cuda on the device-parametrised tests, TRITON_INTERPRET=0 (kernels compiled for the card)
 #   bench  python -m benchmarks.gpu (ceilings first, then the tables; docs/GPU.md)
 # and renders OUT_DIR/summary.md from OUT_DIR/results.json. A phase that overruns its limit is stopped
-# and reported as "cut"; the next phase still runs. Total wall time <= GPU_CHECK_TOTAL_S (480 s).
+# and reported as "cut"; the next phase still runs. Total wall time <= GPU_CHECK_TOTAL_S (480 s); budgets
+# build 100 s, tests 150 s (+ what the build left), bench >= 200 s (everything left, minus 5 s for the report).
 # Files in OUT_DIR: results.json, summary.md, build.log, tests.log, tests.xml, bench.log.
 #
 # --dry-run: CPU, TRITON_INTERPRET=1, tiny sizes, the same phases and code paths (the build is pip's
@@ -21,7 +22,7 @@
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 OUT=$1
@@ -47,8 +48,10 @@ PHASES=",${GPU_CHECK_PHASES:-build,tests,bench},"
 rm -f "$OUT/results.json" "$OUT/summary.md"
 
 left() { echo $(( TOTAL - ($(date +%s) - START) )); }
-# limit PHASE_BUDGET: the phase's budget, capped by what is left of the total (keeping 5 s for the report)
-limit() { local l; l=$(( $(left) - 5 )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+# limit BUDGET [RESERVE]: BUDGET seconds, capped by what is left of the total minus RESERVE (the later
+# phases' budgets) and 5 s for the report. Time a phase leaves unused passes on: the tests may use what
+# the build left, the benchmarks get everything that is left.
+limit() { local l; l=$(( $(left) - ${2:-0} - 5 )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
 record() { "$PY" -m benchmarks.gpu.phases "$OUT" "$@" $DRYFLAG || echo "[gpu-check] could not record phase $1" >&2; }
 want() { case "$PHASES" in *",$1,"*) return 0 ;; esac; record "$1" --rc skipped --note "not in GPU_CHECK_PHASES"; return 1; }
 
@@ -62,13 +65,14 @@ fi
 
 # ------------------------------------------------------------------------------------------- build
 if want build; then
-echo "[gpu-check] build (limit $(limit "$BUILD") s)"
+lim=$(limit "$BUILD" $(( TESTS + BENCH )))
+echo "[gpu-check] build (limit $lim s)"
 t0=$(date +%s)
 if [ $DRY = 1 ]; then
-  timeout "$(limit "$BUILD")" "$PY" -m pip install --dry-run --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
+  timeout "$lim" "$PY" -m pip install --dry-run --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
   rc=$?; note="dry run: pip --dry-run (metadata only; the C++ extension is not compiled)"
 else
-  EWC_FAST_BUILD_JOBS=${GPU_CHECK_JOBS:-$(nproc)} timeout "$(limit "$BUILD")" \
+  EWC_FAST_BUILD_JOBS=${GPU_CHECK_JOBS:-$(nproc)} timeout "$lim" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
   rc=$?; note="pip install --no-build-isolation --no-deps -e . (preinstalled torch)"
 fi
@@ -82,10 +86,12 @@ XDIST=
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_JOBS:-8}"; fi
 PER_TEST=
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=120"; fi
-echo "[gpu-check] tests (limit $(limit "$TESTS") s) ${XDIST}"
+lim=$(limit $(( TOTAL )) "$BENCH")  # all that the bench budget leaves
+[ "$lim" -gt $(( TESTS + BUILD )) ] && lim=$(( TESTS + BUILD ))
+echo "[gpu-check] tests (limit $lim s) ${XDIST}"
 t0=$(date +%s)
 # shellcheck disable=SC2086
-timeout "$(limit "$TESTS")" "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider $XDIST $PER_TEST \
+timeout "$lim" "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider $XDIST $PER_TEST \
   --junitxml="$OUT/tests.xml" $TEST_PATHS >"$OUT/tests.log" 2>&1
 rc=$?
 [ $rc = 5 ] && [ $DRY = 1 ] && rc=0  # nothing selected is not an error of the script
@@ -95,7 +101,7 @@ fi
 
 # ------------------------------------------------------------------------------------------- bench
 if want bench; then
-lim=$(limit "$BENCH")
+lim=$(limit $(( TOTAL )))  # everything that is left
 echo "[gpu-check] bench (limit $lim s)"
 t0=$(date +%s)
 inner=$(( lim > 20 ? lim - 10 : lim ))  # the tables' own budget: they stop between rows before the hard limit

@@ -58,7 +58,7 @@ def persample_rows(device, sizes: Sizes, budget) -> tuple[list[dict], list[str]]
     rows, cut = [], []
     for T in sizes.ps_T:
         N = max(1, sizes.ps_tokens // T)
-        for prec in ("fp32-ieee", "tf32", "bf16"):
+        for prec in ("bf16", "fp32-ieee", "tf32"):
             key = f"T={T} {prec}"
             if budget.expired():
                 cut.append(key)

@@ -35,7 +35,7 @@ GPU = Sizes(
     ps_out=4096,  # a transformer FFN projection, d = 1024 -> 4096
     ps_in=1024,
     ps_tokens=8192,
-    ps_T=(1, 128, 512),
+    ps_T=(128, 512, 1),  # the fused path first: rows are cut from the end when time runs out
     cons_params=64 << 20,
     cons_tensors=24,
     workloads=("transformer-T128", "transformer-T512"),
@@ -52,7 +52,7 @@ DRY = Sizes(
     ps_out=24,
     ps_in=20,
     ps_tokens=32,
-    ps_T=(1, 8, 16),
+    ps_T=(8, 16, 1),
     cons_params=5000,
     cons_tensors=5,
     workloads=("transformer-T128",),
