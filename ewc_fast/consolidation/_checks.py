@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..ops._validate import PARAM_DTYPES, STATE_DTYPES
 from ..ops.backends import BACKENDS
+from ._shard import check_layout, like_param, local, reduce_flags
 
 __all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend"]
 
@@ -41,9 +42,11 @@ def check_state_dtype(owner: str, dtype) -> torch.dtype:
 def _bad_value_flags(tensors: list[Tensor], *, nonnegative: bool) -> list[bool]:
     """Per tensor: does it hold NaN/Inf (or, if ``nonnegative``, a negative value)?
 
-    One host synchronisation per device, however many tensors."""
+    One host synchronisation per device, however many tensors; ``DTensor`` entries are checked on
+    their local shards and the flags OR-ed over the ranks (one small all-reduce)."""
     by_device: dict = {}
     for i, t in enumerate(tensors):
+        t = local(t)
         bad = ~torch.isfinite(t)
         if nonnegative:
             bad = bad | (t < 0)
@@ -52,7 +55,7 @@ def _bad_value_flags(tensors: list[Tensor], *, nonnegative: bool) -> list[bool]:
     for items in by_device.values():
         for (i, _), v in zip(items, torch.stack([f for _, f in items]).tolist()):
             out[i] = bool(v)
-    return out
+    return reduce_flags(out, tensors)
 
 
 def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str], list[nn.Parameter], list[Tensor]]:
@@ -60,7 +63,9 @@ def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str
 
     Every trainable parameter (``requires_grad``) must have an entry with the parameter's shape and
     device, a dtype in {fp32, fp64, bf16, fp16}, finite and non-negative values; the parameter itself
-    must be finite (it becomes an anchor). Names that are not parameters of ``model`` are refused;
+    must be finite (it becomes an anchor). For a ``DTensor`` parameter (FSDP2) the returned tensor is
+    laid out like it (a full tensor is cut to the local shard; see :mod:`._shard`).
+    Names that are not parameters of ``model`` are refused;
     entries for frozen parameters are accepted and ignored. Returns ``(names, params, tensors)`` of the
     trainable parameters in module order.
     """
@@ -97,9 +102,10 @@ def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str
             )
         if t.device != p.device:
             raise ValueError(f"{owner}: importance[{name!r}] is on {t.device}, parameter is on {p.device}")
+        check_layout(owner, name, p)
         names.append(name)
         params.append(p)
-        tensors.append(t.detach())
+        tensors.append(like_param(owner, f"importance[{name!r}]", t.detach(), p))
     for name, bad in zip(names, _bad_value_flags(tensors, nonnegative=True)):
         if bad:
             raise ValueError(f"{owner}: importance[{name!r}] holds NaN/Inf or negative values")

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from ..ops._validate import check_finite_scalar
+from . import _shard
 from ._checks import check_backend, check_importance, check_state_dtype
+from ._shard import copy_like, local, same_layout, state_like
 from ._state import (
     check_count,
     check_entries,
@@ -82,9 +83,17 @@ class _PenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ewc: EWC, links, out_dtype, *params):
-        grads = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-        value = ops.penalty_apply_(
-            grads, list(params), ewc._omega, ewc._mu, ewc._lam, alpha=ewc._stabilize_lr, c=ewc._c, backend=ewc._backend
+        grads = [state_like(p, p.dtype) for p in params]
+        value = _shard.penalty_apply_(
+            grads,
+            list(params),
+            ewc._omega,
+            ewc._mu,
+            ewc._lam,
+            alpha=ewc._stabilize_lr,
+            c=ewc._c,
+            grad_scale=1.0,
+            backend=ewc._backend,
         )
         ctx.grads = grads
         ctx.links = links
@@ -106,7 +115,7 @@ class _PenaltyFunction(torch.autograd.Function):
         for endpoint, idx, tidx in ctx.links:
             pairs = [(j, grads[i]) for i, j in zip(idx, tidx) if grads[i] is not None]
             if pairs:  # detached: the trackers' buffers must not join a create_graph graph
-                endpoint.record([j for j, _ in pairs], [g.detach() for _, g in pairs])
+                endpoint.record([j for j, _ in pairs], [local(g.detach()) for _, g in pairs])
         return (None, None, None, *grads)
 
 
@@ -297,9 +306,9 @@ class EWC:
                     f"EWC: parameter {name!r} now has shape {tuple(p.shape)}, its EWC state "
                     f"{tuple(self._omega[i].shape)}"
                 )
-            if p.device != self._omega[i].device:
-                self._omega[i] = self._omega[i].to(p.device)
-                self._mu[i] = self._mu[i].to(p.device)
+            if p.device != self._omega[i].device or not same_layout(p, self._omega[i]):
+                self._omega[i] = copy_like("EWC", f"omega[{name!r}]", self._omega[i], p)
+                self._mu[i] = copy_like("EWC", f"mu[{name!r}]", self._mu[i], p)
             params.append(p)
         if len(named) > len(self._names):
             new = [n for n, p in named.items() if p.requires_grad and n not in self._pos and n not in self._warned]
@@ -346,8 +355,7 @@ class EWC:
         for name, p in zip(names, params):
             i = self._pos.get(name)
             if i is None:
-                o = torch.zeros(p.shape, dtype=self._state_dtype, device=p.device)
-                m = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+                o, m = state_like(p, self._state_dtype), state_like(p, torch.float64)
                 new.append((name, o, m))
             else:
                 o, m = self._omega[i], self._mu[i]
@@ -356,12 +364,13 @@ class EWC:
                         f"EWC.consolidate: parameter {name!r} has shape {tuple(p.shape)}, its EWC "
                         f"state {tuple(o.shape)}"
                     )
-                if o.device != p.device:
-                    o, m = o.to(p.device), m.to(p.device)
+                if o.device != p.device or not same_layout(p, o):
+                    o = copy_like("EWC.consolidate", f"omega[{name!r}]", o, p)
+                    m = copy_like("EWC.consolidate", f"mu[{name!r}]", m, p)
             omega.append(o)
             mu.append(m)
         online = self._mode == "online"
-        inc = ops.consolidate_(
+        inc = _shard.consolidate_(
             omega, mu, tensors, [p.detach() for p in params], self._gamma, online=online, backend=self._backend
         )
         # Commit (the op has run: nothing below can fail).
@@ -425,16 +434,16 @@ class EWC:
         grads = []
         for p in params:
             if not p.requires_grad:
-                grads.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
+                grads.append(state_like(p, p.dtype))
                 continue
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                p.grad = state_like(p, p.dtype)
             grads.append(p.grad)
         if ZENKE_REGISTRY:
             for endpoint, idx, tidx in self._links(params):
                 keep = [k for k, i in enumerate(idx) if params[i].requires_grad]
-                endpoint.snapshot([tidx[k] for k in keep], [grads[idx[k]] for k in keep])
-        return ops.penalty_apply_(
+                endpoint.snapshot([tidx[k] for k in keep], [local(grads[idx[k]]) for k in keep])
+        return _shard.penalty_apply_(
             grads,
             params,
             self._omega,
@@ -491,8 +500,8 @@ class EWC:
                 raise TypeError(f"{owner}: omega/mu of {name!r} must be tensors")
             check_state_tensor(owner, f"omega[{name!r}]", o, p.shape, dtype=dtype, nonnegative=True)
             check_state_tensor(owner, f"mu[{name!r}]", m, p.shape, dtype=torch.float64, finite=True)
-            omega.append(o.detach().to(p.device, copy=True))
-            mu.append(m.detach().to(p.device, copy=True))
+            omega.append(copy_like(owner, f"omega[{name!r}]", o, p))
+            mu.append(copy_like(owner, f"mu[{name!r}]", m, p))
         self._mode, self._lam, self._gamma, self._stabilize_lr = mode, lam, gamma, stabilize_lr
         self._state_dtype, self._c, self._n_tasks = dtype, c, n_tasks
         self._names = names

@@ -12,6 +12,7 @@ from .. import ops
 from ..importance import Importance
 from ..ops._validate import check_finite_scalar
 from ._checks import check_backend, check_state_dtype, trainable_params
+from ._shard import check_layout, clone_state, copy_like, local, locals_, state_like
 from ._state import check_count, check_header, check_state_tensor, clone_named, require_keys, state_header
 from .exclusion import ZENKE_REGISTRY, ExclusionEndpoint
 
@@ -104,10 +105,12 @@ class SynapticIntelligence:
         named = trainable_params(model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        for n, p in named:
+            check_layout("SynapticIntelligence", n, p)
         with torch.no_grad():
-            self._omega = [torch.zeros(p.shape, dtype=state_dtype, device=p.device) for p in self._params]
-            self._start = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
-            self._prev = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
+            self._omega = [state_like(p, state_dtype) for p in self._params]
+            self._start = [clone_state(p) for p in self._params]
+            self._prev = [clone_state(p) for p in self._params]
         self._cum: list[Tensor] | None = None
         self._steps = 0
         self._cum_steps = 0
@@ -164,7 +167,7 @@ class SynapticIntelligence:
         consolidated tasks (no ``max`` without ``clip``); zeros before the first :meth:`consolidate`.
         The returned tensors are copies."""
         if self._cum is None:
-            tensors = {n: torch.zeros_like(w) for n, w in zip(self._names, self._omega)}
+            tensors = {n: state_like(w, w.dtype) for n, w in zip(self._names, self._omega)}
         else:
             tensors = {n: t.clone() for n, t in zip(self._names, self._cum)}
         return Importance(tensors, method="si", n_samples=self._cum_steps, meta=self._meta(cumulative=True))
@@ -201,7 +204,7 @@ class SynapticIntelligence:
         if self._handles:
             raise RuntimeError("SynapticIntelligence.attach: already attached; call detach() first")
         with torch.no_grad():
-            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+            torch._foreach_copy_(locals_(self._prev), [local(p.detach()) for p in self._params])
         self._manual = gradients == "manual"
         self._handles = [optimizer.register_step_post_hook(self._post_step)]
         if not self._manual:
@@ -237,7 +240,7 @@ class SynapticIntelligence:
             g = p.grad
             if g is not None:
                 idx.append(j)
-                grads.append(g)
+                grads.append(local(g))
         self._pending = (idx, self._exclusion.task_grads(idx, grads))
         return None
 
@@ -260,7 +263,9 @@ class SynapticIntelligence:
                 params = [self._params[j] for j in idx]
                 prev = [self._prev[j] for j in idx]
             with torch.no_grad():
-                ops.si_accumulate_(omega, grads, params, prev, backend=self._backend)
+                ops.si_accumulate_(
+                    locals_(omega), grads, [local(p.detach()) for p in params], locals_(prev), backend=self._backend
+                )
         self._steps += 1
 
     # ----------------------------------------------------------------------------- consolidate
@@ -272,19 +277,23 @@ class SynapticIntelligence:
         is the number of optimizer steps of the task. Also updates :attr:`cumulative`
         (``max(0, Omega + omega/(Delta^2 + xi))``, no ``max`` without ``clip``).
         """
-        params = [p.detach() for p in self._params]
-        out = [torch.zeros_like(w) for w in self._omega]
+        params = [local(p.detach()) for p in self._params]
+        out = [state_like(w, w.dtype) for w in self._omega]
         # Unclipped into zeros, so that the same fp32 terms also feed the cumulative update; clipping
-        # 0 + t afterwards is identical to the op's own clip.
-        ops.si_consolidate_(self._omega, params, self._start, out, self._xi, clip=False, backend=self._backend)
+        # 0 + t afterwards is identical to the op's own clip. DTensor state: all on the local shards.
+        lout = locals_(out)
+        ops.si_consolidate_(
+            locals_(self._omega), params, locals_(self._start), lout, self._xi, clip=False, backend=self._backend
+        )
         if self._cum is None:
-            self._cum = [torch.zeros_like(t) for t in out]
+            self._cum = [state_like(t, t.dtype) for t in out]
         if out:
-            torch._foreach_add_(self._cum, out)
+            lcum = locals_(self._cum)
+            torch._foreach_add_(lcum, lout)
             if self._clip:
-                torch._foreach_clamp_min_(self._cum, 0.0)
-                torch._foreach_clamp_min_(out, 0.0)
-            torch._foreach_copy_(self._prev, params)
+                torch._foreach_clamp_min_(lcum, 0.0)
+                torch._foreach_clamp_min_(lout, 0.0)
+            torch._foreach_copy_(locals_(self._prev), params)
         imp = Importance(
             dict(zip(self._names, out)), method="si", n_samples=self._steps, meta=self._meta(task=self._n_tasks)
         )
@@ -341,8 +350,8 @@ class SynapticIntelligence:
                 raise ValueError(f"{owner}: {key} must be a dict name -> tensor")
             ref = self._omega if key in ("omega", "cumulative") else self._start
             groups[key] = [
-                check_state_tensor(owner, f"{key}[{n!r}]", sd.get(n), p.shape).to(
-                    device=p.device, dtype=r.dtype, copy=True
+                copy_like(
+                    owner, f"{key}[{n!r}]", check_state_tensor(owner, f"{key}[{n!r}]", sd.get(n), p.shape), p, r.dtype
                 )
                 for n, p, r in zip(self._names, self._params, ref)
             ]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops._validate import check_finite_scalar
 from ._checks import check_backend, check_importance, check_state_dtype
+from ._shard import clone_state, copy_like, local, locals_, same_layout, state_like
 from ._state import (
     check_count,
     check_entries,
@@ -111,7 +112,7 @@ class WVA:
         for name, p in zip(names, params):
             i = self._pos.get(name)
             if i is None:
-                new_bufs[name] = torch.zeros(p.shape, dtype=self._state_dtype, device=p.device)
+                new_bufs[name] = state_like(p, self._state_dtype)
             elif self._accum[i].shape != p.shape:
                 raise ValueError(
                     f"WVA.consolidate: parameter {name!r} has shape {tuple(p.shape)}, its WVA state "
@@ -123,14 +124,15 @@ class WVA:
                 self._pos[name] = len(self._names)
                 self._names.append(name)
                 self._params.append(p)
-                self._accum.append(new_bufs[name].add_(t))
-                self._old.append(p.detach().clone(memory_format=torch.contiguous_format))
+                local(new_bufs[name]).add_(local(t))
+                self._accum.append(new_bufs[name])
+                self._old.append(clone_state(p))
             else:
                 self._params[i] = p
-                if self._accum[i].device != p.device:
-                    self._accum[i] = self._accum[i].to(p.device)
-                    self._old[i] = self._old[i].to(p.device)
-                self._accum[i].add_(t)
+                if self._accum[i].device != p.device or not same_layout(p, self._accum[i]):
+                    self._accum[i] = copy_like("WVA.consolidate", f"A[{name!r}]", self._accum[i], p)
+                    self._old[i] = clone_state(p)
+                local(self._accum[i]).add_(local(t))
         self._n_tasks += 1
         return self
 
@@ -160,10 +162,10 @@ class WVA:
             return None
         with torch.no_grad():
             for i, p in enumerate(self._params):
-                if self._accum[i].device != p.device:
-                    self._accum[i] = self._accum[i].to(p.device)
-                    self._old[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            torch._foreach_copy_(self._old, self._params)
+                if self._accum[i].device != p.device or not same_layout(p, self._accum[i]):
+                    self._accum[i] = copy_like("WVA", f"A[{self._names[i]!r}]", self._accum[i], p)
+                    self._old[i] = clone_state(p)
+            torch._foreach_copy_(locals_(self._old), [local(p.detach()) for p in self._params])
         self._armed = True
         return None
 
@@ -172,7 +174,13 @@ class WVA:
             return
         self._armed = False
         with torch.no_grad():
-            ops.wva_attenuate_(self._params, self._old, self._accum, self._lam, backend=self._backend)
+            ops.wva_attenuate_(
+                [local(p.detach()) for p in self._params],
+                locals_(self._old),
+                locals_(self._accum),
+                self._lam,
+                backend=self._backend,
+            )
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -200,8 +208,11 @@ class WVA:
         accum_sd = check_entries(owner, "accum", state["accum"], names)
         params = params_by_name(owner, self._model, names)
         accum = [
-            check_state_tensor(owner, f"A[{n!r}]", accum_sd[n], p.shape, dtype=self._state_dtype, nonnegative=True).to(
-                p.device, copy=True
+            copy_like(
+                owner,
+                f"A[{n!r}]",
+                check_state_tensor(owner, f"A[{n!r}]", accum_sd[n], p.shape, dtype=self._state_dtype, nonnegative=True),
+                p,
             )
             for n, p in zip(names, params)
         ]
@@ -209,5 +220,5 @@ class WVA:
         self._lam, self._n_tasks = lam, n_tasks
         self._names, self._params, self._accum = names, params, accum
         self._pos = {n: i for i, n in enumerate(names)}
-        self._old = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+        self._old = [clone_state(p) for p in params]
         self._armed = False

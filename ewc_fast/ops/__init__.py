@@ -11,6 +11,9 @@ Op families (``ewc_fast/ops/<family>/``; ``__init__.py`` holds the public functi
   Intelligence path integral), ``wva_attenuate_`` (weight-velocity attenuation).
 * ``persample``: ``persample_sq_`` (sum over samples of the squared and absolute per-sample weight
   gradients of a Linear layer, without materialising them).
+* ``persample_conv``: ``persample_conv_sq_`` (the same for a convolution's weight: each sample's
+  gradient is a direct correlation of its input with its output gradient, tile by tile, never
+  unfolding the input).
 
 Backends, side by side (same function names and signatures in each ``_<backend>.py``):
 
@@ -54,5 +57,14 @@ How to add an op ``foo_`` to family F:
 
 from .consolidation import consolidate_, penalty_apply_, si_accumulate_, si_consolidate_, wva_attenuate_
 from .persample import persample_sq_
+from .persample_conv import persample_conv_sq_
 
-__all__ = ["penalty_apply_", "consolidate_", "si_accumulate_", "si_consolidate_", "wva_attenuate_", "persample_sq_"]
+__all__ = [
+    "penalty_apply_",
+    "consolidate_",
+    "si_accumulate_",
+    "si_consolidate_",
+    "wva_attenuate_",
+    "persample_sq_",
+    "persample_conv_sq_",
+]

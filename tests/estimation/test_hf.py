@@ -87,3 +87,59 @@ def test_output_selector_and_clear_error():
     assert_close_hf(res["mas"], ref["mas"], "selector")
     with pytest.raises(ValueError, match="output='nope' is not an entry"):
         ewc_fast.estimate_importance(model, data, "mas", progress=False, output="nope")
+
+
+@pytest.mark.parametrize("name", ["vit", "bart"])
+def test_fallback_module_returning_what_it_consumes_is_exact(name, monkeypatch):
+    """The double-count trap on real models: with the conv rules removed, ViT's patch projection goes
+    to the torch.func fallback while the model returns every hidden state (output_hidden_states=True);
+    with the embedding rules removed, BART's shared embedding (encoder, decoder, tied LM head) sends the
+    whole model to the fallback, and the model returns the encoder output that its decoder consumes.
+    No attention mask for BART: transformers' mask check is data-dependent control flow under vmap
+    (see the next test)."""
+    from torch import nn
+
+    from ewc_fast.estimation.rules import base as rules_base
+    from ewc_fast.estimation.rules import functional as rules_functional
+
+    if name == "vit":
+        monkeypatch.delitem(rules_base.RULES, nn.Conv2d)
+        monkeypatch.delitem(rules_functional.FUNCTION_RULES, "conv2d")
+        model, data = hf_model("vit"), hf_batches("vit", sizes=(4, 1))
+        model.config.output_hidden_states = True
+        expect = {
+            "vit.embeddings.patch_embeddings.projection.weight",
+            "vit.embeddings.patch_embeddings.projection.bias",
+        }
+    else:
+        monkeypatch.delitem(rules_base.RULES, nn.Embedding)
+        monkeypatch.delitem(rules_functional.FUNCTION_RULES, "embedding")
+        model = hf_model("bart")
+        data = [{k: v for k, v in b.items() if k != "attention_mask"} for b in hf_batches("bart", sizes=(4, 1))]
+        expect = {"model.shared.weight", "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+    methods = ("fisher", "mas")
+    with pytest.warns(UserWarning, match="torch.func fallback"):
+        res = ewc_fast.estimate_importance(model, data, methods, progress=False)
+    assert set(res["fisher"].meta["fallback"]) == expect
+    ref = loop_reference(model, data, methods)
+    for m in methods:
+        assert_close_hf(res[m], ref[m], f"{name}/{m}")
+
+
+def test_fallback_that_cannot_run_under_vmap_names_the_module_and_parameters(monkeypatch):
+    from torch import nn
+
+    from ewc_fast.estimation.rules import base as rules_base
+    from ewc_fast.estimation.rules import functional as rules_functional
+
+    monkeypatch.delitem(rules_base.RULES, nn.Embedding)
+    monkeypatch.delitem(rules_functional.FUNCTION_RULES, "embedding")
+    model, data = hf_model("bart"), hf_batches("bart", sizes=(2,))
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            ValueError,
+            match=r"BartForConditionalGeneration \(torch.func fallback for parameter\(s\) model.shared.weight",
+        ),
+    ):
+        ewc_fast.estimate_importance(model, data, "fisher", progress=False)

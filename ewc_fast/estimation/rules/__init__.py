@@ -4,7 +4,9 @@
   :func:`register_rule`, :func:`rule_for`) and the shared helpers (:func:`reduce_into`,
   :func:`chunk_rows`, :func:`call_input`, :data:`CHUNK_BYTES`, ...).
 * :mod:`.linear`    -- ``nn.Linear``: weight P_n = G_n^T A_n via :func:`ewc_fast.ops.persample_sq_`, bias sum_t G_n.
-* :mod:`.conv`      -- ``nn.Conv1d/2d/3d``: im2col, then as Linear per group.
+* :mod:`.conv`      -- ``nn.Conv1d/2d/3d``: the direct per-sample kernel :func:`ewc_fast.ops.persample_conv_sq_`
+  (im2col, then as Linear per group, for a module called several times per batch).
+* :mod:`.conv_transpose` -- ``nn.ConvTranspose1d/2d/3d``: the same kernel with input and output gradient swapped.
 * :mod:`.embedding` -- ``nn.Embedding``: P_n[v] = sum_{t: id_nt = v} G_nt (duplicates summed before squaring).
 * :mod:`.norm`      -- LayerNorm, RMSNorm, GroupNorm, BatchNorm: weight sum_t G ⊙ x_hat, bias sum_t G.
 * :mod:`.attention` -- ``nn.MultiheadAttention``: attention recomputed per chunk and back-propagated by hand.
@@ -29,6 +31,7 @@ from .base import (
     rule_for,
 )
 from .conv import ConvRule, conv_padding, unfold
+from .conv_transpose import ConvTransposeRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .norm import BatchNormRule, GroupNormRule, LayerNormRule, NormRule, RMSNormRule
@@ -45,6 +48,7 @@ __all__ = [
     "rule_for",
     "LinearRule",
     "ConvRule",
+    "ConvTransposeRule",
     "conv_padding",
     "unfold",
     "EmbeddingRule",
@@ -63,6 +67,9 @@ def _register_builtin_rules() -> None:
         nn.Conv1d: ConvRule(),
         nn.Conv2d: ConvRule(),
         nn.Conv3d: ConvRule(),
+        nn.ConvTranspose1d: ConvTransposeRule(),
+        nn.ConvTranspose2d: ConvTransposeRule(),
+        nn.ConvTranspose3d: ConvTransposeRule(),
         nn.Embedding: EmbeddingRule(),
         nn.LayerNorm: LayerNormRule(),
         nn.GroupNorm: GroupNormRule(),

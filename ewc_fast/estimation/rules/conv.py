@@ -1,9 +1,18 @@
 """``nn.Conv1d/2d/3d`` rule (stride, padding incl. ``'same'`` and every padding mode, dilation, groups).
 
-im2col: A_n (t = output positions, C_in/groups * prod(kernel)) per group, from the captured input
-unfolded per chunk of samples (at most :data:`~.base.CHUNK_BYTES` of unfolded input), then as
-``nn.Linear``: the weight rows of group j get sum_n (G_nj^T A_nj)^2 (or |.|) through
-:func:`ewc_fast.ops.persample_sq_`; bias p_n = sum over positions of G_n.
+Weight, module called once per batch (the usual case): sum_n dW_n^2 (or |dW_n|) straight from the
+captured input and output gradient through :func:`ewc_fast.ops.persample_conv_sq_`, which forms each
+sample's gradient as a direct correlation of its input with its output gradient, tile by tile,
+without unfolding the input: zero padding is passed as the leading padding (the trailing side,
+including ``'same'``'s extra right column, follows from the output extent), other padding modes pad
+the input first (one padded copy of the layer input).
+
+A module called several times per batch needs each sample's gradient summed over the calls before
+squaring: im2col A_n (t = output positions, C_in/groups * prod(kernel)) per group, from the captured
+inputs unfolded per chunk of samples (at most :data:`~.base.CHUNK_BYTES` of unfolded input), the
+calls concatenated along t, then as ``nn.Linear`` through :func:`ewc_fast.ops.persample_sq_`. The
+same unfolding serves :meth:`ConvRule.per_sample` (tied parameters). Bias p_n = sum over positions
+of G_n.
 
 SIG (Kutalev 2020, extended to convolutions): weight w[o, c, k] gets |w| * mean_n (sum over output
 positions of |unfolded input| at tap (c, k) of o's group), the total |signal| that passed through
@@ -16,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import persample_conv_sq_
 from .base import (
     Rule,
     apply_activation,
@@ -123,6 +133,9 @@ class ConvRule(Rule):
             reduce_into(bufs["bias"], sum(g.reshape(n, module.out_channels, -1).sum(2) for g in grads), mode)
         if "weight" not in bufs:
             return
+        if len(calls) == 1:
+            self._accumulate_direct(module, calls, grads, bufs["weight"], mode, n, backend)
+            return
         w = bufs["weight"].view(module.out_channels, cg)
         step = self._chunk(module, max(grads, key=lambda t: t.numel()), n)
         for lo in range(0, n, step):
@@ -137,6 +150,31 @@ class ConvRule(Rule):
                     mode,
                     backend,
                 )
+
+    def _accumulate_direct(self, module, calls, grads, buf, mode, n, backend):
+        """buf += sum_n dW_n^2 (or |dW_n|) of the module's one call, by the direct per-sample kernel."""
+        x = main_input(calls[0], n, module, sample_dim0=True)
+        g = grads[0]
+        pads = conv_padding(module)
+        if module.padding_mode != "zeros" and any(v for lr in pads for v in lr):
+            flat = [v for lr in reversed(pads) for v in lr]  # F.pad wants the last dim first
+            x = F.pad(x, flat, mode=module.padding_mode)
+            lead = [0] * len(pads)
+        else:
+            lead = [lr[0] for lr in pads]
+        if x.dtype != g.dtype:  # autocast: the gradient's dtype, as the unfolding path does
+            x = x.to(g.dtype)
+        persample_conv_sq_(
+            buf if mode == "sq" else None,
+            buf if mode == "abs" else None,
+            g,
+            x,
+            stride=list(module.stride),
+            padding=lead,
+            dilation=list(module.dilation),
+            groups=module.groups,
+            backend=backend,
+        )
 
     def sig(self, module, calls, names, n, activation):
         out = {}

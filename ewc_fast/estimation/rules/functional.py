@@ -12,7 +12,7 @@ one rule covers them all. With the call's input A and output gradient G batch-fi
 * ``addmm(b, x, W)`` / ``matmul(x, W)`` W (in, out): A_n^T G_n, b: sum_t G_n
 * ``embedding(ids, W)``               the ``nn.Embedding`` rule (duplicate ids summed before squaring)
 * ``layer_norm`` / ``rms_norm`` / ``group_norm``  the norm rules (x_hat recomputed)
-* ``conv1d/2d/3d``                    the convolution rule (im2col)
+* ``conv1d/2d/3d``                    the convolution rule (direct per-sample kernel)
 * ``mul(p, x)`` (a scale)             sum over the positions p is broadcast to of G_n ⊙ x_n
 * ``add(x, p)`` / ``sub`` / ``expand(p)``  sum over the broadcast positions of ±G_n
 
