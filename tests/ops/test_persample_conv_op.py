@@ -40,9 +40,7 @@ BACKENDS = [
     pytest.param(("torch", None, "cpu"), id="torch"),
     pytest.param(("cpp", 1, "cpu"), id="cpp-1thread", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
     pytest.param(("cpp", 2, "cpu"), id="cpp-2threads", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
-    pytest.param(
-        ("triton", None, "cpu"), id="triton-interp", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton")
-    ),
+    pytest.param(("triton", None, "cpu"), id="triton-interp", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton")),
     pytest.param(("torch", None, "cuda"), id="torch-cuda", marks=cuda_marks()),
     pytest.param(("triton", None, "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
 ]
