@@ -76,7 +76,7 @@ else
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1
   rc=$?; note="pip install --no-build-isolation --no-deps -e . (preinstalled torch)"
 fi
-record build --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$BUILD" --note "$note"
+record build --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$lim" --note "$note"
 fi
 
 # ------------------------------------------------------------------------------------------- tests
@@ -95,7 +95,7 @@ timeout "$lim" "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider $XDIST $PER_T
   --junitxml="$OUT/tests.xml" $TEST_PATHS >"$OUT/tests.log" 2>&1
 rc=$?
 [ $rc = 5 ] && [ $DRY = 1 ] && rc=0  # nothing selected is not an error of the script
-record tests --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$TESTS" --junit "$OUT/tests.xml" \
+record tests --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$lim" --junit "$OUT/tests.xml" \
   --note "pytest -m cuda, TRITON_INTERPRET=$TRITON_INTERPRET ${XDIST}"
 fi
 
@@ -108,7 +108,7 @@ inner=$(( lim > 20 ? lim - 10 : lim ))  # the tables' own budget: they stop betw
 # shellcheck disable=SC2086
 timeout "$lim" "$PY" -m benchmarks.gpu --out "$OUT" --budget-s "$inner" $DRYFLAG >"$OUT/bench.log" 2>&1
 rc=$?
-record bench --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$BENCH" --note "python -m benchmarks.gpu"
+record bench --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$lim" --note "python -m benchmarks.gpu"
 fi
 
 # ------------------------------------------------------------------------------------------ report

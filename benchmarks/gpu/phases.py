@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("name")
     ap.add_argument("--rc", required=True)
     ap.add_argument("--seconds", type=float, default=None)
-    ap.add_argument("--budget", type=float, default=None)
+    ap.add_argument("--budget", type=float, default=None, help="the time limit the phase ran under (s)")
     ap.add_argument("--note", default="")
     ap.add_argument("--junit", default=None)
     ap.add_argument("--dry-run", action="store_true")

@@ -24,7 +24,17 @@ TABLES = ("ceilings", "persample", "consolidation", "fisher")
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path; on a card run it for real")
 def test_dry_run_end_to_end(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # budgets with room for a loaded CI machine (the script's own dry-run defaults total 110 s); a phase
+    # cut at its limit would fail the status checks below
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        GPU_CHECK_TOTAL_S="280",
+        GPU_CHECK_BUILD_S="40",
+        GPU_CHECK_TESTS_S="100",
+        GPU_CHECK_BENCH_S="130",
+    )
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself, before anything imports Triton
     out = tmp_path / "gpu"
     proc = subprocess.run(
