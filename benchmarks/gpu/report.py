@@ -135,7 +135,7 @@ def render(data: dict) -> str:
     ]
     phases = data.get("phases", {})
     L += _table(
-        ["phase", "status", "seconds", "budget (s)", "note"],
+        ["phase", "status", "seconds", "limit (s)", "note"],
         [[k, p.get("status"), p.get("seconds"), p.get("budget_s"), p.get("note", "")] for k, p in phases.items()],
     )
     tests = phases.get("tests", {})
