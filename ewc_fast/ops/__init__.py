@@ -9,6 +9,8 @@ Op families (``ewc_fast/ops/<family>/``; ``__init__.py`` holds the public functi
 * ``consolidation``: ``penalty_apply_`` (EWC penalty value and gradient), ``consolidate_`` (merge a
   task's importance into the anchor), ``si_accumulate_`` / ``si_consolidate_`` (Synaptic
   Intelligence path integral), ``wva_attenuate_`` (weight-velocity attenuation).
+* ``fused_step``: ``fused_step_`` (one optimizer step of SGD / Adam / AdamW with the EWC penalty
+  gradient, SI accumulation and WVA attenuation in the same pass; used by :mod:`ewc_fast.optim`).
 * ``persample``: ``persample_sq_`` (sum over samples of the squared and absolute per-sample weight
   gradients of a Linear layer, without materialising them).
 * ``persample_conv``: ``persample_conv_sq_`` (the same for a convolution's weight: each sample's
@@ -56,6 +58,7 @@ How to add an op ``foo_`` to family F:
 """
 
 from .consolidation import consolidate_, penalty_apply_, si_accumulate_, si_consolidate_, wva_attenuate_
+from .fused_step import fused_step_
 from .persample import persample_sq_
 from .persample_conv import persample_conv_sq_
 
@@ -65,6 +68,7 @@ __all__ = [
     "si_accumulate_",
     "si_consolidate_",
     "wva_attenuate_",
+    "fused_step_",
     "persample_sq_",
     "persample_conv_sq_",
 ]

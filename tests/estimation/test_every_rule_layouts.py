@@ -139,3 +139,30 @@ def test_every_rule_and_the_fallback_sequence_first_with_n_equal_t():
     fb = res["fisher"].meta["fallback"]
     lstm = {k for k, _ in model.named_parameters() if k.startswith("lstm.")}
     assert set(fb) == lstm | {"norule.d"}, sorted(fb)
+
+
+class ReadsAttributes(nn.Module):
+    """A parent reading its child's weight.dtype / .device / .shape (ViT embeddings, T5 feed-forward,
+    PEFT LoRA do this): no use of the parameter, so the Linear rule still serves it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+        self.head = nn.Linear(E, C)
+
+    def forward(self, x):
+        w = self.lin.weight
+        h = x.to(w.dtype).to(w.device).reshape(-1, T, w.shape[1])
+        return self.head(torch.tanh(self.lin(h)).mean(1))
+
+
+def test_reading_weight_attributes_is_no_use():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, T, E, generator=g), torch.randint(0, C, (5,), generator=g)
+    model = ReadsAttributes()
+    data = [(x[:N], y[:N]), (x[N:], y[N:])]
+    res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    assert res["fisher"].meta["fallback"] == {}
+    ref = loop_reference(model, data, ("fisher", "mas"))
+    for m in ("fisher", "mas"):
+        assert_close(res[m], ref[m], what=m)

@@ -143,3 +143,50 @@ def test_fallback_that_cannot_run_under_vmap_names_the_module_and_parameters(mon
         ),
     ):
         ewc_fast.estimate_importance(model, data, "fisher", progress=False)
+
+
+def _eos_pooled(name):
+    """T5ForSequenceClassification / BartForSequenceClassification: the sentence vector is picked by a
+    boolean eos mask (``hidden[eos_mask, :].view(N, -1, E)[:, -1, :]``)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "t5":
+        cfg = T.T5Config(
+            vocab_size=37, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, num_labels=3,
+        )  # fmt: skip
+        m, eos = T.T5ForSequenceClassification(cfg), 1
+    else:
+        cfg = T.BartConfig(
+            vocab_size=37, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=16,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, num_labels=3,
+        )  # fmt: skip
+        m, eos = T.BartForSequenceClassification(cfg), 2
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for n in (4, 1):
+        ids = torch.randint(3, 37, (n, 4), generator=g)
+        ids[:, -1] = eos
+        data.append({"input_ids": ids, "labels": torch.randint(0, 3, (n,), generator=g)})
+    return m.eval(), data, eos
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_eos_mask_pooling_is_exact(name):
+    model, data, eos = _eos_pooled(name)
+    methods = ("fisher", "mas", "fisher_exact")
+    res = ewc_fast.estimate_importance(model, data, methods, progress=False)
+    ref = loop_reference(model, data, methods)
+    for m in methods:
+        assert res[m].meta["fallback"] == {}
+        assert_close_hf(res[m], ref[m], f"{name}/{m}")
+    # a different number of eos tokens per sample is refused (the model itself refuses it too)
+    bad = [{k: v.clone() for k, v in data[0].items()}]
+    bad[0]["input_ids"][0, 0] = eos
+    with pytest.raises(ValueError):
+        ewc_fast.estimate_importance(model, bad, "fisher", progress=False)

@@ -54,7 +54,7 @@ def getitem(tr, x, bx, idx, out):
     items = index_items(idx, x.dim())
     adv = [(k, it) for k, it in enumerate(items) if isinstance(it, (Tensor, list)) and not isinstance(it, bool)]
     if any(isinstance(it, Tensor) and it.dtype == torch.bool for _, it in adv):
-        return Unknown("boolean-mask indexing of a per-sample tensor")
+        return _bool_mask(tr, x, bx, items, out)
     in_dim = 0
     out_pos = 0
     basic_map = {}  # input dim -> output dim (basic items), advanced input dims -> None
@@ -141,6 +141,33 @@ def _identity_dim(tr, t: Tensor, nb: int):
     if not torch.equal(vals.cpu(), torch.arange(tr.n)):
         return None
     return big[0]
+
+
+def _bool_mask(tr, x, bx, items, out):
+    """``x[mask]`` (``x[mask, :]``, ...) with a boolean mask over x's leading dims, the first of which
+    holds the samples: the selected positions come out sample by sample (row-major), so when every
+    sample selects the same number c of them the output holds the samples along dim 0 in blocks of c
+    (``BDim(0, 1, c)``), e.g. Hugging Face's ``hidden[eos_mask, :]`` pooling. Checked on the values."""
+    mask = items[0]
+    rest = items[1:]
+    if not (
+        isinstance(mask, Tensor)
+        and mask.dtype == torch.bool
+        and all(isinstance(it, slice) and it == slice(None) for it in rest)
+    ):
+        return Unknown("boolean-mask indexing of a per-sample tensor (other than x[mask, ...] over its leading dims)")
+    bm = tr.prov.get(mask)
+    if isinstance(bm, Unknown):
+        return bm
+    if bx is None:
+        return None if bm is None else Unknown("a per-sample boolean mask on a shared tensor")
+    if bx != BDim(0) or (bm is not None and bm != BDim(0)) or mask.dim() < 1 or mask.shape[0] != tr.n:
+        return Unknown("boolean-mask indexing of a per-sample tensor whose samples are not along dim 0 of both")
+    counts = mask.reshape(tr.n, -1).sum(1)
+    c = int(counts[0]) if counts.numel() else 0
+    if c == 0 or not bool((counts == c).all()):
+        return Unknown("a boolean mask selecting a different number of positions in each sample")
+    return BDim(0, 1, c)
 
 
 def setitem(tr, x, bx, idx, v):
