@@ -48,7 +48,7 @@ def targets(data: dict) -> list[dict]:
         }
     )
     opt = tables.get("optim", {})
-    orow = next((r for r in opt.get("rows", []) if "vs_adamw" in r), None)
+    orow = next((r for r in opt.get("rows", []) if "target" in r and r.get("vs_adamw") is not None), None)
     out.append(
         {
             "target": TARGET_TEXT["optim"],
@@ -234,7 +234,25 @@ def render(data: dict) -> str:
         )
     if "optim" in T:
         t = T["optim"]
-        L += ["", "## Fused optimizer step", "", _status_line(t)]
+        L += ["", "## Fused optimizer step vs torch's fused AdamW", "", _status_line(t)]
+        if t.get("rows"):
+            L.append("")
+            L += _table(
+                ["step", "params", "B/param", "ms", "GB/s", "% copy bw", "× AdamW step", "bytes"],
+                [
+                    [
+                        r["key"],
+                        r["params"],
+                        r["bytes_per_param"],
+                        r["seconds"] * 1e3,
+                        r["gb_s"],
+                        None if r.get("copy_share") is None else r["copy_share"] * 100,
+                        r.get("vs_adamw"),
+                        r["bytes_model"],
+                    ]
+                    for r in t["rows"]
+                ],
+            )
     L.append("")
     return "\n".join(L)
 

@@ -30,15 +30,15 @@ def test_dry_run_end_to_end(tmp_path):
         os.environ,
         PYTHON=sys.executable,
         OMP_NUM_THREADS="1",
-        GPU_CHECK_TOTAL_S="280",
+        GPU_CHECK_TOTAL_S="400",
         GPU_CHECK_BUILD_S="40",
-        GPU_CHECK_TESTS_S="100",
-        GPU_CHECK_BENCH_S="130",
+        GPU_CHECK_TESTS_S="120",
+        GPU_CHECK_BENCH_S="230",
     )
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself, before anything imports Triton
     out = tmp_path / "gpu"
     proc = subprocess.run(
-        ["bash", str(SCRIPT), str(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(SCRIPT), str(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for f in ("results.json", "summary.md", "build.log", "tests.log", "tests.xml", "bench.log"):
@@ -59,7 +59,11 @@ def test_dry_run_end_to_end(tmp_path):
         assert T[name]["status"] == "ok", (name, T[name].get("error"), T[name].get("cut"))
     assert T["optim"]["status"] in ("ok", "gap")
     if T["optim"]["status"] == "gap":
-        assert "ewc_fast.optim" in T["optim"]["reason"]
+        assert "fused_step_" in T["optim"]["reason"]
+    else:
+        keys = [r["key"] for r in T["optim"]["rows"]]
+        assert keys == ["torch AdamW(fused=True).step()", "fused_step_ AdamW+EWC+SI", *keys[2:]] and len(keys) == 3
+        assert all(r["vs_adamw"] > 0 for r in T["optim"]["rows"])
     assert [r["key"] for r in T["ceilings"]["rows"]] == ["copy", "bf16", "tf32", "fp32-ieee"]
     # persample_sq_ in the interpreter agrees with the float64 oracle on every row (3 T x 3 precisions)
     ps = T["persample"]["rows"]
@@ -173,3 +177,17 @@ def test_rotation_exceeds_twice_l2():
     l2 = 32 << 20  # the nominal CPU cache of benchmarks.gpu.timing
     assert rotation(l2, "cpu") == 2 and rotation(4 * l2, "cpu") == 1 and rotation(1, "cpu") == 8
     assert rotation(l2 // 3 + 1, "cpu") * (l2 // 3 + 1) >= 2 * l2
+
+
+def test_fused_step_target_reads_the_fused_row():
+    def data(ratio):
+        rows = [
+            {"key": "torch AdamW(fused=True).step()", "vs_adamw": 1.0},
+            {"key": "fused_step_ AdamW+EWC+SI", "vs_adamw": ratio, "target": 1.8, "met": ratio <= 1.8},
+        ]
+        return {"tables": {"optim": {"status": "ok", "rows": rows}}}
+
+    opt = report.TARGET_TEXT["optim"]
+    for ratio, verdict in ((1.5, "met"), (2.5, "not met")):
+        (row,) = [t for t in report.targets(data(ratio)) if t["target"] == opt]
+        assert row["verdict"] == verdict and row["value"] == f"{ratio:.3g} x"
