@@ -8,8 +8,12 @@ The extension needs no torch headers: the Python side validates tensors and pass
 import os
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# EWC_FAST_BUILD_JOBS=N compiles the csrc/ files in N threads (scripts/gpu_check.sh uses the card
+# machine's cores); default 1, the plain serial build.
+ParallelCompile("EWC_FAST_BUILD_JOBS", default=1).install()
 
 extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]  # lets gcc vectorise the selects
 extra_link = ["-fopenmp"]
