@@ -240,7 +240,7 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (start, start + extent * t.element_size())
 
 
-def check_no_overlap(op: str, written: dict, operands: dict) -> None:
+def check_no_overlap_spans(op: str, written: dict, operands: dict) -> None:
     """No tensor in ``written`` (name -> list, written in place) overlaps in memory any other tensor of
     ``operands`` (name -> list; may include the written lists), so that every element is read before
     any write can change it and each written element has one writer. Raises ``ValueError`` naming both
