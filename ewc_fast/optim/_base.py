@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import ops
 from ..consolidation import EWC, WVA, SynapticIntelligence, _shard
-from ..ops._sharding import local, reduce_scalars, value_groups
+from ..ops._sharding import is_sharded, local, reduce_scalars, value_groups
 from ..ops._validate import check_finite_scalar
 
 __all__ = ["FusedOptimizer"]
@@ -122,6 +122,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         Call it after ``backward`` (and after ``scaler.unscale_(opt)`` with a GradScaler). Costs one
         read of the gradients and the EWC state and one gradient-sized temporary per parameter."""
         max_norm = check_finite_scalar(f"{type(self).__name__}.clip_grad_norm_", "max_norm", max_norm, low=0.0)
+        if any(is_sharded(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                f"{type(self).__name__}.clip_grad_norm_ does not support sharded (FSDP2 DTensor) parameters yet; "
+                "clip with torch.nn.utils.clip_grad_norm_ after EWC.apply_() and step a torch.optim optimizer"
+            )
         norm_type = float(norm_type)
         emap = self._ewc_map()
         lam = 0.0 if self.ewc is None else self.ewc.lam

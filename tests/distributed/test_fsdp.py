@@ -268,6 +268,11 @@ def optim_run(model, x, y, world):
     out["momentum"] = {names[id(p)]: full(s["momentum_buffer"]) for p, s in opt.state.items()}
     out["si"] = {k: full(t) for k, t in si.omega.items()}
     out["types"] = sorted({type(s["momentum_buffer"]).__name__ for s in opt.state.values()})
+    if world > 1:
+        try:
+            opt.clip_grad_norm_(1.0)
+        except NotImplementedError as e:
+            out["clip"] = str(e)
     return out
 
 
@@ -383,6 +388,7 @@ def test_fused_optimizer_on_local_shards(fsdp_run):
     for r, out in enumerate(ranks):
         o = out["optim"]
         assert o["types"] == ["DTensor", "Tensor"], o["types"]
+        assert "does not support sharded" in o["clip"]  # refused, not silently wrong
         for i, (v, w) in enumerate(zip(o["penalty"], ref["penalty"])):
             _scalar(v, w, f"rank {r} fused step {i} penalty")
         _close_dict(o["params"], ref["params"], f"rank {r} fused params")
