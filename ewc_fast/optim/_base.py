@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..consolidation import EWC, WVA, SynapticIntelligence, _shard
+from ..ops._sharding import is_sharded, local, reduce_scalars, value_groups
 from ..ops._validate import check_finite_scalar
 
 __all__ = ["FusedOptimizer"]
@@ -121,6 +122,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         Call it after ``backward`` (and after ``scaler.unscale_(opt)`` with a GradScaler). Costs one
         read of the gradients and the EWC state and one gradient-sized temporary per parameter."""
         max_norm = check_finite_scalar(f"{type(self).__name__}.clip_grad_norm_", "max_norm", max_norm, low=0.0)
+        if any(is_sharded(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                f"{type(self).__name__}.clip_grad_norm_ does not support sharded (FSDP2 DTensor) parameters yet; "
+                "clip with torch.nn.utils.clip_grad_norm_ after EWC.apply_() and step a torch.optim optimizer"
+            )
         norm_type = float(norm_type)
         emap = self._ewc_map()
         lam = 0.0 if self.ewc is None else self.ewc.lam
@@ -182,6 +188,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         wva_lam = 0.0 if self.wva is None else self.wva.lam
         stepped = set()
         value = 0.0
+        sharded_values: dict = {}  # layout -> this rank's partial penalty value
         for group in self.param_groups:
             calls: dict = {}
             for p in group["params"]:
@@ -190,44 +197,53 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state, step, init = self._prepare_state(group, p)
-                key = (step, init, id(p) in emap, id(p) in smap, id(p) in wmap)
+                # FSDP2 (DTensor) parameters: the op runs on local shards; its penalty value is summed
+                # over the shards of each sharding layout (value_groups) once, after all groups
+                layout = value_groups([p])[0][0]
+                key = (step, init, id(p) in emap, id(p) in smap, id(p) in wmap, layout)
                 calls.setdefault(key, []).append((p, state))
             alpha = self._alpha(group)
             hyper = self._group_args(group)
-            for (step, init, has_e, has_s, has_w), items in calls.items():
+            for (step, init, has_e, has_s, has_w, layout), items in calls.items():
                 ps = [p for p, _ in items]
-                st = [[t for _, s in items for t in s[j]] for j in range(3)]
+                st = [[local(t) for _, s in items for t in s[j]] for j in range(3)]
                 out = ops.fused_step_(
-                    ps,
-                    [p.grad for p in ps],
+                    [local(p) for p in ps],
+                    [local(p.grad) for p in ps],
                     *st,
                     algo=self._ALGO,
                     step=step,
                     momentum_init=init,
-                    omega=[emap[id(p)][1] for p in ps] if has_e else [],
-                    mu=[emap[id(p)][2] for p in ps] if has_e else [],
+                    omega=[local(emap[id(p)][1]) for p in ps] if has_e else [],
+                    mu=[local(emap[id(p)][2]) for p in ps] if has_e else [],
                     lam=lam,
                     alpha=alpha,
                     pen_scale=pen_scale,
-                    si_omega=[smap[id(p)] for p in ps] if has_s else [],
+                    si_omega=[local(smap[id(p)]) for p in ps] if has_s else [],
                     si_variant=si_variant,
-                    wva_accum=[wmap[id(p)] for p in ps] if has_w else [],
+                    wva_accum=[local(wmap[id(p)]) for p in ps] if has_w else [],
                     wva_lam=wva_lam,
                     inv_scale=inv_scale,
                     backend=self.backend,
                     **hyper,
                 )
                 if has_e:
-                    value += float(out)
+                    if layout is None:
+                        value += float(out)
+                    else:
+                        sharded_values[layout] = sharded_values.get(layout, 0.0) + float(out)
                     stepped.update(id(p) for p in ps)
+        for lay in sorted(sharded_values, key=str):  # one scalar all-reduce per layout, the same order on every rank
+            v = torch.tensor([sharded_values[lay]], dtype=torch.float64, device=lay[0].device_type)
+            value += float(reduce_scalars(v, lay))
         if emap:
             rest = [v for k, v in emap.items() if k not in stepped]
             if rest:  # penalised parameters not stepped (frozen, no grad) still count in the value
-                scratch = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p, _, _ in rest]
+                scratch = [_shard.state_like(p, p.dtype) for p, _, _ in rest]
                 value += float(
-                    ops.penalty_apply_(
+                    _shard.penalty_apply_(
                         scratch, [p.detach() for p, _, _ in rest], [o for _, o, _ in rest], [m for _, _, m in rest],
-                        lam, alpha=self.ewc.stabilize_lr, backend=self.backend,
+                        lam, alpha=self.ewc.stabilize_lr, c=0.0, grad_scale=1.0, backend=self.backend,
                     )
                 )  # fmt: skip
             self.last_penalty = value + 0.5 * lam * self.ewc.c

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..ops._sharding import state_like
 from ..ops._validate import check_finite_scalar
 from ._base import FusedOptimizer
 
@@ -25,7 +26,8 @@ def _arith(p: Tensor) -> torch.dtype:
 
 
 def _state_tensor(p: Tensor) -> Tensor:
-    return torch.zeros(p.shape, dtype=_arith(p), device=p.device)
+    """Zeros for the optimizer state of ``p``: a ``DTensor`` shard laid out like an FSDP2 parameter."""
+    return state_like(p, _arith(p))
 
 
 def _fix_dtype(state: dict, key: str, p: Tensor) -> Tensor | None:
