@@ -105,7 +105,8 @@ def _may_self_overlap(t: torch.Tensor) -> bool:
 def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
     """Refuse written tensors that overlap themselves or any other argument.
 
-    ``written`` / ``read``: ``name -> list of tensors`` (or one tensor). Every written tensor must
+    ``written`` / ``read``: ``name -> list of tensors`` (or one tensor, or ``None``); ``read`` may
+    also hold the written lists (they are taken once, as written). Every written tensor must
     have no internal overlap (no stride-0 / expanded element shared by two indices: the result would
     depend on the write order) and share no memory with any other tensor of either dict (the same
     tensor twice in one list races between threads; an output aliasing an input reads values already
@@ -120,7 +121,7 @@ def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
     entries = []
     for is_written, group in ((True, written), (False, read or {})):
         for name, tensors in group.items():
-            if tensors is None:
+            if tensors is None or (not is_written and name in written):
                 continue
             if isinstance(tensors, torch.Tensor):
                 tensors = [tensors]
@@ -163,7 +164,8 @@ def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
             if other is not None:
                 w, o = (name, other) if is_written else (other, name)
                 raise ValueError(
-                    f"{op}: {w} (written in place) and {o} share memory; pass separate tensors (.clone() one of them)"
+                    f"{op}: {w} (written in place) and {o} share memory (overlap); pass separate tensors "
+                    "(.clone() one of them)"
                 )
             if end > end_any:
                 end_any, holder_any = end, name
@@ -229,38 +231,3 @@ def contiguous_inout(tensors: list[torch.Tensor]):
 
 def contiguous_in(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    """``[first, last)`` byte addresses a tensor's elements may occupy (its strided extent)."""
-    if t.numel() == 0:
-        return (0, 0)
-    start = t.data_ptr()
-    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    return (start, start + extent * t.element_size())
-
-
-def check_no_overlap(op: str, written: dict, operands: dict) -> None:
-    """No tensor in ``written`` (name -> list, written in place) overlaps in memory any other tensor of
-    ``operands`` (name -> list; may include the written lists), so that every element is read before
-    any write can change it and each written element has one writer. Raises ``ValueError`` naming both
-    tensors. One sort and sweep over the byte ranges (tensors on other devices than CPU/CUDA memory are
-    compared by address as well: ``data_ptr`` is unique per device allocation)."""
-    spans = []
-    for name, tensors in operands.items():
-        w = name in written
-        for i, t in enumerate(tensors):
-            lo, hi = _byte_range(t)
-            if hi > lo:
-                spans.append((str(t.device), lo, hi, w, f"{name}[{i}]"))
-    spans.sort()
-    active: list = []
-    for dev, lo, hi, w, label in spans:
-        active = [a for a in active if a[0] == dev and a[2] > lo]
-        for _, _, _, aw, alabel in active:
-            if w or aw:
-                raise ValueError(
-                    f"{op}: {alabel} and {label} overlap in memory; a tensor written in place must not share "
-                    "memory with another operand (pass separate tensors, e.g. .clone())"
-                )
-        active.append((dev, lo, hi, w, label))
