@@ -63,17 +63,18 @@ template <int SIK> using si_t = std::conditional_t<SIK == 2, double, float>;
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
                             arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
-                            const double* __restrict__ mu, si_t<SIK>* __restrict__ si, const arith_t<P>* __restrict__ acc,
-                            int64_t i, const Hyper<arith_t<P>>& h) {
+                            const arith_t<P>* __restrict__ dd, si_t<SIK>* __restrict__ si,
+                            const arith_t<P>* __restrict__ acc, int64_t i, const Hyper<arith_t<P>>& h) {
     using A = arith_t<P>;
     const A th = load_as<A>(p[i]);
     const A g = load_as<A>(gr[i]) * h.inv_scale;
     A gt = g;
     A pen_sum = A(0);
     if constexpr (EWC) {
-        const A d = A(to_f64<P>(p[i]) - mu[i]);
+        const A d = dd[i];  // A(theta - mu) in fp64, formed by the conversion loop of step_chunk
         A w = om[i];
-        if (h.stab) w = w / (A(1) + h.al * w);
+        const A ws = w / (A(1) + h.al * w);
+        w = h.stab ? ws : w;  // a select, not a branch: the element loop stays vectorisable
         const A wd = w * d;
         pen_sum = wd * d;
         gt = g + h.pen * wd;
@@ -132,9 +133,14 @@ template <class A, int L> inline A fold(A (&acc)[L]) {
     return acc[0];
 }
 
-// One chunk: 16 lane accumulators of the penalty sum (vectorised; folded pairwise) plus the scalar
-// tail. A separate, non-inlined function so that the restrict qualifiers of its pointer arguments hold
-// (every operand is a distinct buffer: the op layer refuses overlapping in-place operands).
+// One chunk, in sub-blocks of kSub elements: first d = A(theta - mu) (the fp64 difference) into an L1
+// buffer -- a plain conversion loop, so that the main loop has no fp64 operand and vectorises -- then
+// the element loop with 16 lane accumulators of the penalty sum (element b + l goes to lane l, across
+// sub-blocks), folded pairwise, plus the scalar tail. A separate, non-inlined function so that the
+// restrict qualifiers of its pointer arguments hold (every operand is a distinct buffer: the op layer
+// refuses overlapping in-place operands).
+constexpr int64_t kSub = 512;  // a multiple of the 16 lanes
+
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __restrict__ gp, arith_t<P>* __restrict__ mp,
                                                 arith_t<P>* __restrict__ vp, arith_t<P>* __restrict__ vmp,
@@ -142,17 +148,35 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
                                                 si_t<SIK>* __restrict__ sp, const arith_t<P>* __restrict__ ap, int64_t n,
                                                 const Hyper<arith_t<P>>& hr) {
     using A = arith_t<P>;
+    using S = si_t<SIK>;
     const Hyper<A> h = hr;  // a local copy: no aliasing with the buffers
     constexpr int L = 16;
     A lanes[L] = {};
-    const int64_t nb = n - n % L;
-    for (int64_t b = 0; b < nb; b += L) {
-#pragma omp simd
-        for (int l = 0; l < L; ++l)
-            lanes[l] += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(pp, gp, mp, vp, vmp, op, mup, sp, ap, b + l, h);
-    }
     A tail = A(0);
-    for (int64_t i = nb; i < n; ++i) tail += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(pp, gp, mp, vp, vmp, op, mup, sp, ap, i, h);
+    alignas(64) A dbuf[kSub];
+    for (int64_t b0 = 0; b0 < n; b0 += kSub) {
+        const int64_t m = std::min(kSub, n - b0);
+        P* p = pp + b0;
+        const P* g = gp + b0;
+        A* mo = mp ? mp + b0 : nullptr;
+        A* v = vp ? vp + b0 : nullptr;
+        A* vm = vmp ? vmp + b0 : nullptr;
+        const A* o = op ? op + b0 : nullptr;
+        S* si = sp ? sp + b0 : nullptr;
+        const A* a = ap ? ap + b0 : nullptr;
+        if constexpr (EWC) {
+            const double* mu = mup + b0;
+            for (int64_t i = 0; i < m; ++i) dbuf[i] = A(to_f64<P>(p[i]) - mu[i]);
+        }
+        const int64_t nb = m - m % L;
+        for (int64_t b = 0; b < nb; b += L) {
+#pragma omp simd
+            for (int l = 0; l < L; ++l)
+                lanes[l] += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, b + l, h);
+        }
+        for (int64_t i = nb; i < m; ++i)
+            tail += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, i, h);
+    }
     return fold(lanes) + tail;
 }
 
