@@ -61,7 +61,7 @@ template <int SIK> using si_t = std::conditional_t<SIK == 2, double, float>;
 // Adam / momentum for SGD, WVA), so that the element loop has no conditional load or store and
 // vectorises; value-only choices (stabilised W, weight decay, nesterov, ...) stay run-time selects.
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
-inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
+inline void step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
                             arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
                             const arith_t<P>* __restrict__ dd, si_t<SIK>* __restrict__ si,
                             const arith_t<P>* __restrict__ acc, int64_t i, const Hyper<arith_t<P>>& h) {
@@ -69,16 +69,7 @@ inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t
     const A th = load_as<A>(p[i]);
     const A g = load_as<A>(gr[i]) * h.inv_scale;
     A gt = g;
-    A pen_sum = A(0);
-    if constexpr (EWC) {
-        const A d = dd[i];  // A(theta - mu) in fp64, formed by the conversion loop of step_chunk
-        A w = om[i];
-        const A ws = w / (A(1) + h.al * w);
-        w = h.stab ? ws : w;  // a select, not a branch: the element loop stays vectorisable
-        const A wd = w * d;
-        pen_sum = wd * d;
-        gt = g + h.pen * wd;
-    }
+    if constexpr (EWC) gt = dd[i];  // g + pen*W*d, formed by the penalty loop of step_chunk
     A gg = gt;
     A nw;
     if constexpr (!ADAM) {
@@ -124,7 +115,6 @@ inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t
         si[i] = S(Q(si[i]) - Q(prod));
     }
     p[i] = stored;
-    return pen_sum;
 }
 
 template <class A, int L> inline A fold(A (&acc)[L]) {
@@ -154,6 +144,7 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
     A lanes[L] = {};
     A tail = A(0);
     alignas(64) A dbuf[kSub];
+    alignas(64) A pbuf[kSub];
     for (int64_t b0 = 0; b0 < n; b0 += kSub) {
         const int64_t m = std::min(kSub, n - b0);
         P* p = pp + b0;
@@ -164,18 +155,24 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
         const A* o = op ? op + b0 : nullptr;
         S* si = sp ? sp + b0 : nullptr;
         const A* a = ap ? ap + b0 : nullptr;
-        if constexpr (EWC) {
+        if constexpr (EWC) {  // the penalty loop (vectorises like penalty_apply's): gt and W*d^2
             const double* mu = mup + b0;
-            for (int64_t i = 0; i < m; ++i) dbuf[i] = A(to_f64<P>(p[i]) - mu[i]);
+            for (int64_t i = 0; i < m; ++i) {
+                const A d = A(to_f64<P>(p[i]) - mu[i]);
+                A w = o[i];
+                const A ws = w / (A(1) + h.al * w);
+                w = h.stab ? ws : w;
+                const A wd = w * d;
+                pbuf[i] = wd * d;
+                dbuf[i] = load_as<A>(g[i]) * h.inv_scale + h.pen * wd;
+            }
+            const int64_t nb = m - m % L;
+            for (int64_t b = 0; b < nb; b += L)
+                for (int l = 0; l < L; ++l) lanes[l] += pbuf[b + l];
+            for (int64_t i = nb; i < m; ++i) tail += pbuf[i];
         }
-        const int64_t nb = m - m % L;
-        for (int64_t b = 0; b < nb; b += L) {
 #pragma omp simd
-            for (int l = 0; l < L; ++l)
-                lanes[l] += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, b + l, h);
-        }
-        for (int64_t i = nb; i < m; ++i)
-            tail += step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, i, h);
+        for (int64_t i = 0; i < m; ++i) step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, i, h);
     }
     return fold(lanes) + tail;
 }
