@@ -145,6 +145,7 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
     A tail = A(0);
     alignas(64) A dbuf[kSub];
     alignas(64) A pbuf[kSub];
+    alignas(64) A tbuf[kSub];
     for (int64_t b0 = 0; b0 < n; b0 += kSub) {
         const int64_t m = std::min(kSub, n - b0);
         P* p = pp + b0;
@@ -171,8 +172,20 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
                 for (int l = 0; l < L; ++l) lanes[l] += pbuf[b + l];
             for (int64_t i = nb; i < m; ++i) tail += pbuf[i];
         }
+        if constexpr (SIK != 0)  // theta before the step, for SI's loop below
+            for (int64_t i = 0; i < m; ++i) tbuf[i] = load_as<A>(p[i]);
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) step_elem<P, ADAM, EWC, SIK, ST2, WVA>(p, g, mo, v, vm, o, dbuf, si, a, i, h);
+        for (int64_t i = 0; i < m; ++i) step_elem<P, ADAM, EWC, 0, ST2, WVA>(p, g, mo, v, vm, o, dbuf, nullptr, a, i, h);
+        if constexpr (SIK != 0) {  // SI: omega -= g_si * (theta_new - theta), subtracted in promote(S, A)
+            using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
+            const bool total = EWC && h.si_total;  // Kutalev: the total gradient (= g without EWC)
+            for (int64_t i = 0; i < m; ++i) {
+                const A gi = load_as<A>(g[i]) * h.inv_scale;
+                const A gsi = total ? dbuf[i] : gi;
+                const A prod = gsi * (load_as<A>(p[i]) - tbuf[i]);
+                si[i] = S(Q(si[i]) - Q(prod));
+            }
+        }
     }
     return fold(lanes) + tail;
 }
