@@ -1,6 +1,11 @@
 // Fused optimizer step: per element, one read of theta, g, the optimizer state, Omega, mu, SI's
 // omega and WVA's A, and one write of theta, the state and SI's omega.
 //
+// Loop structure (step_chunk): each chunk is walked in sub-blocks of kSub elements; per sub-block,
+// three simple loops that GCC vectorises -- the penalty loop (g + lam*W*d and W*d^2 into L1 buffers),
+// the update loop (optimizer + WVA), SI's loop (omega -= g_si*(theta_new - theta_old), theta_old
+// buffered). The buffers stay in L1, so main-memory traffic is that of a single pass.
+//
 // Numerics follow ewc_fast/ops/fused_step/_torch.py operation by operation (torch.optim's
 // single-tensor formulas: lerp for the first moment, mul + addcmul for the second, addcdiv for the
 // step); the arithmetic type A is double for fp64 parameters, else float, and so is the optimizer
