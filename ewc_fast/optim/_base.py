@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..consolidation import EWC, WVA, SynapticIntelligence, _shard
-from ..ops._sharding import is_sharded, local, reduce_scalars, value_groups
+from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..consolidation._shard import penalty_apply_ as sharded_penalty_apply_
+from ..ops._sharding import any_sharded, local, reduce_scalars, value_groups
 from ..ops._validate import check_finite_scalar
 
 __all__ = ["FusedOptimizer"]
@@ -39,6 +40,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     ones. ``GradScaler``: ``scaler.step(opt)`` hands over the scale and ``found_inf``; gradients are
     unscaled inside the step and a step with ``found_inf`` changes nothing (parameters, state, SI).
     The SI tracker and WVA object must not also be attached to an optimizer through their hooks.
+
+    FSDP2 (``DTensor`` parameters): every update is elementwise, so each rank steps its local shards
+    (state laid out like the parameters); only the penalty value combines ranks (one scalar all-reduce
+    per group of identically sharded parameters). :meth:`clip_grad_norm_` does not support them yet.
     """
 
     _ALGO = ""
@@ -122,10 +127,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         Call it after ``backward`` (and after ``scaler.unscale_(opt)`` with a GradScaler). Costs one
         read of the gradients and the EWC state and one gradient-sized temporary per parameter."""
         max_norm = check_finite_scalar(f"{type(self).__name__}.clip_grad_norm_", "max_norm", max_norm, low=0.0)
-        if any(is_sharded(p) for g in self.param_groups for p in g["params"]):
+        if any_sharded(p for g in self.param_groups for p in g["params"]):
             raise NotImplementedError(
-                f"{type(self).__name__}.clip_grad_norm_ does not support sharded (FSDP2 DTensor) parameters yet; "
-                "clip with torch.nn.utils.clip_grad_norm_ after EWC.apply_() and step a torch.optim optimizer"
+                f"{type(self).__name__}.clip_grad_norm_: DTensor (FSDP2) parameters are not supported yet; "
+                "clip the task gradients with torch.nn.utils.clip_grad_norm_ (the penalty gradient is then unclipped)"
             )
         norm_type = float(norm_type)
         emap = self._ewc_map()
@@ -188,7 +193,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         wva_lam = 0.0 if self.wva is None else self.wva.lam
         stepped = set()
         value = 0.0
-        sharded_values: dict = {}  # layout -> this rank's partial penalty value
         for group in self.param_groups:
             calls: dict = {}
             for p in group["params"]:
@@ -197,51 +201,46 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state, step, init = self._prepare_state(group, p)
-                # FSDP2 (DTensor) parameters: the op runs on local shards; its penalty value is summed
-                # over the shards of each sharding layout (value_groups) once, after all groups
-                layout = value_groups([p])[0][0]
-                key = (step, init, id(p) in emap, id(p) in smap, id(p) in wmap, layout)
+                key = (step, init, id(p) in emap, id(p) in smap, id(p) in wmap)
                 calls.setdefault(key, []).append((p, state))
             alpha = self._alpha(group)
             hyper = self._group_args(group)
-            for (step, init, has_e, has_s, has_w, layout), items in calls.items():
-                ps = [p for p, _ in items]
-                st = [[local(t) for _, s in items for t in s[j]] for j in range(3)]
-                out = ops.fused_step_(
-                    [local(p) for p in ps],
-                    [local(p.grad) for p in ps],
-                    *st,
-                    algo=self._ALGO,
-                    step=step,
-                    momentum_init=init,
-                    omega=[local(emap[id(p)][1]) for p in ps] if has_e else [],
-                    mu=[local(emap[id(p)][2]) for p in ps] if has_e else [],
-                    lam=lam,
-                    alpha=alpha,
-                    pen_scale=pen_scale,
-                    si_omega=[local(smap[id(p)]) for p in ps] if has_s else [],
-                    si_variant=si_variant,
-                    wva_accum=[local(wmap[id(p)]) for p in ps] if has_w else [],
-                    wva_lam=wva_lam,
-                    inv_scale=inv_scale,
-                    backend=self.backend,
-                    **hyper,
-                )
-                if has_e:
-                    if layout is None:
-                        value += float(out)
-                    else:
-                        sharded_values[layout] = sharded_values.get(layout, 0.0) + float(out)
-                    stepped.update(id(p) for p in ps)
-        for lay in sorted(sharded_values, key=str):  # one scalar all-reduce per layout, the same order on every rank
-            v = torch.tensor([sharded_values[lay]], dtype=torch.float64, device=lay[0].device_type)
-            value += float(reduce_scalars(v, lay))
+            for (step, init, has_e, has_s, has_w), items in calls.items():
+                # DTensor (FSDP2) parameters: one call per group of identically sharded parameters, on
+                # the local shards; the penalty sums of a group are summed over its shard dimensions
+                parts = value_groups([p for p, _ in items]) if has_e else [(None, list(range(len(items))))]
+                for key, idx in parts:
+                    sub = [items[i] for i in idx]
+                    ps = [p for p, _ in sub]
+                    out = ops.fused_step_(
+                        [local(p) for p in ps],
+                        [local(p.grad) for p in ps],
+                        *[[local(t) for _, s in sub for t in s[j]] for j in range(3)],
+                        algo=self._ALGO,
+                        step=step,
+                        momentum_init=init,
+                        omega=[local(emap[id(p)][1]) for p in ps] if has_e else [],
+                        mu=[local(emap[id(p)][2]) for p in ps] if has_e else [],
+                        lam=lam,
+                        alpha=alpha,
+                        pen_scale=pen_scale,
+                        si_omega=[local(smap[id(p)]) for p in ps] if has_s else [],
+                        si_variant=si_variant,
+                        wva_accum=[local(wmap[id(p)]) for p in ps] if has_w else [],
+                        wva_lam=wva_lam,
+                        inv_scale=inv_scale,
+                        backend=self.backend,
+                        **hyper,
+                    )
+                    if has_e:
+                        value += float(reduce_scalars(out.reshape(1).clone(), key).reshape(()))
+                        stepped.update(id(p) for p in ps)
         if emap:
             rest = [v for k, v in emap.items() if k not in stepped]
             if rest:  # penalised parameters not stepped (frozen, no grad) still count in the value
-                scratch = [_shard.state_like(p, p.dtype) for p, _, _ in rest]
+                scratch = [torch.zeros_like(p) for p, _, _ in rest]
                 value += float(
-                    _shard.penalty_apply_(
+                    sharded_penalty_apply_(
                         scratch, [p.detach() for p, _, _ in rest], [o for _, o, _ in rest], [m for _, _, m in rest],
                         lam, alpha=self.ewc.stabilize_lr, c=0.0, grad_scale=1.0, backend=self.backend,
                     )
