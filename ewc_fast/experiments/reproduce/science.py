@@ -70,6 +70,10 @@ def _meta_lines(res: dict) -> list[str]:
 
 
 def _band90(fractions, c) -> tuple[float, float, float]:
+    if "acc_min" not in c or "acc_max" not in c:
+        raise ValueError(
+            "prune.json has no min–max band (written by an older `ewc-fast prune`): rerun the command to render it"
+        )
     return (
         value_at(fractions, c["acc"], 0.9),
         value_at(fractions, c["acc_min"], 0.9),
