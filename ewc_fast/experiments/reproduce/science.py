@@ -30,6 +30,7 @@ SCIENCE_DIRS = {
     "estimators": ("estimators", "estimators.json"),
     "explosion": ("explosion", "explosion.json"),
     "conv": ("conv", "permuted_mnist.json"),
+    "anchoring_none": ("anchoring/none", "permuted_mnist.json"),
     "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
     "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
@@ -353,11 +354,15 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
                 res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
             ),
         )
-    if res["anchoring_all"] or res["anchoring_previous"]:
+    if res["anchoring_none"] or res["anchoring_all"] or res["anchoring_previous"]:
         lines = ["## 8. Penalty for all previous tasks vs only the previous one", ""]
-        for key, sub in (("anchoring_all", "all"), ("anchoring_previous", "previous")):
+        for key, sub, title in (
+            ("anchoring_none", "none", "### no penalty"),
+            ("anchoring_all", "all", "### penalty for all previous tasks (`--anchor all`)"),
+            ("anchoring_previous", "previous", "### penalty for the previous task only (`--anchor previous`)"),
+        ):
             if res[key]:
-                lines += _render_permuted(res[key], f"### anchoring `{sub}`", rel, f"anchoring/{sub}")
+                lines += _render_permuted(res[key], title, rel, f"anchoring/{sub}")
         add("anchoring", lines)
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
