@@ -11,6 +11,7 @@ the reference values come from the papers, as stored by the experiment modules
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,10 @@ def _meta_lines(res: dict) -> list[str]:
         shared = f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
         if load[2] > mach["cpu_count"]:
             shared += " — the machine was **shared** (more runnable jobs than CPUs): times are upper bounds"
+    # the output folder of the run is not shown: its files are the ones next to this report
+    command = re.sub(r"\s--out\s+\S+", "", m["command"])
     return [
-        f"- command: `{m['command']}` — finished {m['date']}, wall time {_minutes(m['wall_s'])}",
+        f"- command: `{command}` — finished {m['date']}, wall time {_minutes(m['wall_s'])}",
         f"- machine: {mach['cpu']}, {mach['cpu_count']} logical CPUs, torch threads {mach['torch_threads']}, "
         f"ewc_fast git {mach['git']}{shared}",
     ]
