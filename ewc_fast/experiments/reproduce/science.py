@@ -11,6 +11,7 @@ the reference values come from the papers, as stored by the experiment modules
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ SCIENCE_DIRS = {
     "estimators": ("estimators", "estimators.json"),
     "explosion": ("explosion", "explosion.json"),
     "conv": ("conv", "permuted_mnist.json"),
+    "anchoring_none": ("anchoring/none", "permuted_mnist.json"),
     "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
     "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
@@ -62,14 +64,20 @@ def _meta_lines(res: dict) -> list[str]:
         shared = f"; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)"
         if load[2] > mach["cpu_count"]:
             shared += " — the machine was **shared** (more runnable jobs than CPUs): times are upper bounds"
+    # the output folder of the run is not shown: its files are the ones next to this report
+    command = re.sub(r"\s--out\s+\S+", "", m["command"])
     return [
-        f"- command: `{m['command']}` — finished {m['date']}, wall time {_minutes(m['wall_s'])}",
+        f"- command: `{command}` — finished {m['date']}, wall time {_minutes(m['wall_s'])}",
         f"- machine: {mach['cpu']}, {mach['cpu_count']} logical CPUs, torch threads {mach['torch_threads']}, "
         f"ewc_fast git {mach['git']}{shared}",
     ]
 
 
 def _band90(fractions, c) -> tuple[float, float, float]:
+    if "acc_min" not in c or "acc_max" not in c:
+        raise ValueError(
+            "prune.json has no min–max band (written by an older `ewc-fast prune`): rerun the command to render it"
+        )
     return (
         value_at(fractions, c["acc"], 0.9),
         value_at(fractions, c["acc_min"], 0.9),
@@ -349,11 +357,15 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
                 res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
             ),
         )
-    if res["anchoring_all"] or res["anchoring_previous"]:
+    if res["anchoring_none"] or res["anchoring_all"] or res["anchoring_previous"]:
         lines = ["## 8. Penalty for all previous tasks vs only the previous one", ""]
-        for key, sub in (("anchoring_all", "all"), ("anchoring_previous", "previous")):
+        for key, sub, title in (
+            ("anchoring_none", "none", "### no penalty"),
+            ("anchoring_all", "all", "### penalty for all previous tasks (`--anchor all`)"),
+            ("anchoring_previous", "previous", "### penalty for the previous task only (`--anchor previous`)"),
+        ):
             if res[key]:
-                lines += _render_permuted(res[key], f"### anchoring `{sub}`", rel, f"anchoring/{sub}")
+                lines += _render_permuted(res[key], title, rel, f"anchoring/{sub}")
         add("anchoring", lines)
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
