@@ -19,6 +19,10 @@ extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]  # lets 
 extra_link = ["-fopenmp"]
 if os.environ.get("EWC_FAST_NATIVE", "0") == "1":  # opt-in: tune for the build machine
     extra_compile.append("-march=native")
+if os.environ.get("EWC_FAST_SANITIZE", "0") == "1":  # scripts/sanitize.sh: ASan + UBSan build of the extension
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    extra_compile = [f for f in extra_compile if f != "-O3"] + ["-O1", *san]
+    extra_link = extra_link + san
 if sys.platform == "darwin":  # Apple clang needs libomp; keep the build working without it
     extra_compile = ["-O3", "-std=c++17"]
     extra_link = []

@@ -111,9 +111,11 @@ inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t
     }
     if constexpr (SIK != 0) {
         using S = si_t<SIK>;
+        // subtract in promote(S, A), rounded once to S (torch's in-place type promotion)
+        using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
         const A gsi = h.si_total ? gt : g;
         const A prod = gsi * (load_as<A>(stored) - th);
-        si[i] = S(S(si[i]) - S(prod));
+        si[i] = S(Q(si[i]) - Q(prod));
     }
     p[i] = stored;
     return pen_sum;

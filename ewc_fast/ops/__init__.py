@@ -49,10 +49,14 @@ How to add an op ``foo_`` to family F:
            impl = resolve_impl(backend, "F", op_device(params))
            with contiguous_inout(out) as o:
                impl.foo(o, contiguous_in(params), scale)
+           bump_versions(out)  # C++ / Triton write through raw pointers: tell autograd
 
    (``result="scalar"`` for an op returning a 0-dim float64 tensor on the op's device.)
-3. Write the public ``foo_(...)``: validate with :mod:`._validate` (error messages start with
-   ``_foo.name``), then call ``_foo(...)`` once with positional arguments. Export it here.
+3. Write the public ``foo_(...)``: validate *every* argument with :mod:`._validate` before the first
+   write (error messages start with ``_foo.name``): ``check_tensor_lists`` (dtypes, shapes, devices,
+   dense layout), ``check_no_overlap`` (written tensors: no internal overlap, no memory shared with
+   any other argument) and ``check_writable`` (no in-place write to a tensor autograd tracks), then
+   call ``_foo(...)`` once with positional arguments. Export it here.
 4. Test it in ``tests/ops/`` on every backend against a float64 oracle (``ewc_fast/testing/``), plus
    ``torch.library.opcheck(torch.ops.ewc_fast.foo_.default, ...)``.
 """
