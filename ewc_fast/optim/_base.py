@@ -11,6 +11,8 @@ from torch import Tensor
 
 from .. import ops
 from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..consolidation._shard import penalty_apply_ as sharded_penalty_apply_
+from ..ops._sharding import any_sharded, local, reduce_scalars, value_groups
 from ..ops._validate import check_finite_scalar
 
 __all__ = ["FusedOptimizer"]
@@ -38,6 +40,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     ones. ``GradScaler``: ``scaler.step(opt)`` hands over the scale and ``found_inf``; gradients are
     unscaled inside the step and a step with ``found_inf`` changes nothing (parameters, state, SI).
     The SI tracker and WVA object must not also be attached to an optimizer through their hooks.
+
+    FSDP2 (``DTensor`` parameters): every update is elementwise, so each rank steps its local shards
+    (state laid out like the parameters); only the penalty value combines ranks (one scalar all-reduce
+    per group of identically sharded parameters). :meth:`clip_grad_norm_` does not support them yet.
     """
 
     _ALGO = ""
@@ -121,6 +127,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         Call it after ``backward`` (and after ``scaler.unscale_(opt)`` with a GradScaler). Costs one
         read of the gradients and the EWC state and one gradient-sized temporary per parameter."""
         max_norm = check_finite_scalar(f"{type(self).__name__}.clip_grad_norm_", "max_norm", max_norm, low=0.0)
+        if any_sharded(p for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                f"{type(self).__name__}.clip_grad_norm_: DTensor (FSDP2) parameters are not supported yet; "
+                "clip the task gradients with torch.nn.utils.clip_grad_norm_ (the penalty gradient is then unclipped)"
+            )
         norm_type = float(norm_type)
         emap = self._ewc_map()
         lam = 0.0 if self.ewc is None else self.ewc.lam
@@ -195,39 +206,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             alpha = self._alpha(group)
             hyper = self._group_args(group)
             for (step, init, has_e, has_s, has_w), items in calls.items():
-                ps = [p for p, _ in items]
-                st = [[t for _, s in items for t in s[j]] for j in range(3)]
-                out = ops.fused_step_(
-                    ps,
-                    [p.grad for p in ps],
-                    *st,
-                    algo=self._ALGO,
-                    step=step,
-                    momentum_init=init,
-                    omega=[emap[id(p)][1] for p in ps] if has_e else [],
-                    mu=[emap[id(p)][2] for p in ps] if has_e else [],
-                    lam=lam,
-                    alpha=alpha,
-                    pen_scale=pen_scale,
-                    si_omega=[smap[id(p)] for p in ps] if has_s else [],
-                    si_variant=si_variant,
-                    wva_accum=[wmap[id(p)] for p in ps] if has_w else [],
-                    wva_lam=wva_lam,
-                    inv_scale=inv_scale,
-                    backend=self.backend,
-                    **hyper,
-                )
-                if has_e:
-                    value += float(out)
-                    stepped.update(id(p) for p in ps)
+                # DTensor (FSDP2) parameters: one call per group of identically sharded parameters, on
+                # the local shards; the penalty sums of a group are summed over its shard dimensions
+                parts = value_groups([p for p, _ in items]) if has_e else [(None, list(range(len(items))))]
+                for key, idx in parts:
+                    sub = [items[i] for i in idx]
+                    ps = [p for p, _ in sub]
+                    out = ops.fused_step_(
+                        [local(p) for p in ps],
+                        [local(p.grad) for p in ps],
+                        *[[local(t) for _, s in sub for t in s[j]] for j in range(3)],
+                        algo=self._ALGO,
+                        step=step,
+                        momentum_init=init,
+                        omega=[local(emap[id(p)][1]) for p in ps] if has_e else [],
+                        mu=[local(emap[id(p)][2]) for p in ps] if has_e else [],
+                        lam=lam,
+                        alpha=alpha,
+                        pen_scale=pen_scale,
+                        si_omega=[local(smap[id(p)]) for p in ps] if has_s else [],
+                        si_variant=si_variant,
+                        wva_accum=[local(wmap[id(p)]) for p in ps] if has_w else [],
+                        wva_lam=wva_lam,
+                        inv_scale=inv_scale,
+                        backend=self.backend,
+                        **hyper,
+                    )
+                    if has_e:
+                        value += float(reduce_scalars(out.reshape(1).clone(), key).reshape(()))
+                        stepped.update(id(p) for p in ps)
         if emap:
             rest = [v for k, v in emap.items() if k not in stepped]
             if rest:  # penalised parameters not stepped (frozen, no grad) still count in the value
-                scratch = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p, _, _ in rest]
+                scratch = [torch.zeros_like(p) for p, _, _ in rest]
                 value += float(
-                    ops.penalty_apply_(
+                    sharded_penalty_apply_(
                         scratch, [p.detach() for p, _, _ in rest], [o for _, o, _ in rest], [m for _, _, m in rest],
-                        lam, alpha=self.ewc.stabilize_lr, backend=self.backend,
+                        lam, alpha=self.ewc.stabilize_lr, c=0.0, grad_scale=1.0, backend=self.backend,
                     )
                 )  # fmt: skip
             self.last_penalty = value + 0.5 * lam * self.ewc.c

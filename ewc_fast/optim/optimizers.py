@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..ops._sharding import local, state_like
 from ..ops._validate import check_finite_scalar
 from ._base import FusedOptimizer
 
@@ -25,13 +26,15 @@ def _arith(p: Tensor) -> torch.dtype:
 
 
 def _state_tensor(p: Tensor) -> Tensor:
-    return torch.zeros(p.shape, dtype=_arith(p), device=p.device)
+    return state_like(p, _arith(p))  # a DTensor laid out like p for FSDP2 parameters
 
 
 def _fix_dtype(state: dict, key: str, p: Tensor) -> Tensor | None:
     t = state.get(key)
-    if t is not None and (t.dtype != _arith(p) or t.device != p.device or not t.is_contiguous()):
-        t = state[key] = t.to(device=p.device, dtype=_arith(p), memory_format=torch.contiguous_format)
+    if t is not None and (t.dtype != _arith(p) or t.device != p.device or not local(t).is_contiguous()):
+        t = state[key] = t.to(device=p.device, dtype=_arith(p))
+        if not local(t).is_contiguous():
+            t = state[key] = t.contiguous()
     return t
 
 
