@@ -86,12 +86,13 @@ XDIST=
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_JOBS:-8}"; fi
 PER_TEST=
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=120"; fi
-lim=$(limit $(( TOTAL )) "$BENCH")  # all that the bench budget leaves
+lim=$(limit $(( TOTAL )) $(( BENCH + 20 )))  # all that the bench budget leaves (and the 20 s kill grace)
 [ "$lim" -gt $(( TESTS + BUILD )) ] && lim=$(( TESTS + BUILD ))
 echo "[gpu-check] tests (limit $lim s) ${XDIST}"
 t0=$(date +%s)
 # shellcheck disable=SC2086
-timeout "$lim" "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider $XDIST $PER_TEST \
+# SIGINT at the limit: pytest stops like on Ctrl-C and still writes the JUnit XML of the tests it ran
+timeout -s INT -k 20 "$lim" "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider $XDIST $PER_TEST \
   --junitxml="$OUT/tests.xml" $TEST_PATHS >"$OUT/tests.log" 2>&1
 rc=$?
 [ $rc = 5 ] && [ $DRY = 1 ] && rc=0  # nothing selected is not an error of the script
@@ -106,7 +107,7 @@ echo "[gpu-check] bench (limit $lim s)"
 t0=$(date +%s)
 inner=$(( lim > 20 ? lim - 10 : lim ))  # the tables' own budget: they stop between rows before the hard limit
 # shellcheck disable=SC2086
-timeout "$lim" "$PY" -m benchmarks.gpu --out "$OUT" --budget-s "$inner" $DRYFLAG >"$OUT/bench.log" 2>&1
+timeout -k 10 "$lim" "$PY" -m benchmarks.gpu --out "$OUT" --budget-s "$inner" $DRYFLAG >"$OUT/bench.log" 2>&1
 rc=$?
 record bench --rc $rc --seconds $(( $(date +%s) - t0 )) --budget "$lim" --note "python -m benchmarks.gpu"
 fi

@@ -6,6 +6,8 @@ EWC state as EWC keeps it (Omega fp32, mu fp64), SI's omega fp32. Bytes per para
 
 * torch ``AdamW(fused=True).step()``: read p, g, m, v; write p, m, v = 28 B;
 * fused AdamW+EWC+SI: read p, g, m, v, Omega, omega (fp32), mu (fp64); write p, m, v, omega = 48 B;
+* ``ewc_fast.optim.AdamW(ewc=EWC, si=SynapticIntelligence).step()``: the same kernel behind the
+  drop-in optimizer (what a training loop calls: its per-step Python work included), 48 B;
 * today's path, three passes: ``penalty_apply_`` (24 B) + torch fused AdamW (28 B) +
   ``si_accumulate_`` with its theta_prev copy (24 B) = 76 B.
 
@@ -26,8 +28,31 @@ TARGET = 1.8
 BYTES = {
     "torch AdamW(fused=True).step()": (28, "read p, g, m, v; write p, m, v"),
     "fused_step_ AdamW+EWC+SI": (48, "read p, g, m, v, Omega, omega, mu (fp64); write p, m, v, omega"),
+    "ewc_fast.optim.AdamW(ewc, si).step()": (48, "as fused_step_ (the optimizer's own step)"),
     "today: penalty_apply_ + AdamW(fused) + si_accumulate_": (76, "24 + 28 + 24 B in three passes"),
 }
+
+
+def _optimizer(device, sizes: Sizes, seed: int):
+    """A module holding the ragged parameters (with gradients), consolidated EWC and SI, and the fused
+    ``ewc_fast.optim.AdamW`` over them (Triton backend)."""
+    from ewc_fast import EWC, Importance, SynapticIntelligence
+    from ewc_fast.optim import AdamW
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = ragged_sizes(sizes.cons_params, sizes.cons_tensors)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, device=device, generator=g)) for s in shapes])
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, device=device, generator=g) * 0.01
+    names = [n for n, _ in model.named_parameters()]
+    imp = Importance(
+        {n: torch.rand(p.shape, device=device, generator=g) for n, p in zip(names, model.parameters())},
+        method="fisher",
+        n_samples=1,
+    )
+    ewc = EWC(model, 0.5, backend="triton").consolidate(imp)
+    si = SynapticIntelligence(model, backend="triton")
+    return AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, ewc=ewc, si=si, backend="triton")
 
 
 def _sets(device, sizes: Sizes, n: int) -> list[dict]:
@@ -83,12 +108,20 @@ def rows(device, sizes: Sizes, budget, copy_gb_s: float | None) -> tuple[list[di
         "fused_step_ AdamW+EWC+SI": _fused,
         "today: penalty_apply_ + AdamW(fused) + si_accumulate_": _today,
     }
+    try:
+        from ewc_fast import optim as _  # noqa: F401  (the drop-in optimizer, when it is in the tree)
+
+        opts = [_optimizer(device, sizes, seed) for seed in range(len(sets))]
+        fns["ewc_fast.optim.AdamW(ewc, si).step()"] = lambda i: opts[i].step()
+    except ImportError:
+        opts = None
     times, cut = {}, []
     for name, fn in fns.items():
         if budget.expired():
             cut.append(name)
             continue
-        times[name] = time_sized(Rotor(fn, sets), device, sizes)
+        inputs = list(range(len(opts))) if name.startswith("ewc_fast.optim") else sets
+        times[name] = time_sized(Rotor(fn, inputs), device, sizes)
     adam = times.get("torch AdamW(fused=True).step()")
     out = []
     for name, t in times.items():
