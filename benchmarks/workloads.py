@@ -8,9 +8,11 @@ the same quantities:
 * MAS ``Omega = (1/N) sum_n |d ||f(x_n)||_2**2 / d theta|`` with ``f`` the logits;
 * exact Fisher ``(1/N) sum_n sum_y p(y|x_n) (d -log p(y|x_n) / d theta)**2`` (for peers that compute it).
 
-Models contain no dropout and no BatchNorm (train and eval mode compute the same function, and no
-layer couples the samples of a batch). Data are synthetic and seeded: the benchmark measures speed,
-memory and agreement with the oracle, not accuracy.
+Models contain no dropout. The CNN workloads of :mod:`benchmarks.workloads_cnn` (ResNet-18,
+depthwise-separable, the seed papers' conv net) contain BatchNorm, which runs in eval mode (running
+statistics, as in every importance pass), so no layer couples the samples of a batch. Data are
+synthetic and seeded: the benchmark measures speed, memory and agreement with the oracle, not
+accuracy.
 
 ``size="tiny"`` shrinks every dimension so that the whole suite runs in seconds (smoke test);
 ``size="small"`` keeps the architectures' shapes but smaller (minutes on a laptop: checks the memory
@@ -340,6 +342,10 @@ _FACTORIES: dict[str, Callable[[str], Workload]] = {
     "cnn-32": _cnn,
     "embedding": _embedding,
 }
+# the CNN workloads live in their own module, which imports Workload from here
+from .workloads_cnn import FACTORIES as _CNN_FACTORIES  # noqa: E402
+
+_FACTORIES.update(_CNN_FACTORIES)
 WORKLOADS = tuple(_FACTORIES)  # the default run
 
 # Hugging Face workloads (benchmarks/workloads_hf.py, need transformers): registered, run when named

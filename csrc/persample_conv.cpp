@@ -29,7 +29,9 @@
 #include "microkernel.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace ewcf {
@@ -70,23 +72,68 @@ struct Run {
     i64 t, l0, l1, a, b;
 };
 
+// Columns jj .. jj+len-1 of a panel: one tap (offsets kd0..kd2 = k*dilation - padding), consecutive
+// channels starting at element offset coff of X.
+struct Seg {
+    i64 jj, len, coff, kd0, kd1, kd2;
+};
+
+// Output column of internal column j: the kernel orders columns tap-major (j = tap*Cg + c, so that
+// consecutive columns are consecutive channels, contiguous in a channels-last input); the weight's
+// layout is channel-major (c*Kp + tap).
+inline i64 out_col(const ConvProblem& pb, i64 j) { return (j % pb.Cg) * pb.Kp + j / pb.Cg; }
+
+template <typename Out, typename Acc>
+inline void add_permuted(const ConvProblem& pb, Out* out, i64 row0, i64 j0, const Acc* loc, i64 ldc, i64 rows,
+                         i64 cols) {
+    using Wide = decltype(Out() + Acc());  // fp64 outputs or fp64 accumulators add in fp64
+    for (i64 c = 0; c < cols; ++c) {
+        Out* o = out + row0 * pb.J + out_col(pb, j0 + c);
+        for (i64 r = 0; r < rows; ++r) o[r * pb.J] = Out(Wide(o[r * pb.J]) + Wide(loc[r * ldc + c]));
+    }
+}
+
 template <typename Acc>
 inline void flush(const ConvProblem& pb, int which, i64 split, i64 row0, i64 j0, const Acc* loc, i64 ldc, i64 rows,
                   i64 cols) {
     if (pb.splits > 1) {
         const int nout = int(pb.do_sq) + int(pb.do_abs);
         const int slot = (which == 1 && pb.do_sq) ? 1 : 0;
-        Acc* dst = static_cast<Acc*>(pb.slabs) + (split * nout + slot) * pb.O * pb.J + row0 * pb.J + j0;
-        for (i64 r = 0; r < rows; ++r)
-            for (i64 c = 0; c < cols; ++c) dst[r * pb.J + c] = loc[r * ldc + c];
+        Acc* dst = static_cast<Acc*>(pb.slabs) + (split * nout + slot) * pb.O * pb.J + row0 * pb.J;
+        for (i64 c = 0; c < cols; ++c) {
+            const i64 oc = out_col(pb, j0 + c);
+            for (i64 r = 0; r < rows; ++r) dst[r * pb.J + oc] = loc[r * ldc + c];
+        }
         return;
     }
     void* out = which == 0 ? pb.sq : pb.ab;
     const int code = which == 0 ? pb.sq_code : pb.ab_code;
     if (code == F64)
-        add_tile(static_cast<double*>(out) + row0 * pb.J + j0, pb.J, loc, ldc, rows, cols);
+        add_permuted(pb, static_cast<double*>(out), row0, j0, loc, ldc, rows, cols);
     else
-        add_tile(static_cast<float*>(out) + row0 * pb.J + j0, pb.J, loc, ldc, rows, cols);
+        add_permuted(pb, static_cast<float*>(out), row0, j0, loc, ldc, rows, cols);
+}
+
+// Dot product of a run: sum_i g[i*sg] * x[i*sx], i < n; vectorised for unit strides when In == Acc.
+template <typename V, typename Acc, typename In>
+inline Acc dot_run(const In* g, i64 sg, const In* x, i64 sx, i64 n) {
+    Acc s = 0;
+    i64 i = 0;
+    if constexpr (std::is_same_v<In, Acc>) {
+        if (sg == 1 && sx == 1) {
+            constexpr int W = int(sizeof(V) / sizeof(Acc));
+            V acc{};
+            for (; i + W <= n; i += W) {
+                V a, b;
+                std::memcpy(&a, g + i, sizeof(V));
+                std::memcpy(&b, x + i, sizeof(V));
+                acc += a * b;
+            }
+            for (int w = 0; w < W; ++w) s += acc[w];
+        }
+    }
+    for (; i < n; ++i) s += load_as<Acc>(g + i * sg) * load_as<Acc>(x + i * sx);
+    return s;
 }
 
 template <typename In, typename Acc, typename V, int MR, int NRV>
@@ -98,10 +145,12 @@ struct Kernel {
     static constexpr i64 KC = sizeof(Acc) == 4 ? EWCF_PS_KC : EWCF_PS_KC / 2;
     static_assert(BO % MR == 0 && BI % NR == 0, "macro tile must hold whole micro tiles");
 
-    static size_t scratch_bytes() {
-        // pg (KC x BO) + pa (KC x BI) + loc0 + loc1 + spill (BO x BI), column table (4 x BI), runs (KC)
-        return sizeof(Acc) * size_t(KC * BO + KC * BI + 3 * BO * BI) + sizeof(i64) * size_t(4 * BI) +
-               sizeof(Run) * size_t(KC) + 64 * 8;
+    // Scratch of one thread for items of `tpg` column tiles (GEMM path) or Og x J accumulators (direct).
+    static size_t scratch_bytes(i64 tpg, i64 direct_elems) {
+        // pg (KC x BO) + pa (KC x BI) + (loc0 + loc1 + spill) per column tile, column tables, runs
+        const size_t gemm = sizeof(Acc) * size_t(KC * BO + KC * BI + 3 * BO * BI * tpg) +
+                            (sizeof(Seg) + sizeof(i64)) * size_t(BI * tpg) + sizeof(Run) * size_t(KC) + 64 * 8;
+        return std::max(gemm, sizeof(Acc) * size_t(2 * direct_elems) + 64 * 2);
     }
 
     // Runs of the positions [t0, t0 + kc): consecutive positions sharing (l0, l1).
@@ -118,78 +167,149 @@ struct Kernel {
         return nr;
     }
 
-    // pg[(p*kc + t)*MR + m] = G[n, row0 + p*MR + m, position t0 + t] (zero for rows >= bo)
+    // pg[(p*kc + t)*MR + m] = G[n, row0 + p*MR + m, position t0 + t] (zero for rows >= bo). Position-major:
+    // each position's MR channels are one contiguous copy when G is channels-last (sGo == 1).
     static void pack_g(const ConvProblem& pb, Acc* __restrict pg, const In* Gn, i64 row0, i64 bo, i64 kc,
                        const Run* rs, i64 nr) {
         const i64 np = (bo + MR - 1) / MR;
+        const i64 so = pb.sGo, s2 = pb.sG[2];
         for (i64 p = 0; p < np; ++p) {
-            for (int m = 0; m < MR; ++m) {
-                Acc* dst = pg + p * kc * MR + m;
-                const i64 o = p * MR + m;
-                if (o >= bo) {
-                    for (i64 t = 0; t < kc; ++t) dst[t * MR] = Acc(0);
-                    continue;
-                }
-                const In* row = Gn + (row0 + o) * pb.sGo;
-                for (i64 q = 0; q < nr; ++q) {
-                    const Run& r = rs[q];
-                    const In* src = row + r.l0 * pb.sG[0] + r.l1 * pb.sG[1];
-                    Acc* d = dst + r.t * MR;
-                    const i64 s2 = pb.sG[2];
-                    for (i64 l2 = r.a; l2 < r.b; ++l2) d[(l2 - r.a) * MR] = load_as<Acc>(src + l2 * s2);
+            const i64 mv = std::min<i64>(MR, bo - p * MR);
+            const In* base = Gn + (row0 + p * MR) * so;
+            for (i64 q = 0; q < nr; ++q) {
+                const Run& r = rs[q];
+                const In* src = base + r.l0 * pb.sG[0] + r.l1 * pb.sG[1];
+                Acc* d = pg + (p * kc + r.t) * MR;
+                for (i64 l2 = r.a; l2 < r.b; ++l2, d += MR) {
+                    const In* e = src + l2 * s2;
+                    if (so == 1) {
+                        for (i64 m = 0; m < mv; ++m) d[m] = load_as<Acc>(e + m);
+                    } else {
+                        for (i64 m = 0; m < mv; ++m) d[m] = load_as<Acc>(e + m * so);
+                    }
+                    for (i64 m = mv; m < MR; ++m) d[m] = Acc(0);
                 }
             }
         }
+    }
+
+    // in-range l2 interval of column table entry tj for a run: 0 <= l2*st2 + kd2 < S2 (empty if the row
+    // (l0, l1) falls into the padding)
+    static inline void valid_l2(const ConvProblem& pb, const i64* tj, const Run& r, i64& va, i64& vb, i64& i0,
+                                i64& i1) {
+        const i64 kd2 = tj[3], st2 = pb.st[2], S2 = pb.S[2];
+        i0 = r.l0 * pb.st[0] + tj[1];
+        i1 = r.l1 * pb.st[1] + tj[2];
+        const bool row_ok = i0 >= 0 && i0 < pb.S[0] && i1 >= 0 && i1 < pb.S[1];
+        const i64 lo = std::max<i64>(0, ceil_div(-kd2, st2));
+        const i64 hi = S2 - 1 - kd2 < 0 ? 0 : floor_div(S2 - 1 - kd2, st2) + 1;
+        va = row_ok ? std::min(r.b, std::max(r.a, lo)) : r.b;
+        vb = row_ok ? std::max(va, std::min(r.b, hi)) : r.b;
     }
 
     // pa[(p*kc + t)*NR + jj] = X[n, chan(j), position t0 + t shifted by tap(j)] (zero in the padding or
-    // for columns >= bj), j = p*NR + jj; tab holds per column: channel offset, kd0, kd1, kd2.
-    static void pack_x(const ConvProblem& pb, Acc* __restrict pa, const In* Xn, const i64* tab, i64 bj, i64 kc,
-                       const Run* rs, i64 nr) {
+    // for columns >= bj), j = p*NR + jj. Position-major over the panel's segments (columns of one tap and
+    // consecutive channels, see segments()): one contiguous copy per segment and position when X is
+    // channels-last (sXc == 1), a strided gather otherwise.
+    static void pack_x(const ConvProblem& pb, Acc* __restrict pa, const In* Xn, const Seg* segs, const i64* nseg,
+                       i64 bj, i64 kc, const Run* rs, i64 nr) {
         const i64 np = (bj + NR - 1) / NR;
+        const i64 sc = pb.sXc, s0 = pb.sX[0], s1 = pb.sX[1], s2 = pb.sX[2];
         const i64 st0 = pb.st[0], st1 = pb.st[1], st2 = pb.st[2];
         const i64 S0 = pb.S[0], S1 = pb.S[1], S2 = pb.S[2];
-        const i64 s2 = pb.sX[2];
         for (i64 p = 0; p < np; ++p) {
-            for (int jj = 0; jj < NR; ++jj) {
-                Acc* dst = pa + p * kc * NR + jj;
-                const i64 j = p * NR + jj;
-                if (j >= bj) {
-                    for (i64 t = 0; t < kc; ++t) dst[t * NR] = Acc(0);
-                    continue;
-                }
-                const i64* tj = tab + 4 * j;
-                const i64 kd2 = tj[3];
-                // l2 range with 0 <= l2*st2 + kd2 < S2
-                const i64 va_all = std::max<i64>(0, ceil_div(-kd2, st2));
-                const i64 vb_all = S2 - 1 - kd2 < 0 ? 0 : floor_div(S2 - 1 - kd2, st2) + 1;
-                for (i64 q = 0; q < nr; ++q) {
-                    const Run& r = rs[q];
-                    Acc* d = dst + r.t * NR;
-                    const i64 i0 = r.l0 * st0 + tj[1], i1 = r.l1 * st1 + tj[2];
-                    const bool row_ok = i0 >= 0 && i0 < S0 && i1 >= 0 && i1 < S1;
-                    const i64 va = row_ok ? std::min(r.b, std::max(r.a, va_all)) : r.b;
-                    const i64 vb = row_ok ? std::max(va, std::min(r.b, vb_all)) : r.b;
-                    for (i64 l2 = r.a; l2 < va; ++l2) d[(l2 - r.a) * NR] = Acc(0);
-                    if (vb > va) {
-                        const In* src = Xn + tj[0] + i0 * pb.sX[0] + i1 * pb.sX[1] + kd2 * s2;
-                        const i64 step = st2 * s2;
-                        for (i64 l2 = va; l2 < vb; ++l2) d[(l2 - r.a) * NR] = load_as<Acc>(src + l2 * step);
+            const i64 cv = std::min<i64>(NR, bj - p * NR);  // valid columns of this panel
+            const Seg* sp = segs + p * NR;
+            const i64 ns = nseg[p];
+            for (i64 q = 0; q < nr; ++q) {
+                const Run& r = rs[q];
+                Acc* d = pa + (p * kc + r.t) * NR;
+                for (i64 l2 = r.a; l2 < r.b; ++l2, d += NR) {
+                    for (i64 k = 0; k < ns; ++k) {
+                        const Seg& g = sp[k];
+                        const i64 i0 = r.l0 * st0 + g.kd0, i1 = r.l1 * st1 + g.kd1, i2 = l2 * st2 + g.kd2;
+                        Acc* dd = d + g.jj;
+                        if (i0 < 0 || i0 >= S0 || i1 < 0 || i1 >= S1 || i2 < 0 || i2 >= S2) {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = Acc(0);
+                            continue;
+                        }
+                        const In* src = Xn + g.coff + i0 * s0 + i1 * s1 + i2 * s2;
+                        if (sc == 1) {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = load_as<Acc>(src + c);
+                        } else {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = load_as<Acc>(src + c * sc);
+                        }
                     }
-                    for (i64 l2 = vb; l2 < r.b; ++l2) d[(l2 - r.a) * NR] = Acc(0);
+                    for (i64 c = cv; c < NR; ++c) d[c] = Acc(0);
                 }
             }
         }
     }
 
+    // Segments of a column tile [j0, j0 + bj): per panel of NR columns, maximal runs of columns with one
+    // tap and consecutive channels; segs[p*NR + k] is panel p's k-th, nseg[p] their number.
+    static void segments(const ConvProblem& pb, Seg* segs, i64* nseg, i64 g, i64 j0, i64 bj) {
+        const i64 np = (bj + NR - 1) / NR;
+        for (i64 p = 0; p < np; ++p) {
+            const i64 cv = std::min<i64>(NR, bj - p * NR);
+            i64 ns = 0, jj = 0;
+            while (jj < cv) {
+                const i64 j = j0 + p * NR + jj, tap = j / pb.Cg, c = j % pb.Cg;
+                const i64 len = std::min(cv - jj, pb.Cg - c);
+                i64 t[4];
+                column(pb, g, j, t);
+                segs[p * NR + ns++] = Seg{jj, len, t[0], t[1], t[2], t[3]};
+                (void)tap;
+                jj += len;
+            }
+            nseg[p] = ns;
+        }
+    }
+
+    // internal column col = tap*Cg + c of group g, tap = (k0*K1 + k1)*K2 + k2: channel offset and
+    // k_d*dil_d - pad_d per spatial dim
+    static void column(const ConvProblem& pb, i64 g, i64 col, i64* t) {
+        const i64 c = col % pb.Cg, tap = col / pb.Cg;
+        const i64 k2 = tap % pb.K[2], k1 = (tap / pb.K[2]) % pb.K[1], k0 = tap / (pb.K[2] * pb.K[1]);
+        t[0] = (g * pb.Cg + c) * pb.sXc;
+        t[1] = k0 * pb.dl[0] - pb.pd[0];
+        t[2] = k1 * pb.dl[1] - pb.pd[1];
+        t[3] = k2 * pb.dl[2] - pb.pd[2];
+    }
+
+
+    // GEMM path. One work item: group g, row tile ob of the group's Og rows, column tiles [ib0, ib1) of
+    // its J columns, samples [n0, n1). The G panel of a sample's position block is packed once and used
+    // for all the item's column tiles (each with its own accumulators).
     template <int EPI>
-    static void fused(const ConvProblem& pb, Acc* pg, Acc* pa, Acc* l0, Acc* l1, Acc* pl, const i64* tab, Run* rs,
-                      i64 g, i64 o0, i64 bo, i64 bj, i64 n0, i64 n1) {
+    static void gemm_item(const ConvProblem& pb, char* base, i64 g, i64 ob, i64 ib0, i64 ib1, i64 n0, i64 n1,
+                          i64 split) {
+        auto carve = [&base](size_t bytes) {
+            char* p = base;
+            base += (bytes + 63) / 64 * 64;
+            return p;
+        };
+        const i64 tiles = ib1 - ib0;
+        Acc* pg = reinterpret_cast<Acc*>(carve(sizeof(Acc) * KC * BO));
+        Acc* pa = reinterpret_cast<Acc*>(carve(sizeof(Acc) * KC * BI));
+        Acc* l0 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
+        Acc* l1 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
+        Acc* pl = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
+        Seg* segs = reinterpret_cast<Seg*>(carve(sizeof(Seg) * BI * tiles));
+        i64* nseg = reinterpret_cast<i64*>(carve(sizeof(i64) * BI * tiles));
+        Run* rs = reinterpret_cast<Run*>(carve(sizeof(Run) * KC));
+        const i64 o0 = ob * BO, bo = std::min(BO, pb.Og - o0);
+        const i64 mo = (bo + MR - 1) / MR;
+        const i64 row0 = g * pb.Og + o0;
+        for (i64 q = 0; q < tiles; ++q) {
+            const i64 j0 = (ib0 + q) * BI, bj = std::min(BI, pb.J - j0);
+            segments(pb, segs + BI * q, nseg + BI * q, g, j0, bj);
+        }
+        std::fill(l0, l0 + BO * BI * tiles, Acc(0));
+        std::fill(l1, l1 + BO * BI * tiles, Acc(0));
         const In* X = static_cast<const In*>(pb.X);
         const In* G = static_cast<const In*>(pb.G);
-        const i64 mo = (bo + MR - 1) / MR, ni = (bj + NR - 1) / NR, ldc = ni * NR;
         const i64 nkb = (pb.Lp + KC - 1) / KC;
-        const i64 row0 = g * pb.Og + o0;
         for (i64 n = n0; n < n1; ++n) {
             const In* Xn = X + n * pb.sXn;
             const In* Gn = G + n * pb.sGn;
@@ -197,103 +317,114 @@ struct Kernel {
                 const i64 t0 = kb * KC, kc = std::min(KC, pb.Lp - t0);
                 const i64 nr = runs(pb, t0, kc, rs);
                 pack_g(pb, pg, Gn, row0, bo, kc, rs, nr);
-                pack_x(pb, pa, Xn, tab, bj, kc, rs, nr);
                 const bool first = kb == 0, last = kb == nkb - 1;
-                for (i64 c = 0; c < ni; ++c)
-                    for (i64 r = 0; r < mo; ++r) {
-                        const i64 off = r * MR * ldc + c * NR;
-                        micro<V, Acc, MR, NRV, EPI>(kc, pg + r * kc * MR, pa + c * kc * NR, l0 + off, l1 + off,
-                                                    pl + off, ldc, first, last);
-                    }
+                for (i64 q = 0; q < tiles; ++q) {
+                    const i64 j0 = (ib0 + q) * BI, bj = std::min(BI, pb.J - j0);
+                    const i64 ni = (bj + NR - 1) / NR, ldc = ni * NR;
+                    pack_x(pb, pa, Xn, segs + BI * q, nseg + BI * q, bj, kc, rs, nr);
+                    Acc* a0 = l0 + BO * BI * q;
+                    Acc* a1 = l1 + BO * BI * q;
+                    Acc* sp = pl + BO * BI * q;
+                    for (i64 c = 0; c < ni; ++c)
+                        for (i64 r = 0; r < mo; ++r) {
+                            const i64 off = r * MR * ldc + c * NR;
+                            micro<V, Acc, MR, NRV, EPI>(kc, pg + r * kc * MR, pa + c * kc * NR, a0 + off, a1 + off,
+                                                        sp + off, ldc, first, last);
+                        }
+                }
             }
+        }
+        for (i64 q = 0; q < tiles; ++q) {
+            const i64 j0 = (ib0 + q) * BI, bj = std::min(BI, pb.J - j0);
+            const i64 ldc = (bj + NR - 1) / NR * NR;
+            if (pb.do_sq) flush<Acc>(pb, 0, split, row0, j0, l0 + BO * BI * q, ldc, bo, bj);
+            if (pb.do_abs) flush<Acc>(pb, 1, split, row0, j0, l1 + BO * BI * q, ldc, bo, bj);
         }
     }
 
-    // One work item: group g, macro tile (ob, ib) of the group's (Og, J) block, samples [n0, n1).
-    static void item(const ConvProblem& pb, Scratch& scratch, i64 g, i64 ob, i64 ib, i64 n0, i64 n1, i64 split) {
-        char* base = static_cast<char*>(scratch.get(scratch_bytes()));
-        auto carve = [&base](size_t bytes) {
-            char* p = base;
-            base += (bytes + 63) / 64 * 64;
-            return p;
-        };
-        Acc* pg = reinterpret_cast<Acc*>(carve(sizeof(Acc) * KC * BO));
-        Acc* pa = reinterpret_cast<Acc*>(carve(sizeof(Acc) * KC * BI));
-        Acc* l0 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI));
-        Acc* l1 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI));
-        Acc* pl = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI));
-        i64* tab = reinterpret_cast<i64*>(carve(sizeof(i64) * 4 * BI));
-        Run* rs = reinterpret_cast<Run*>(carve(sizeof(Run) * KC));
-        const i64 o0 = ob * BO, bo = std::min(BO, pb.Og - o0);
-        const i64 j0 = ib * BI, bj = std::min(BI, pb.J - j0);
-        const i64 ldc = (bj + NR - 1) / NR * NR, rows = (bo + MR - 1) / MR * MR;
-        for (i64 j = 0; j < bj; ++j) {  // column j0 + j = c*Kp + tap, tap = (k0*K1 + k1)*K2 + k2
-            const i64 col = j0 + j, c = col / pb.Kp, tap = col % pb.Kp;
-            const i64 k2 = tap % pb.K[2], k1 = (tap / pb.K[2]) % pb.K[1], k0 = tap / (pb.K[2] * pb.K[1]);
-            tab[4 * j + 0] = (g * pb.Cg + c) * pb.sXc;
-            tab[4 * j + 1] = k0 * pb.dl[0] - pb.pd[0];
-            tab[4 * j + 2] = k1 * pb.dl[1] - pb.pd[1];
-            tab[4 * j + 3] = k2 * pb.dl[2] - pb.pd[2];
+    // Direct path (few output channels per group, e.g. depthwise): every (o, c, tap) entry of dW_n is a
+    // dot product over the output positions, taken run by run (vectorised along the last spatial dim
+    // for unit strides), then squared / |.|-ed into Og x J accumulators.
+    static void direct_item(const ConvProblem& pb, char* base, i64 g, i64 n0, i64 n1, i64 split) {
+        const i64 OJ = pb.Og * pb.J;
+        Acc* l0 = reinterpret_cast<Acc*>(base);
+        Acc* l1 = l0 + (OJ + 15) / 16 * 16;
+        std::fill(l0, l0 + OJ, Acc(0));
+        std::fill(l1, l1 + OJ, Acc(0));
+        const In* X = static_cast<const In*>(pb.X);
+        const In* G = static_cast<const In*>(pb.G);
+        const i64 sx2 = pb.st[2] * pb.sX[2], sg2 = pb.sG[2];
+        for (i64 n = n0; n < n1; ++n) {
+            const In* Xn = X + n * pb.sXn;
+            const In* Gn = G + n * pb.sGn;
+            for (i64 j = 0; j < pb.J; ++j) {
+                i64 tj[4];
+                column(pb, g, j, tj);
+                for (i64 o = 0; o < pb.Og; ++o) {
+                    const In* grow = Gn + (g * pb.Og + o) * pb.sGo;
+                    Acc s = 0;
+                    for (i64 l0i = 0; l0i < pb.L[0]; ++l0i)
+                        for (i64 l1i = 0; l1i < pb.L[1]; ++l1i) {
+                            const Run r{0, l0i, l1i, 0, pb.L[2]};
+                            i64 va, vb, i0, i1;
+                            valid_l2(pb, tj, r, va, vb, i0, i1);
+                            if (vb <= va) continue;
+                            const In* gp = grow + l0i * pb.sG[0] + l1i * pb.sG[1] + va * sg2;
+                            const In* xp = Xn + tj[0] + i0 * pb.sX[0] + i1 * pb.sX[1] + tj[3] * pb.sX[2] + va * sx2;
+                            s += dot_run<V, Acc, In>(gp, sg2, xp, sx2, vb - va);
+                        }
+                    l0[o * pb.J + j] += s * s;
+                    l1[o * pb.J + j] += std::fabs(s);
+                }
+            }
         }
-        std::fill(l0, l0 + rows * ldc, Acc(0));
-        std::fill(l1, l1 + rows * ldc, Acc(0));
-        if (pb.do_sq && pb.do_abs)
-            fused<EPI_SQABS>(pb, pg, pa, l0, l1, pl, tab, rs, g, o0, bo, bj, n0, n1);
-        else if (pb.do_sq)
-            fused<EPI_SQ>(pb, pg, pa, l0, l1, pl, tab, rs, g, o0, bo, bj, n0, n1);
-        else
-            fused<EPI_ABS>(pb, pg, pa, l0, l1, pl, tab, rs, g, o0, bo, bj, n0, n1);
-        const i64 row0 = g * pb.Og + o0;
-        if (pb.do_sq) flush<Acc>(pb, 0, split, row0, j0, l0, ldc, bo, bj);
-        if (pb.do_abs) flush<Acc>(pb, 1, split, row0, j0, l1, ldc, bo, bj);
+        if (pb.do_sq) flush<Acc>(pb, 0, split, g * pb.Og, 0, l0, pb.J, pb.Og, pb.J);
+        if (pb.do_abs) flush<Acc>(pb, 1, split, g * pb.Og, 0, l1, pb.J, pb.Og, pb.J);
+    }
+
+    // Work item w of the plan (see run()): direct (ob < 0) or GEMM.
+    static void item(const ConvProblem& pb, Scratch& scratch, size_t bytes, i64 g, i64 ob, i64 ib0, i64 ib1, i64 n0,
+                     i64 n1, i64 split) {
+        char* base = static_cast<char*>(scratch.get(bytes));
+        if (ob < 0) return direct_item(pb, base, g, n0, n1, split);
+        if (pb.do_sq && pb.do_abs) gemm_item<EPI_SQABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
+        else if (pb.do_sq) gemm_item<EPI_SQ>(pb, base, g, ob, ib0, ib1, n0, n1, split);
+        else gemm_item<EPI_ABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
     }
 };
 
-using ItemFn = void (*)(const ConvProblem&, Scratch&, i64, i64, i64, i64, i64, i64);
+using ItemFn = void (*)(const ConvProblem&, Scratch&, size_t, i64, i64, i64, i64, i64, i64, i64);
+using ScratchFn = size_t (*)(i64, i64);
 
-template <typename In>
-__attribute__((flatten)) void item_generic(const ConvProblem& pb, Scratch& s, i64 g, i64 ob, i64 ib, i64 n0, i64 n1,
-                                           i64 sp) {
-    using Acc = typename AccOf<In>::type;
-    Kernel<In, Acc, typename Vecs<Acc>::V16, 6, 2>::item(pb, s, g, ob, ib, n0, n1, sp);
-}
-template <typename In> size_t scratch_generic() {
-    using Acc = typename AccOf<In>::type;
-    return Kernel<In, Acc, typename Vecs<Acc>::V16, 6, 2>::scratch_bytes();
-}
+#define EWCF_PSC_ENTRY(NAME, TARGET, VEC, MR)                                                                   \
+    template <typename In>                                                                                     \
+    TARGET void NAME(const ConvProblem& pb, Scratch& s, size_t bytes, i64 g, i64 ob, i64 ib0, i64 ib1, i64 n0,  \
+                     i64 n1, i64 sp) {                                                                         \
+        using Acc = typename AccOf<In>::type;                                                                  \
+        Kernel<In, Acc, typename Vecs<Acc>::VEC, MR, 2>::item(pb, s, bytes, g, ob, ib0, ib1, n0, n1, sp);      \
+    }                                                                                                          \
+    template <typename In> size_t NAME##_scratch(i64 tpg, i64 direct) {                                        \
+        using Acc = typename AccOf<In>::type;                                                                  \
+        return Kernel<In, Acc, typename Vecs<Acc>::VEC, MR, 2>::scratch_bytes(tpg, direct);                    \
+    }
 
+EWCF_PSC_ENTRY(item_generic, __attribute__((flatten)), V16, 6)
 #ifdef EWCF_X86_MULTI
-template <typename In>
-__attribute__((target("avx2,fma,f16c"), flatten)) void item_avx2(const ConvProblem& pb, Scratch& s, i64 g, i64 ob,
-                                                                 i64 ib, i64 n0, i64 n1, i64 sp) {
-    using Acc = typename AccOf<In>::type;
-    Kernel<In, Acc, typename Vecs<Acc>::V32, 6, 2>::item(pb, s, g, ob, ib, n0, n1, sp);
-}
-template <typename In> size_t scratch_avx2() {
-    using Acc = typename AccOf<In>::type;
-    return Kernel<In, Acc, typename Vecs<Acc>::V32, 6, 2>::scratch_bytes();
-}
-template <typename In>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"), flatten)) void item_avx512(
-    const ConvProblem& pb, Scratch& s, i64 g, i64 ob, i64 ib, i64 n0, i64 n1, i64 sp) {
-    using Acc = typename AccOf<In>::type;
-    Kernel<In, Acc, typename Vecs<Acc>::V64, 12, 2>::item(pb, s, g, ob, ib, n0, n1, sp);
-}
-template <typename In> size_t scratch_avx512() {
-    using Acc = typename AccOf<In>::type;
-    return Kernel<In, Acc, typename Vecs<Acc>::V64, 12, 2>::scratch_bytes();
-}
+EWCF_PSC_ENTRY(item_avx2, __attribute__((target("avx2,fma,f16c"), flatten)), V32, 6)
+EWCF_PSC_ENTRY(item_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"), flatten)),
+               V64, 12)
 #endif
+#undef EWCF_PSC_ENTRY
 
 template <typename In>
-void pick(int isa, ItemFn& fn, size_t& scratch) {
+void pick(int isa, ItemFn& fn, ScratchFn& scratch) {
 #ifdef EWCF_X86_MULTI
-    if (isa == 2) { fn = &item_avx512<In>; scratch = scratch_avx512<In>(); return; }
-    if (isa == 1) { fn = &item_avx2<In>; scratch = scratch_avx2<In>(); return; }
+    if (isa == 2) { fn = &item_avx512<In>; scratch = &item_avx512_scratch<In>; return; }
+    if (isa == 1) { fn = &item_avx2<In>; scratch = &item_avx2_scratch<In>; return; }
 #endif
     (void)isa;
     fn = &item_generic<In>;
-    scratch = scratch_generic<In>();
+    scratch = &item_generic_scratch<In>;
 }
 
 template <typename Acc>
@@ -316,23 +447,36 @@ void reduce_slabs(const ConvProblem& pb, int nthreads) {
     }
 }
 
+// Groups with at most this many output channels take the direct path (depthwise convolutions).
+#ifndef EWCF_PSC_DIRECT_OG
+#define EWCF_PSC_DIRECT_OG 2
+#endif
+// Accumulator bytes (3 BO x BI tiles per column tile) an item of the GEMM path may hold.
+constexpr size_t kItemBudget = 768 * 1024;
+
 void run(ConvProblem& pb, int in_code, int nthreads) {
     if (pb.N <= 0 || pb.Lp <= 0 || pb.Og <= 0 || pb.J <= 0 || pb.groups <= 0) return;
     nthreads = std::max(1, nthreads);
     const int isa = chosen_isa();
     ItemFn fn = nullptr;
-    size_t scratch = 0;
+    ScratchFn scratch_fn = nullptr;
     switch (in_code) {
-        case F32: pick<float>(isa, fn, scratch); break;
-        case F64: pick<double>(isa, fn, scratch); break;
-        case BF16: pick<bf16>(isa, fn, scratch); break;
-        case F16: pick<f16>(isa, fn, scratch); break;
+        case F32: pick<float>(isa, fn, scratch_fn); break;
+        case F64: pick<double>(isa, fn, scratch_fn); break;
+        case BF16: pick<bf16>(isa, fn, scratch_fn); break;
+        case F16: pick<f16>(isa, fn, scratch_fn); break;
         default: throw std::invalid_argument("persample_conv_sq: unsupported input dtype code");
     }
     const bool acc64 = in_code == F64;
     const i64 BO = EWCF_PSC_BO, BI = EWCF_PSC_BI;
-    const i64 nob = (pb.Og + BO - 1) / BO, nib = (pb.J + BI - 1) / BI, per_group = nob * nib;
+    const bool direct = pb.Og <= EWCF_PSC_DIRECT_OG;
+    const i64 nob = (pb.Og + BO - 1) / BO, nib = (pb.J + BI - 1) / BI;
+    const i64 tile_bytes = 3 * BO * BI * i64(acc64 ? sizeof(double) : sizeof(float));
+    const i64 tpg = direct ? 1 : std::max<i64>(1, std::min<i64>(nib, i64(kItemBudget) / tile_bytes));
+    const i64 ngrp = (nib + tpg - 1) / tpg;
+    const i64 per_group = direct ? 1 : nob * ngrp;
     const i64 tiles = pb.groups * per_group;
+    const size_t scratch = scratch_fn(tpg, direct ? pb.Og * pb.J : 0);
     const i64 want = 4 * i64(nthreads);
     pb.splits = (nthreads == 1 || tiles >= want) ? 1 : std::min(pb.N, (want + tiles - 1) / tiles);
     void* slabs = nullptr;
@@ -362,9 +506,13 @@ void run(ConvProblem& pb, int in_code, int nthreads) {
             if (stop) continue;
             const i64 sp = w / tiles, tile = w % tiles;
             const i64 g = tile / per_group, rest = tile % per_group;
-            const i64 ob = rest / nib, ib = rest % nib;
             const i64 n0 = pb.N * sp / pb.splits, n1 = pb.N * (sp + 1) / pb.splits;
-            fn(pb, s, g, ob, ib, n0, n1, sp);
+            if (direct) {
+                fn(pb, s, scratch, g, -1, 0, 0, n0, n1, sp);
+            } else {
+                const i64 ob = rest / ngrp, grp = rest % ngrp;
+                fn(pb, s, scratch, g, ob, grp * tpg, std::min(nib, (grp + 1) * tpg), n0, n1, sp);
+            }
         }
     }
     if (!failed && pb.splits > 1) {

@@ -8,6 +8,9 @@
   case builder and name) and the engine's result on it.
 * :func:`load_example` -- a script of ``examples/`` as a module (the suite runs the examples).
 * :func:`spawn_gloo` -- run a worker on N local processes that join a gloo process group.
+* :func:`frozen` / :func:`assert_unchanged` -- a bit-exact snapshot of everything reachable from some
+  objects (tensors, counters, settings, nested lists/dicts and object attributes) and the check that
+  nothing in it changed (the "state exactly as before" guarantee of a refused call).
 * :data:`DEVICES` / :func:`device_params` / :func:`cuda_marks` / :func:`on_device` -- the device
   parametrisation: ``"cpu"`` always, ``"cuda"`` (marked ``cuda``, skipped at once without a CUDA device
   or, for Triton, while ``TRITON_INTERPRET=1``) -- and copies that keep a tensor's strides. The fixture
@@ -336,3 +339,51 @@ def _gloo_entry(rank, worker, world, port, path):
         worker(rank, world, path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _freeze(obj, seen):
+    """Bit-exact, comparable copy of ``obj``: tensors as (dtype, shape, strides, version, bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        raw = t.contiguous().reshape(-1).view(torch.uint8).clone() if t.numel() else b""
+        return ("tensor", t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device), raw)
+    if isinstance(obj, (int, float, str, bool, type(None), torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_freeze(v, seen) for v in obj])
+    if isinstance(obj, dict):
+        return ("dict", [(repr(k), _freeze(v, seen)) for k, v in obj.items()])
+    if isinstance(obj, set):
+        return ("set", sorted(map(repr, obj)))
+    if isinstance(obj, nn.Module):
+        return ("module", [(n, _freeze(p, seen), _freeze(p.grad, seen)) for n, p in obj.named_parameters()])
+    if id(obj) in seen or not hasattr(obj, "__dict__"):
+        return ("opaque", type(obj).__name__)
+    seen.add(id(obj))
+    return ("object", type(obj).__name__, [(k, _freeze(v, seen)) for k, v in sorted(vars(obj).items())])
+
+
+def frozen(*objs):
+    """Snapshot of ``objs`` for :func:`assert_unchanged`: every tensor's bytes, dtype, shape and strides
+    (a module: its parameters and their ``.grad``), every counter and setting, recursively through
+    lists, dicts and object attributes (optimizer hook handles and the like compare by type)."""
+    return [_freeze(o, set()) for o in objs]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        if not (isinstance(b, tuple) and b and b[0] == "tensor" and a[:5] == b[:5]):
+            return False
+        return (a[5] == b[5]) if isinstance(a[5], bytes) else torch.equal(a[5], b[5])
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN settings compare equal to themselves
+
+
+def assert_unchanged(before, *objs):
+    """Everything :func:`frozen` captured in ``before`` is bit-identical now."""
+    after = frozen(*objs)
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert _same(a, b), f"state of argument #{i} ({type(objs[i]).__name__}) changed"

@@ -72,6 +72,9 @@ class NNGeometry(Contender):
                 f"parameters outside nngeometry's layers: {', '.join(missing[:4])}"
                 + (" ..." if len(missing) > 4 else "")
             )
+        grouped = [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+        if grouped:  # its Conv2d layer ignores `groups` and returns a (C_out, C_in, k, k) diagonal
+            raise Unsupported(f"grouped / depthwise convolution {grouped[0]}: nngeometry's conv layer ignores groups")
         _refuse_linear_on_sequences(model, batches[0][0][:1])
         loader = _PrebatchedLoader(batches)
         model.eval()

@@ -143,7 +143,8 @@ def oracle_source() -> str:
 
 def relative_error(result: dict[str, Tensor], oracle: dict[str, Tensor]) -> tuple[float, list[str]]:
     """``||result - oracle|| / ||oracle||`` over all parameters (float64), and the names missing
-    from ``result`` (counted as zeros)."""
+    from ``result`` (counted as zeros). A result of the wrong size (a peer that ignores a layer's
+    ``groups``, say) makes the error infinite and is listed with its shape."""
     num = torch.zeros((), dtype=torch.float64)
     den = torch.zeros((), dtype=torch.float64)
     missing = []
@@ -153,6 +154,10 @@ def relative_error(result: dict[str, Tensor], oracle: dict[str, Tensor]) -> tupl
         if got is None:
             missing.append(name)
             got = torch.zeros_like(ref)
+        elif got.numel() != ref.numel():
+            missing.append(f"{name} (wrong shape {tuple(got.shape)}, expected {tuple(ref.shape)})")
+            num += float("inf")
+            continue
         else:
             got = got.detach().to("cpu", torch.float64).reshape(ref.shape)
         num += (got - ref).pow(2).sum()

@@ -17,7 +17,7 @@ from ..ops._validate import PARAM_DTYPES, STATE_DTYPES
 from ..ops.backends import BACKENDS
 from ._shard import check_layout, like_param, local, reduce_flags
 
-__all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend"]
+__all__ = ["trainable_params", "check_importance", "check_state_dtype", "check_backend", "check_sum_fits"]
 
 
 def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -113,3 +113,41 @@ def check_importance(owner: str, model: nn.Module, importance) -> tuple[list[str
         if bad:
             raise ValueError(f"{owner}: parameter {name!r} holds NaN/Inf; refusing to anchor at it")
     return names, params, tensors
+
+
+def check_sum_fits(
+    owner: str, names: list[str], state: list[Tensor], added: list[Tensor], params: list[Tensor], gamma: float = 1.0
+) -> None:
+    """Refuse a merge ``gamma*state + added`` (formed in fp64) that overflows the state's dtype or the
+    arithmetic dtype of its parameter (fp64 for fp64 parameters, else fp32: the penalty and WVA
+    kernels compute in it, and ``inf * 0`` at the anchor would be NaN). One fp64 pass and one host
+    synchronisation; ``ValueError`` naming the parameter and the fixes. Nothing is changed."""
+    if not state:
+        return
+    peaks = [
+        (gamma * local(s).to(torch.float64) + local(a).to(torch.float64)).abs().amax()
+        if local(s).numel()
+        else torch.zeros((), dtype=torch.float64, device=local(s).device)
+        for s, a in zip(state, added)
+    ]
+    values = torch.stack([v.to(peaks[0].device) for v in peaks]).tolist()
+    limits = [
+        (torch.finfo(torch.float64 if p.dtype == torch.float64 else torch.float32).max, torch.finfo(s.dtype).max)
+        for s, p in zip(state, params)
+    ]
+    # sharded state: each rank checked its shards; all ranks agree before any state changes
+    flags = reduce_flags([not (v <= min(limit)) for v, limit in zip(values, limits)], params)
+    for name, v, flag, s, p in zip(names, values, flags, state, params):
+        if not flag:
+            continue
+        arith = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if not v <= torch.finfo(arith).max:
+            what, why = arith, f"the kernels' arithmetic for {p.dtype} parameters"
+        else:
+            what, why = s.dtype, f"the state dtype {s.dtype}"
+        raise ValueError(
+            f"{owner}: the accumulated importance of {name!r} reaches {v:.3e}, which overflows "
+            f"{str(what).replace('torch.', '')}, {why}; nothing was changed. Rescale the importances (e.g. "
+            "normalise them and scale lam up accordingly), or use float64 parameters with "
+            "state_dtype=torch.float64"
+        )

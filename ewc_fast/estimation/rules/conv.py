@@ -21,6 +21,8 @@ that tap (zero padding contributes 0); bias mean_n sum over positions of |act(y)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,7 +90,7 @@ class ConvRule(Rule):
         positions = 1
         for s in out.shape[2:]:
             positions *= s
-        return chunk_rows(n, positions * module.weight[0].numel() * module.groups * out.element_size())
+        return chunk_rows(n, positions * math.prod(module.weight.shape[1:]) * module.groups * out.element_size())
 
     def _ga(self, module, calls, grads, lo, hi, n):
         """Per call with a gradient: (G (c, L, O), A (c, L, C*K)) for samples lo:hi."""
@@ -101,7 +103,7 @@ class ConvRule(Rule):
     def _groups(self, module):
         G = module.groups
         og = module.out_channels // G
-        cg = module.weight[0].numel()
+        cg = math.prod(module.weight.shape[1:])
         return G, og, cg
 
     def per_sample(self, module, calls, grads, names, lo, hi, n):
