@@ -8,8 +8,8 @@ forward+backward over the same data, measured in the same process):
   empirical Fisher within its tolerance; extra peak memory beyond the plain row's <= 2 parameter copies.
 * CNN: Fisher >= 3x faster than BackPACK and than Opacus.
 * Hugging Face models (``hf-*``): Fisher <= 1.2x and Fisher+MAS <= 1.9x plain; Fisher >= 1.5x faster
-  than the batch-1 loop; no parameter on the torch.func fallback (``meta["fallback"]`` empty on every
-  ewc_fast row).
+  than the batch-1 loop (ratio of the two rows' ``x plain``); no parameter on the torch.func fallback
+  (``meta["fallback"]`` empty on every ewc_fast row).
 
 A target is ``met``, ``not met`` or ``n/a`` (no ewc_fast result, or no peer result to compare with).
 """
@@ -26,7 +26,8 @@ TARGETS_DOC = """\
 * CNN: Fisher >= 3x faster than BackPACK and than Opacus."""
 HF_TARGETS_DOC = """\
 * Hugging Face models: Fisher <= 1.2x and Fisher+MAS <= 1.9x plain; Fisher >= 1.5x faster than the
-  batch-1 loop (per-sample-loop); no parameter on the torch.func fallback (meta["fallback"] empty)."""
+  batch-1 loop (per-sample-loop; the ratio of the two rows' `x plain`, each against its own interleaved
+  plain runs); no parameter on the torch.func fallback (meta["fallback"] empty)."""
 
 NO_RESULT = "ewc_fast did not produce a result"
 
@@ -135,7 +136,7 @@ def evaluate_targets(report: dict) -> list[dict]:
             else:
                 add(wname, tgt, None, None, NO_RESULT if not ef else "memory not measured (in-process run)")
         elif kind == "hf":
-            hf_targets(wname, rows, ef, add, ratio_to_plain, speedup_over)
+            hf_targets(wname, rows, ef, add, ratio_to_plain)
         elif kind == "cnn":
             for peer in ("backpack", "opacus"):
                 pr = ok_rows(rows, peer)
@@ -150,20 +151,20 @@ def evaluate_targets(report: dict) -> list[dict]:
     return out
 
 
-def hf_targets(wname, rows, ef, add, ratio_to_plain, speedup_over) -> None:
+def hf_targets(wname, rows, ef, add, ratio_to_plain) -> None:
     """The Hugging Face workloads' targets (module doc)."""
     ratio_to_plain(wname, "Fisher <= 1.2x plain fwd+bwd", ef, 1.2)
     ratio_to_plain(wname, "Fisher+MAS <= 1.9x plain fwd+bwd", best_ewc_fast(rows, "fisher+mas"), 1.9)
-    loop = ok_rows(rows, "per-sample-loop")
-    speedup_over(
-        wname,
-        ">= 1.5x faster than the batch-1 loop",
-        ef,
-        loop[0] if loop else None,
-        1.5,
-        "the batch-1 loop gave no result",
-        value="{sp:.2f}x faster",
-    )
+    # speed-up from the two rows' x-plain ratios (each against the plain runs interleaved in its own
+    # process): on a shared machine the load differs between the rows' processes, not within one
+    loop = ok_rows(rows, "per-sample-loop", pred=lambda r: r.get("ratio_to_plain") is not None)
+    tgt = ">= 1.5x faster than the batch-1 loop"
+    if ef and loop and ef.get("ratio_to_plain"):
+        sp = loop[0]["ratio_to_plain"] / ef["ratio_to_plain"]
+        how = f"x plain {loop[0]['ratio_to_plain']:.2f} / {ef['ratio_to_plain']:.2f}"
+        add(wname, tgt, f"{sp:.2f}x faster ({how})", sp >= 1.5, ef["contender"])
+    else:
+        add(wname, tgt, None, None, NO_RESULT if not ef else "the batch-1 loop gave no result")
     ours = [r for r in rows if r["kind"] == "ewc_fast" and r["status"] == "ok" and "fallback" in r]
     fb = sorted({k for r in ours for k in r["fallback"]})
     add(
