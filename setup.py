@@ -8,13 +8,21 @@ The extension needs no torch headers: the Python side validates tensors and pass
 import os
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+
+# EWC_FAST_BUILD_JOBS=N compiles the csrc/ files in N threads (scripts/gpu_check.sh uses the card
+# machine's cores); default 1, the plain serial build.
+ParallelCompile("EWC_FAST_BUILD_JOBS", default=1).install()
 
 extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]  # lets gcc vectorise the selects
 extra_link = ["-fopenmp"]
 if os.environ.get("EWC_FAST_NATIVE", "0") == "1":  # opt-in: tune for the build machine
     extra_compile.append("-march=native")
+if os.environ.get("EWC_FAST_SANITIZE", "0") == "1":  # scripts/sanitize.sh: ASan + UBSan build of the extension
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    extra_compile = [f for f in extra_compile if f != "-O3"] + ["-O1", *san]
+    extra_link = extra_link + san
 if sys.platform == "darwin":  # Apple clang needs libomp; keep the build working without it
     extra_compile = ["-O3", "-std=c++17"]
     extra_link = []

@@ -179,6 +179,9 @@ class Workload:
     sequence: bool = False
     has_mha: bool = False
     seed: int = 0
+    # the float64 oracle: "func" (torch.func vmap(grad)), or "loop" (a per-sample loop of plain
+    # autograd, for models whose forward cannot run under vmap: the Hugging Face workloads)
+    oracle: str = "func"
     notes: list[str] = field(default_factory=list)
 
     loss_per_sample = staticmethod(per_sample_cross_entropy)
@@ -343,7 +346,13 @@ _FACTORIES: dict[str, Callable[[str], Workload]] = {
 from .workloads_cnn import FACTORIES as _CNN_FACTORIES  # noqa: E402
 
 _FACTORIES.update(_CNN_FACTORIES)
-WORKLOADS = tuple(_FACTORIES)
+WORKLOADS = tuple(_FACTORIES)  # the default run
+
+# Hugging Face workloads (benchmarks/workloads_hf.py, need transformers): registered, run when named
+from .workloads_hf import HF_FACTORIES, HF_WORKLOADS  # noqa: E402
+
+_FACTORIES.update(HF_FACTORIES)
+ALL_WORKLOADS = WORKLOADS + HF_WORKLOADS
 
 
 def get_workload(name: str, size: str = "full") -> Workload:
@@ -352,7 +361,7 @@ def get_workload(name: str, size: str = "full") -> Workload:
     try:
         return _FACTORIES[name](size)
     except KeyError:
-        raise ValueError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)}") from None
+        raise ValueError(f"unknown workload {name!r}; valid: {', '.join(ALL_WORKLOADS)}") from None
 
 
 def all_workloads(size: str = "full") -> list[Workload]:

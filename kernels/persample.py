@@ -24,8 +24,11 @@ and sum_n |P_n| = |G|^T |A| exactly, so the same kernel (``GEMM=True``) runs tho
 the samples as the reduction dimension, squaring / taking |.| of the tiles in registers (fp32).
 
 Numerics: fp32 inputs use ``input_precision="ieee"`` (full fp32 FMA; the default would be tf32 on
-NVIDIA GPUs, ~3e-4 relative error, whereas this op promises fp32 accuracy). bf16 / fp16 inputs are
-loaded natively and multiplied on the tensor cores with fp32 accumulation (products of 16-bit
+NVIDIA GPUs, ~3e-4 relative error, whereas this op promises fp32 accuracy). ``launch(...,
+precision="tf32")`` opts into tf32 tensor cores for fp32 inputs (10-bit mantissa inputs, fp32
+accumulation: ~1e-3 relative per entry); the public op never does, the GPU benchmark compares it
+with a tf32 cuBLAS GEMM. Under the interpreter, ``tl.dot`` multiplies in fp32 whatever the precision.
+bf16 / fp16 inputs are loaded natively and multiplied on the tensor cores with fp32 accumulation (products of 16-bit
 floats are exact in fp32). In GEMM mode the squared / absolute 16-bit inputs are formed in fp32 and
 multiplied with ``ieee`` precision (a square has twice the mantissa bits of its input, so rounding
 it back to 16 bits would not be exact). fp64 inputs accumulate in fp64. Under the interpreter only,
@@ -186,7 +189,7 @@ def _flush(ptrs, acc, mask, n_splits, WIDE: tl.constexpr):
 # ptxas register reports for sm_90 (AOT-compiled, no spills with both outputs): the kernel keeps
 # three BLOCK_O x BLOCK_I fp32 tiles in registers (P, sum P^2, sum |P|), so 128 x 128 tiles fit only
 # with a single output; fp64 tiles take twice the registers.
-_CONFIGS = {
+CUDA_CONFIGS = {
     "fused16": [
         (64, 128, 32, 8, 3),
         (128, 64, 32, 8, 3),
@@ -203,7 +206,7 @@ _CONFIGS = {
 
 
 def _cuda_configs():
-    seen = sorted({c for cfgs in _CONFIGS.values() for c in cfgs})
+    seen = sorted({c for cfgs in CUDA_CONFIGS.values() for c in cfgs})
     return [
         triton.Config({"BLOCK_O": bo, "BLOCK_I": bi, "BLOCK_T": bt}, num_warps=w, num_stages=st)
         for bo, bi, bt, w, st in seen
@@ -219,7 +222,7 @@ def _prune(configs, named_args, **kwargs):
         kind = "gemm64" if acc64 else "gemm"
     else:
         kind = "fused64" if acc64 else ("fused32" if G.dtype == torch.float32 else "fused16")
-    allowed = set(_CONFIGS[kind])
+    allowed = set(CUDA_CONFIGS[kind])
     two_outputs = bool(kwargs.get("DO_SQ", True)) and bool(kwargs.get("DO_ABS", True))
     keep = []
     for c in configs:
@@ -232,7 +235,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         keep.append(c)
     if not keep:  # tiny O / I: the smallest config of the kind
-        small = min(_CONFIGS[kind], key=lambda c: c[0] * c[1])
+        small = min(CUDA_CONFIGS[kind], key=lambda c: c[0] * c[1])
         keep = [
             c
             for c in configs
@@ -246,7 +249,7 @@ if triton_interpreter():
 else:  # pragma: no cover - needs a CUDA device
     _kernel = triton.autotune(
         configs=_cuda_configs(),
-        key=["O", "I", "key_n", "key_t", "DO_SQ", "DO_ABS", "GEMM"],
+        key=["O", "I", "key_n", "key_t", "DO_SQ", "DO_ABS", "GEMM", "PREC"],
         prune_configs_by={"early_config_prune": _prune},
         restore_value=["SQ", "AB"],
     )(_persample_kernel)
@@ -268,8 +271,23 @@ def _target_programs(device: torch.device) -> int:
     return 4  # interpreter: a few programs (exercises the split / atomic path on small problems)
 
 
-def launch(sq_out, abs_out, G, A, *, splits: int | None = None) -> None:
-    """Launch the kernel; ``splits`` (sample splits) defaults to a heuristic filling the GPU."""
+PRECISIONS = ("ieee", "tf32")
+
+
+def launch(
+    sq_out, abs_out, G, A, *, splits: int | None = None, precision: str = "ieee", config: tuple | None = None
+) -> None:
+    """Launch the kernel; ``splits`` (sample splits) defaults to a heuristic filling the GPU.
+
+    ``precision``: ``"ieee"`` (default: full fp32 products) or ``"tf32"`` (fp32 inputs rounded to
+    tf32 on the tensor cores); it only changes fp32 inputs (16-bit inputs always use the tensor
+    cores exactly, fp64 inputs fp64). ``config``: ``(BLOCK_O, BLOCK_I, BLOCK_T, num_warps,
+    num_stages)`` to launch exactly that configuration instead of the autotuned / interpreter one
+    (tests run every CUDA configuration on the edges of its tiles; warps and stages are ignored by
+    the interpreter).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
     N, T, O = G.shape
     I = A.shape[2]
     if N == 0 or T == 0 or O == 0 or I == 0:
@@ -282,6 +300,8 @@ def launch(sq_out, abs_out, G, A, *, splits: int | None = None) -> None:
     # bf16 under the interpreter: numpy has no bf16 matmul, so the fused path upcasts tiles to fp32
     upcast = triton_interpreter() and G.dtype == torch.bfloat16 and T > 1
     prec = "ieee" if G.dtype == torch.float32 or (T == 1 and not acc64) or upcast else None
+    if precision == "tf32" and G.dtype == torch.float32 and not triton_interpreter():
+        prec = "tf32"
     gemm = T == 1
     device = G.device
     target = _target_programs(device)
@@ -309,10 +329,17 @@ def launch(sq_out, abs_out, G, A, *, splits: int | None = None) -> None:
         UPCAST=upcast,
         IDX64=_needs_idx64(G, A, sq, ab),
     )
-    if triton_interpreter():
+    kernel = _kernel
+    if config is not None:
+        kernel = _persample_kernel
+        bo, bi, bt, warps, stages = config
+        kwargs.update(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt)
+        if not triton_interpreter():
+            kwargs.update(num_warps=warps, num_stages=stages)
+    elif triton_interpreter():
         kwargs.update(INTERPRETER_CONFIG)
     with device_guard(device):
-        _kernel[grid](
+        kernel[grid](
             G,
             A,
             sq,

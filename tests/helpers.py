@@ -8,10 +8,19 @@
   case builder and name) and the engine's result on it.
 * :func:`load_example` -- a script of ``examples/`` as a module (the suite runs the examples).
 * :func:`spawn_gloo` -- run a worker on N local processes that join a gloo process group.
+* :func:`frozen` / :func:`assert_unchanged` -- a bit-exact snapshot of everything reachable from some
+  objects (tensors, counters, settings, nested lists/dicts and object attributes) and the check that
+  nothing in it changed (the "state exactly as before" guarantee of a refused call).
+* :data:`DEVICES` / :func:`device_params` / :func:`cuda_marks` / :func:`on_device` -- the device
+  parametrisation: ``"cpu"`` always, ``"cuda"`` (marked ``cuda``, skipped at once without a CUDA device
+  or, for Triton, while ``TRITON_INTERPRET=1``) -- and copies that keep a tensor's strides. The fixture
+  ``cuda_strict`` (tests/conftest.py) turns TF32 off for a test.
 """
 
 import importlib.util
+import os
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,13 +40,76 @@ TRITON = (
 )
 
 
+# --------------------------------------------------------------------------------------- devices
+#: a CUDA device is present (the ``cuda`` parameters run; elsewhere they are skipped at collection speed)
+CUDA = torch.cuda.is_available()
+#: Triton runs in its CPU interpreter in this process (tests/conftest.py sets it unless the caller did)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+#: why Triton cannot be proven on the card in this process (None: it can)
+TRITON_ON_CUDA_SKIP = (
+    NO_CUDA
+    if not CUDA
+    else (
+        "TRITON_INTERPRET=1: Triton would run in the CPU interpreter, not on the card; "
+        "run the cuda tests with TRITON_INTERPRET=0 (scripts/gpu_check.sh does)"
+        if INTERPRET
+        else None
+    )
+)
+
+
+def cuda_marks(triton: bool = False) -> list:
+    """Marks of a CUDA parameter: ``cuda``, and a skip without a card (or, for Triton, under the interpreter)."""
+    reason = TRITON_ON_CUDA_SKIP if triton else (None if CUDA else NO_CUDA)
+    return [pytest.mark.cuda, pytest.mark.skipif(reason is not None, reason=reason or "")]
+
+
+def device_params(triton: bool = False) -> list:
+    """``[pytest.param("cpu"), pytest.param("cuda", marks=cuda_marks(triton))]`` for ``parametrize``."""
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=cuda_marks(triton))]
+
+
+#: ``@pytest.mark.parametrize("device", DEVICES)``: cpu always, cuda marked ``cuda`` (skipped without one)
+DEVICES = device_params()
+
+
+def same_layout(t: torch.Tensor, device, *, force: bool = False) -> torch.Tensor:
+    """A copy of ``t`` on ``device`` with the same shape and strides (a strided view into a fresh
+    buffer; stride-0 (expanded) dimensions stay stride 0). ``t`` itself when it is already there,
+    unless ``force``."""
+    device = torch.device(device)
+    if t.device == device and not force:
+        return t
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+    out = torch.empty(span, dtype=t.dtype, device=device).as_strided(t.shape, t.stride())
+    # write through the non-overlapping part: one index along every stride-0 dimension
+    idx = tuple(slice(0, 1) if (s == 0 and n > 1) else slice(None) for n, s in zip(t.shape, t.stride()))
+    if t.numel():
+        out[idx].copy_(t[idx])
+    return out
+
+
+def on_device(x, device):
+    """``x`` (a tensor, or a list / tuple / dict of them, nested) moved to ``device`` with the same strides."""
+    if isinstance(x, torch.Tensor):
+        return same_layout(x, device)
+    if isinstance(x, dict):
+        return {k: on_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(on_device(v, device) for v in x)
+    return x
+
+
 def assert_close(res, ref, tol=TOL, what=""):
-    """``res`` (fp32 tensors) equals ``ref`` (float64) within relative error ``tol`` per entry; NaN fails."""
+    """``res`` (fp32 tensors, any device) equals ``ref`` (float64) within relative error ``tol`` per
+    entry; NaN fails."""
     assert set(res) == set(ref), (what, sorted(set(res) ^ set(ref)))
     for k, b in ref.items():
         a = res[k]
         assert a.shape == b.shape and a.dtype == torch.float32, (what, k)
-        a = a.double()
+        a = a.to("cpu", torch.float64)
+        b = b.to("cpu", torch.float64)
         assert bool(torch.isfinite(a).all()), (what, k, "non-finite")
         denom = float(b.norm())
         err = float((a - b).norm()) / denom if denom > 0 else float(a.norm())
@@ -84,9 +156,12 @@ def cached_reference(make, name):
     return _REF[make, name]
 
 
-def run_case(make, name, backend, **kw):
-    """``estimate_importance`` on case ``name`` built by ``make`` with the oracle's seed; ``(result, methods)``."""
+def run_case(make, name, backend, device="cpu", **kw):
+    """``estimate_importance`` on case ``name`` built by ``make`` with the oracle's seed, model and data
+    on ``device``; ``(result, methods)``."""
     model, data, methods = make(name)
+    if torch.device(device).type != "cpu":
+        model, data = model.to(device), on_device(data, device)
     res = ewc_fast.estimate_importance(
         model,
         data,
@@ -264,3 +339,51 @@ def _gloo_entry(rank, worker, world, port, path):
         worker(rank, world, path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _freeze(obj, seen):
+    """Bit-exact, comparable copy of ``obj``: tensors as (dtype, shape, strides, version, bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        raw = t.contiguous().reshape(-1).view(torch.uint8).clone() if t.numel() else b""
+        return ("tensor", t.dtype, tuple(t.shape), tuple(t.stride()), str(t.device), raw)
+    if isinstance(obj, (int, float, str, bool, type(None), torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_freeze(v, seen) for v in obj])
+    if isinstance(obj, dict):
+        return ("dict", [(repr(k), _freeze(v, seen)) for k, v in obj.items()])
+    if isinstance(obj, set):
+        return ("set", sorted(map(repr, obj)))
+    if isinstance(obj, nn.Module):
+        return ("module", [(n, _freeze(p, seen), _freeze(p.grad, seen)) for n, p in obj.named_parameters()])
+    if id(obj) in seen or not hasattr(obj, "__dict__"):
+        return ("opaque", type(obj).__name__)
+    seen.add(id(obj))
+    return ("object", type(obj).__name__, [(k, _freeze(v, seen)) for k, v in sorted(vars(obj).items())])
+
+
+def frozen(*objs):
+    """Snapshot of ``objs`` for :func:`assert_unchanged`: every tensor's bytes, dtype, shape and strides
+    (a module: its parameters and their ``.grad``), every counter and setting, recursively through
+    lists, dicts and object attributes (optimizer hook handles and the like compare by type)."""
+    return [_freeze(o, set()) for o in objs]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        if not (isinstance(b, tuple) and b and b[0] == "tensor" and a[:5] == b[:5]):
+            return False
+        return (a[5] == b[5]) if isinstance(a[5], bytes) else torch.equal(a[5], b[5])
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)  # NaN settings compare equal to themselves
+
+
+def assert_unchanged(before, *objs):
+    """Everything :func:`frozen` captured in ``before`` is bit-identical now."""
+    after = frozen(*objs)
+    for i, (a, b) in enumerate(zip(before, after)):
+        assert _same(a, b), f"state of argument #{i} ({type(objs[i]).__name__}) changed"

@@ -19,7 +19,7 @@ import torch
 from ewc_fast.experiments.records import write_json
 
 from ..contenders import all_contenders
-from ..workloads import SIZES, WORKLOADS
+from ..workloads import ALL_WORKLOADS, HF_WORKLOADS, SIZES
 from .consolidation import PARTS
 from .isolation import REPO_ROOT, child_main
 from .measure import TASKS
@@ -35,7 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m benchmarks.compare`` argument parser."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=DESCRIPTION)
     ap.add_argument("--size", choices=SIZES, default="full")
-    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=None)
+    ap.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=ALL_WORKLOADS + ("hf",),
+        default=None,
+        help="default: the non-Hugging-Face workloads; 'hf': every Hugging Face workload ("
+        + ", ".join(HF_WORKLOADS)
+        + ")",
+    )
     ap.add_argument(
         "--contenders",
         nargs="+",
@@ -104,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         def checkpoint(rep):
             write_json(jpath, dict(rep, meta=dict(rep["meta"], command=command)))
 
+        workloads = args.workloads
+        if workloads and "hf" in workloads:
+            workloads = [w for w in workloads if w != "hf"] + [w for w in HF_WORKLOADS if w not in workloads]
         report = run_suite(
             args.size,
-            args.workloads,
+            workloads,
             args.contenders,
             tuple(args.tasks),
             repeats=args.repeats,

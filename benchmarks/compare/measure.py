@@ -247,6 +247,7 @@ def _measure_row(spec: dict) -> dict:
         row.update(status=kind, message=f"{type(exc).__name__}: {text}{where}")
         row.pop("peak_extra_bytes", None)
     row["notes"] += contender.notes()
+    row.update(contender.row_extras())
     run = plain = None
     if measure_memory:
         gc.collect()

@@ -10,7 +10,7 @@ the consolidation tables and the appended analysis.
 from __future__ import annotations
 
 from ..contenders import FISHER, FISHER_EXACT, MAS, oracle_source
-from .targets import TARGETS_DOC
+from .targets import HF_TARGETS_DOC, TARGETS_DOC
 
 ERROR_TAGS = {FISHER: "F", MAS: "MAS", FISHER_EXACT: "F_exact"}
 
@@ -197,7 +197,9 @@ def format_markdown(report: dict) -> str:
             "",
         ]
     L += _header(report)
-    L += ["", "## Targets", "", TARGETS_DOC, ""]
+    kinds = {w.get("kind") for w in report["workloads"].values()}
+    docs = ([TARGETS_DOC] if kinds - {"hf"} or not kinds else []) + ([HF_TARGETS_DOC] if "hf" in kinds else [])
+    L += ["", "## Targets", "", "\n".join(docs), ""]
     L.append("| workload | target | value | status | ewc_fast row / reason |")
     L.append("|---|---|---|---|---|")
     for t in report["targets"]:

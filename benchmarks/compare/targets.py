@@ -7,6 +7,9 @@ forward+backward over the same data, measured in the same process):
 * Transformer: Fisher <= 2x plain; >= 3x faster than the fastest peer that gives the exact
   empirical Fisher within its tolerance; extra peak memory beyond the plain row's <= 2 parameter copies.
 * CNN: Fisher >= 3x faster than BackPACK and than Opacus.
+* Hugging Face models (``hf-*``): Fisher <= 1.2x and Fisher+MAS <= 1.9x plain; Fisher >= 1.5x faster
+  than the batch-1 loop; no parameter on the torch.func fallback (``meta["fallback"]`` empty on every
+  ewc_fast row).
 
 A target is ``met``, ``not met`` or ``n/a`` (no ewc_fast result, or no peer result to compare with).
 """
@@ -21,6 +24,9 @@ TARGETS_DOC = """\
   extra peak memory <= 2 parameter copies (beyond what the plain forward+backward row needs: activations
   and one gradient copy are the unit's, not the method's).
 * CNN: Fisher >= 3x faster than BackPACK and than Opacus."""
+HF_TARGETS_DOC = """\
+* Hugging Face models: Fisher <= 1.2x and Fisher+MAS <= 1.9x plain; Fisher >= 1.5x faster than the
+  batch-1 loop (per-sample-loop); no parameter on the torch.func fallback (meta["fallback"] empty)."""
 
 NO_RESULT = "ewc_fast did not produce a result"
 
@@ -128,6 +134,8 @@ def evaluate_targets(report: dict) -> list[dict]:
                 )
             else:
                 add(wname, tgt, None, None, NO_RESULT if not ef else "memory not measured (in-process run)")
+        elif kind == "hf":
+            hf_targets(wname, rows, ef, add, ratio_to_plain, speedup_over)
         elif kind == "cnn":
             for peer in ("backpack", "opacus"):
                 pr = ok_rows(rows, peer)
@@ -140,3 +148,32 @@ def evaluate_targets(report: dict) -> list[dict]:
                     why_none=f"{peer} gave no result",
                 )
     return out
+
+
+def hf_targets(wname, rows, ef, add, ratio_to_plain, speedup_over) -> None:
+    """The Hugging Face workloads' targets (module doc)."""
+    ratio_to_plain(wname, "Fisher <= 1.2x plain fwd+bwd", ef, 1.2)
+    ratio_to_plain(wname, "Fisher+MAS <= 1.9x plain fwd+bwd", best_ewc_fast(rows, "fisher+mas"), 1.9)
+    loop = ok_rows(rows, "per-sample-loop")
+    speedup_over(
+        wname,
+        ">= 1.5x faster than the batch-1 loop",
+        ef,
+        loop[0] if loop else None,
+        1.5,
+        "the batch-1 loop gave no result",
+        value="{sp:.2f}x faster",
+    )
+    ours = [r for r in rows if r["kind"] == "ewc_fast" and r["status"] == "ok" and "fallback" in r]
+    fb = sorted({k for r in ours for k in r["fallback"]})
+    add(
+        wname,
+        "no parameter on the torch.func fallback",
+        (f"{len(fb)} parameter(s): {', '.join(fb[:3])}" + (" ..." if len(fb) > 3 else ""))
+        if fb
+        else "none"
+        if ours
+        else None,
+        (not fb) if ours else None,
+        ", ".join(sorted({r["contender"] for r in ours})) if ours else NO_RESULT,
+    )

@@ -92,6 +92,10 @@ class Contender:
         """Untimed set-up; returns the timed callable that computes ``methods`` over ``batches``."""
         raise NotImplementedError
 
+    def row_extras(self) -> dict:
+        """Fields the last run adds to its row (e.g. ewc_fast's ``fallback``); none by default."""
+        return {}
+
     def notes(self) -> list[str]:
         """Notes :meth:`prepare` left for the report (e.g. the micro-batching it used)."""
         return getattr(self, "_notes", [])

@@ -92,6 +92,8 @@ def oracle_importance(
     Fisher, per-sample Jacobians: C x P per sample) under min(budget, 2 GiB).
     """
     quantities = tuple(quantities)
+    if getattr(workload, "oracle", "func") == "loop" and source == "auto":
+        return loop_oracle(workload, quantities)
     ref = None
     if source in ("auto", "ewc_fast"):
         try:
@@ -115,12 +117,26 @@ def oracle_importance(
     return func_persample(model, batches, quantities, workload.loss_per_sample, chunk, torch.float64)
 
 
+def loop_oracle(workload: Workload, quantities: Iterable[str]) -> Result:
+    """Float64 oracle by a per-sample loop of plain autograd (:mod:`ewc_fast.testing.per_sample`), for
+    workloads whose model cannot run under ``vmap`` (``workload.oracle == "loop"``)."""
+    from ewc_fast.testing.per_sample import loop_reference
+
+    model = workload.make_model()
+    batches = workload.make_batches()
+    res = loop_reference(model, batches, tuple(quantities), loss_fn=workload.loss_per_sample)
+    return {q: {k: v.to(torch.float64) for k, v in res[q].items()} for q in quantities}
+
+
 def oracle_source() -> str:
     """Which oracle :func:`oracle_importance` uses here (recorded in the report)."""
     try:
         import ewc_fast.testing.importance  # noqa: F401
 
-        return "ewc_fast.testing.importance (float64 torch.func vmap(grad) / jacrev)"
+        return (
+            "ewc_fast.testing.importance (float64 torch.func vmap(grad) / jacrev); Hugging Face workloads: "
+            "ewc_fast.testing.per_sample (float64 per-sample loop)"
+        )
     except ImportError:
         return "benchmarks.contenders.oracle.func_persample (float64 torch.func vmap(grad))"
 

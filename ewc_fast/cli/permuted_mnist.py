@@ -12,7 +12,7 @@ import argparse
 import time
 
 from ..experiments import plots
-from ..experiments.continual import IMPORTANCE_METHODS, METHODS, run_experiment
+from ..experiments.continual import ANCHORS, IMPORTANCE_METHODS, METHODS, run_experiment
 from ..experiments.demo import format_matrix
 from ..experiments.records import write_json
 from .common import (
@@ -21,6 +21,7 @@ from .common import (
     add_training_args,
     base_run_config,
     choice_list,
+    command_meta,
     load_data,
     log,
     out_dir,
@@ -61,6 +62,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-identity-first", action="store_true", help="permute task 0 too (default: task 0 is the unpermuted data)"
     )
+    p.add_argument(
+        "--multi-head",
+        action="store_true",
+        help="task-incremental: each task scores only its own output columns (split: its two "
+        "classes; permuted: its own block of 10 outputs)",
+    )
+    p.add_argument(
+        "--anchor",
+        choices=ANCHORS,
+        default="all",
+        help="EWC anchoring: all = one penalty per previous task (default); previous = only the "
+        "previous task's penalty; latest = importances summed, anchored at the latest optimum",
+    )
     p.add_argument("--runs", type=positive_int, default=1, help="seeds seed..seed+K-1")
     p.add_argument("--si-variant", choices=("zenke", "kutalev"), default="zenke")
     p.add_argument("--wva-importance", choices=IMPORTANCE_METHODS, default="sig")
@@ -76,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     lams = resolve_lams(args, args.methods)
     base = base_run_config(
-        args, si_variant=args.si_variant, wva_importance=args.wva_importance, eval_every_epoch=not args.no_epoch_eval
+        args,
+        si_variant=args.si_variant,
+        wva_importance=args.wva_importance,
+        eval_every_epoch=not args.no_epoch_eval,
+        anchor=args.anchor,
+        multi_head=args.multi_head,
     )
     t0 = time.perf_counter()
     res = run_experiment(
@@ -94,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         log=log,
     )
     res["wall_s"] = time.perf_counter() - t0
+    res["meta"] = command_meta(args, data, res["wall_s"])
     res["lam_convention"] = "ewc_fast: (λ/2)·ΣΩ(θ−μ)²; Kutalev λ' = λ/2"
 
     mats, curves, grid = {}, {}, {}

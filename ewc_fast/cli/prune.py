@@ -10,17 +10,19 @@ each importance, and the ordering of the importances by area under the accuracy 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
 from ..experiments import plots
-from ..experiments.prune import AGGREGATIONS, IMPORTANCE_CHOICES, REDUCES, SCOPES, run_prune
+from ..experiments.prune import AGGREGATIONS, IMPORTANCE_CHOICES, REDUCES, SCOPES, run_prune, value_at
 from ..experiments.records import write_csv, write_json
 from .common import (
     add_common_args,
     add_training_args,
     base_run_config,
     choice_list,
+    command_meta,
     load_data,
     log,
     out_dir,
@@ -58,13 +60,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--fractions", type=positive_int, default=21, help="number of fractions in [0, 1] (default: %(default)s)"
     )
-    p.add_argument("--runs", type=positive_int, default=1)
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="prune weight tensors only, keep biases (Kutalev's pruning script); default: every entry",
+    )
+    p.add_argument("--runs", type=positive_int, default=1, help="trained networks; curves give mean and min–max")
     p.add_argument("--si-variant", choices=("zenke", "kutalev"), default="zenke")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, prune by every importance and setting, print the orderings, write CSV / JSON / plots."""
+    t0 = time.perf_counter()
     data = load_data(args)
     out = out_dir(args)
     cfg = base_run_config(args, method="none", lam=0.0, si_variant=args.si_variant, eval_every_epoch=False)
@@ -82,12 +90,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         log=log,
+        weights_only=args.weights_only,
     )
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
     rows, table_rows, paths = [], [], []
     for key, r in res["results"].items():
         scope, agg, red = key.split("/")
         for label, c in r["curves"].items():
-            for f, a, l in zip(res["fractions"], c["acc"], c["loss"]):
+            for f, a, l, lo, hi in zip(res["fractions"], c["acc"], c["loss"], c["acc_min"], c["acc_max"]):
                 rows.append(
                     {
                         "scope": scope,
@@ -96,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                         "importance": label,
                         "fraction": f,
                         "acc": a,
+                        "acc_min": lo,
+                        "acc_max": hi,
                         "loss": l,
                     }
                 )
@@ -103,11 +115,17 @@ def run(args: argparse.Namespace) -> int:
             f"\nordering by area under the accuracy curve — scope={scope} aggregation={agg} "
             f"reduce={red} replace={args.replace}"
         )
-        log(f"  {'rank':>4s} {'importance':>10s} {'acc AUC':>8s} {'loss AUC':>9s} {'acc@50%':>8s} {'acc@90%':>8s}")
+        log(
+            f"  {'rank':>4s} {'importance':>16s} {'acc AUC':>8s} {'loss AUC':>9s} {'acc@50%':>8s} "
+            f"{'acc@90%':>8s} {'min–max@90%':>14s}"
+        )
         for o in r["ordering"]:
+            c = r["curves"][o["importance"]]
+            lo = value_at(res["fractions"], c["acc_min"], 0.9)
+            hi = value_at(res["fractions"], c["acc_max"], 0.9)
             log(
-                f"  {o['rank']:>4d} {o['importance']:>10s} {o['acc_auc']:8.4f} "
-                f"{o['loss_auc']:9.4f} {o['acc_at_0.5']:8.4f} {o['acc_at_0.9']:8.4f}"
+                f"  {o['rank']:>4d} {o['importance']:>16s} {o['acc_auc']:8.4f} "
+                f"{o['loss_auc']:9.4f} {o['acc_at_0.5']:8.4f} {o['acc_at_0.9']:8.4f} {lo:6.4f}–{hi:6.4f}"
             )
             table_rows.append({"scope": scope, "aggregation": agg, "reduce": red, **o})
         paths.append(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._validate import STATE_DTYPES
+from ._shard import local, reduce_flags
 
 __all__ = [
     "state_header",
@@ -106,7 +107,8 @@ def check_state_tensor(
 ) -> Tensor:
     """``t`` if it is a tensor of ``shape`` (``ValueError`` otherwise, also for a missing entry), of
     ``dtype`` if given (``TypeError``), finite if ``finite`` and ``>= 0`` if ``nonnegative``
-    (``ValueError``; one host synchronisation)."""
+    (``ValueError``; one host synchronisation; a ``DTensor`` is checked shard by shard and the flag
+    OR-ed over the ranks)."""
     if not isinstance(t, Tensor):
         raise ValueError(f"{owner}: {label} is missing or not a tensor (got {type(t).__name__})")
     if tuple(t.shape) != tuple(shape):
@@ -114,10 +116,11 @@ def check_state_tensor(
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{owner}: {label} has dtype {t.dtype}, expected {dtype}")
     if finite or nonnegative:
-        bad = ~torch.isfinite(t)
+        loc = local(t)
+        bad = ~torch.isfinite(loc)
         if nonnegative:
-            bad = bad | (t < 0)
-        if bool(bad.any()):
+            bad = bad | (loc < 0)
+        if reduce_flags([bool(bad.any())], [t])[0]:
             raise ValueError(f"{owner}: {label} holds NaN/Inf{' or negative values' if nonnegative else ''}")
     return t
 

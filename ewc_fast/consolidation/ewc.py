@@ -8,9 +8,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from ..ops._registry import op_device, resolve_backend
 from ..ops._validate import check_finite_scalar
-from ._checks import check_backend, check_importance, check_state_dtype
+from ..ops.consolidation import check_penalty_apply_args
+from . import _shard
+from ._checks import check_backend, check_importance, check_state_dtype, check_sum_fits
+from ._shard import copy_like, local, same_layout, state_like
 from ._state import (
     check_count,
     check_entries,
@@ -63,7 +66,7 @@ class _GradientOnce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grads, grad_out, *params):
-        return tuple(g * grad_out for g in grads)
+        return tuple((g * grad_out).to(g.dtype) for g in grads)
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -77,36 +80,50 @@ class _PenaltyFunction(torch.autograd.Function):
     backward scales them by ``grad_out`` and records them with the linked Zenke SI trackers'
     :class:`~.exclusion.ExclusionEndpoint` (``links``: ``(endpoint, idx, tidx)`` triples). It is
     differentiable once: under ``create_graph=True`` the gradients it returns raise
-    :data:`_NOT_TWICE` when differentiated (see :class:`_GradientOnce`).
+    :data:`_NOT_TWICE` when differentiated (see :class:`_GradientOnce`). The gradient buffers are
+    saved with ``save_for_backward``: a second backward without ``retain_graph=True`` raises
+    autograd's own "backward through the graph a second time" error, as a penalty written with
+    torch ops would, instead of adding the gradient twice; the buffers are freed after the backward.
     """
 
     @staticmethod
     def forward(ctx, ewc: EWC, links, out_dtype, *params):
-        grads = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
-        value = ops.penalty_apply_(
-            grads, list(params), ewc._omega, ewc._mu, ewc._lam, alpha=ewc._stabilize_lr, c=ewc._c, backend=ewc._backend
+        grads = [state_like(p, p.dtype) for p in params]
+        value = _shard.penalty_apply_(
+            grads,
+            list(params),
+            ewc._omega,
+            ewc._mu,
+            ewc._lam,
+            alpha=ewc._stabilize_lr,
+            c=ewc._c,
+            grad_scale=1.0,
+            backend=ewc._backend,
         )
-        ctx.grads = grads
         ctx.links = links
-        ctx.save_for_backward(*params)  # read only under create_graph=True (_GradientOnce's inputs)
+        ctx.n = len(params)
+        # params: read only under create_graph=True (_GradientOnce's inputs)
+        ctx.save_for_backward(*grads, *params)
         return value.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors  # raises on a second backward after the graph was freed
+        grads_all, params = tensors[: ctx.n], tensors[ctx.n :]
         needs = ctx.needs_input_grad[3:]
         live = [i for i, need in enumerate(needs) if need]
-        saved = [ctx.grads[i] for i in live]
+        saved = [grads_all[i] for i in live]
         if saved and torch.is_grad_enabled():  # autograd enables grad mode in backward iff create_graph=True
-            out = _GradientOnce.apply(saved, grad_out, *ctx.saved_tensors)
+            out = _GradientOnce.apply(saved, grad_out, *params)
         else:
-            out = [g * grad_out for g in saved]
+            out = [(g * grad_out).to(g.dtype) for g in saved]
         grads = [None] * len(needs)
         for i, g in zip(live, out):
             grads[i] = g
         for endpoint, idx, tidx in ctx.links:
             pairs = [(j, grads[i]) for i, j in zip(idx, tidx) if grads[i] is not None]
             if pairs:  # detached: the trackers' buffers must not join a create_graph graph
-                endpoint.record([j for j, _ in pairs], [g.detach() for _, g in pairs])
+                endpoint.record([j for j, _ in pairs], [local(g.detach()) for _, g in pairs])
         return (None, None, None, *grads)
 
 
@@ -297,9 +314,9 @@ class EWC:
                     f"EWC: parameter {name!r} now has shape {tuple(p.shape)}, its EWC state "
                     f"{tuple(self._omega[i].shape)}"
                 )
-            if p.device != self._omega[i].device:
-                self._omega[i] = self._omega[i].to(p.device)
-                self._mu[i] = self._mu[i].to(p.device)
+            if p.device != self._omega[i].device or not same_layout(p, self._omega[i]):
+                self._omega[i] = copy_like("EWC", f"omega[{name!r}]", self._omega[i], p)
+                self._mu[i] = copy_like("EWC", f"mu[{name!r}]", self._mu[i], p)
             params.append(p)
         if len(named) > len(self._names):
             new = [n for n, p in named.items() if p.requires_grad and n not in self._pos and n not in self._warned]
@@ -346,8 +363,7 @@ class EWC:
         for name, p in zip(names, params):
             i = self._pos.get(name)
             if i is None:
-                o = torch.zeros(p.shape, dtype=self._state_dtype, device=p.device)
-                m = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+                o, m = state_like(p, self._state_dtype), state_like(p, torch.float64)
                 new.append((name, o, m))
             else:
                 o, m = self._omega[i], self._mu[i]
@@ -356,12 +372,14 @@ class EWC:
                         f"EWC.consolidate: parameter {name!r} has shape {tuple(p.shape)}, its EWC "
                         f"state {tuple(o.shape)}"
                     )
-                if o.device != p.device:
-                    o, m = o.to(p.device), m.to(p.device)
+                if o.device != p.device or not same_layout(p, o):
+                    o = copy_like("EWC.consolidate", f"omega[{name!r}]", o, p)
+                    m = copy_like("EWC.consolidate", f"mu[{name!r}]", m, p)
             omega.append(o)
             mu.append(m)
         online = self._mode == "online"
-        inc = ops.consolidate_(
+        check_sum_fits("EWC.consolidate", names, omega, tensors, params, self._gamma)
+        inc = _shard.consolidate_(
             omega, mu, tensors, [p.detach() for p in params], self._gamma, online=online, backend=self._backend
         )
         # Commit (the op has run: nothing below can fail).
@@ -382,7 +400,8 @@ class EWC:
     def penalty(self) -> Tensor:
         """The penalty ``(lam/2)(sum W (theta - mu)^2 + c)`` as a differentiable 0-dim tensor.
 
-        ``W = Omega`` or the stabilised weight. The dtype is the parameters' (promoted) dtype. Its
+        ``W = Omega`` or the stabilised weight. The dtype is the parameters' promoted dtype, at least
+        float32 (an fp16/bf16 model gets an fp32 value: the penalty easily exceeds fp16's 65504). Its
         backward yields ``grad_out * lam * W * (theta - mu)`` for every penalised trainable parameter
         (computed by ``penalty_apply_`` in the forward and kept until backward: one parameter-sized
         buffer). The penalty is differentiable once: a gradient taken with ``create_graph=True``
@@ -398,8 +417,8 @@ class EWC:
         params = self._resolve()
         if not params:
             return self._empty_value(torch.float32).fill_(0.5 * self._lam * self._c)
-        dtype = params[0].dtype
-        for p in params[1:]:
+        dtype = torch.float32
+        for p in params:
             dtype = torch.promote_types(dtype, p.dtype)
         links = self._links(params) if ZENKE_REGISTRY else []
         return _PenaltyFunction.apply(self, links, dtype, *params)
@@ -422,19 +441,43 @@ class EWC:
         if self._n_tasks == 0:
             return self._empty_value(torch.float64)
         params = self._resolve()
-        grads = []
-        for p in params:
+        grads, fresh = [], []
+        for name, p in zip(self._names, params):
             if not p.requires_grad:
-                grads.append(torch.zeros_like(p, memory_format=torch.contiguous_format))
+                grads.append(state_like(p, p.dtype))
                 continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+            g = p.grad
+            if g is None:
+                g = state_like(p, p.dtype)
+                fresh.append((p, g))
+            elif g.layout != torch.strided:
+                raise TypeError(
+                    f"EWC.apply_: parameter {name!r} has a {g.layout} .grad; the penalty gradient is dense. "
+                    "Use EWC.penalty() (autograd adds it) or dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            grads.append(g)
+        # Validate everything (as the op would, on the local shards) before the first change: the .grad
+        # assignments and the SI snapshots below, then the op's writes.
+        check_penalty_apply_args(
+            [local(g) for g in grads],
+            [local(p) for p in params],
+            [local(o) for o in self._omega],
+            [local(m) for m in self._mu],
+            self._lam,
+            self._stabilize_lr,
+            self._c,
+            grad_scale,
+        )
+        resolve_backend(self._backend, op_device(params))
+        for p, g in fresh:
+            p.grad = g
+        links = []
         if ZENKE_REGISTRY:
             for endpoint, idx, tidx in self._links(params):
                 keep = [k for k, i in enumerate(idx) if params[i].requires_grad]
-                endpoint.snapshot([tidx[k] for k in keep], [grads[idx[k]] for k in keep])
-        return ops.penalty_apply_(
+                links.append((endpoint, [tidx[k] for k in keep], [local(grads[idx[k]]) for k in keep]))
+                endpoint.snapshot(*links[-1][1:])
+        value = _shard.penalty_apply_(
             grads,
             params,
             self._omega,
@@ -445,6 +488,9 @@ class EWC:
             grad_scale=grad_scale,
             backend=self._backend,
         )
+        for endpoint, tidx, g in links:  # lets the trackers tell a skipped step's snapshot from this one
+            endpoint.seal(tidx, g)
+        return value
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -468,7 +514,9 @@ class EWC:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output (state, ``lam``, ``gamma``, ``mode``, ``stabilize_lr``,
         ``n_tasks``, ``state_dtype``). Every name must be a parameter of the model with the stored shape;
-        the tensors are copied to the parameters' devices. Validated completely before anything changes."""
+        the tensors are copied to the parameters' devices. Validated completely before anything changes,
+        consistency included: ``Omega`` finite and ``>= 0`` in ``state_dtype``, ``mu`` finite float64,
+        ``c >= 0`` (0 in online mode), and an empty state (no names, ``c = 0``) when ``n_tasks`` is 0."""
         owner = "EWC.load_state_dict"
         check_header(owner, state, _FORMAT, _VERSION)
         require_keys(owner, state, _KEYS)
@@ -478,10 +526,17 @@ class EWC:
         lam = check_finite_scalar(owner, "lam", state["lam"], low=0.0)
         gamma = check_finite_scalar(owner, "gamma", state["gamma"], low=0.0, low_open=True, high=1.0)
         stabilize_lr = _check_stabilize_lr(state["stabilize_lr"])
-        c = check_finite_scalar(owner, "c", state["c"])
+        c = check_finite_scalar(owner, "c", state["c"], low=0.0)  # a sum of F*(anchor - mu)^2 terms
         n_tasks = check_count(owner, "n_tasks", state["n_tasks"])
+        if mode == "online" and c != 0.0:
+            raise ValueError(f"{owner}: c must be 0 in online mode, got {c}")
         dtype = dtype_from_name(owner, state["state_dtype"])
         names = check_names(owner, state["names"])
+        if n_tasks == 0 and (names or c != 0.0):
+            raise ValueError(
+                f"{owner}: n_tasks is 0 but the state has {len(names)} penalised parameter(s) and c = {c}; "
+                "an EWC state before its first consolidate() is empty (save it with EWC.state_dict())"
+            )
         omega_sd = check_entries(owner, "omega", state["omega"], names)
         mu_sd = check_entries(owner, "mu", state["mu"], names)
         omega, mu = [], []
@@ -491,8 +546,8 @@ class EWC:
                 raise TypeError(f"{owner}: omega/mu of {name!r} must be tensors")
             check_state_tensor(owner, f"omega[{name!r}]", o, p.shape, dtype=dtype, nonnegative=True)
             check_state_tensor(owner, f"mu[{name!r}]", m, p.shape, dtype=torch.float64, finite=True)
-            omega.append(o.detach().to(p.device, copy=True))
-            mu.append(m.detach().to(p.device, copy=True))
+            omega.append(copy_like(owner, f"omega[{name!r}]", o, p))
+            mu.append(copy_like(owner, f"mu[{name!r}]", m, p))
         self._mode, self._lam, self._gamma, self._stabilize_lr = mode, lam, gamma, stabilize_lr
         self._state_dtype, self._c, self._n_tasks = dtype, c, n_tasks
         self._names = names

@@ -23,7 +23,20 @@ The protocol has two parts, both package-internal:
     ``tidx``, the task gradients: the snapshot, or ``.grad - sum(records)``, or ``.grad`` itself
     when nothing was reported (exact for a snapshot; one rounding in the gradient's dtype for
     records, the rounding of autograd's own accumulation).
+  - ``seal(tidx, grads)``: ``grads[k]`` (``.grad`` of slot ``tidx[k]``) now holds the penalty
+    gradient whose snapshot was just taken (``EWC.apply_`` calls it after its write).
   - ``clear()``: forget every report (after each step, and when a step is skipped).
+
+  **Skipped steps.** A step that never runs (a ``GradScaler`` skipping ``step()`` on inf, a user
+  skipping it) leaves its reports behind, and the next iteration's reports must not be merged with
+  them. A report is *stale* once the gradient it refers to was reset: for a snapshot, ``.grad`` is no
+  longer the sealed tensor or was modified since the seal (``zero_grad`` with or without
+  ``set_to_none``, a new backward); for records, a later backward pass (autograd graph task) finds
+  ``.grad`` reset -- ``None`` again, or another tensor than the one the previous records saw. A stale
+  slot is reset before the new report is taken. Not detectable: records of a skipped step followed by
+  ``zero_grad(set_to_none=False)`` (an in-place zero looks like accumulation); call
+  :meth:`SynapticIntelligence.clear_exclusions <ewc_fast.SynapticIntelligence.clear_exclusions>` after
+  skipping a step in that setup.
 
 * :class:`ExclusionRegistry` / :data:`ZENKE_REGISTRY` -- the attached Zenke trackers (held by weak
   reference) and their endpoints. ``links(params)`` gives ``(endpoint, idx, tidx)`` for every
@@ -62,7 +75,35 @@ class ExclusionEndpoint:
         self._index = {id(p): j for j, p in enumerate(self._params)}
         self._mode = [_NONE] * len(self._params)
         self._bufs: list[Tensor | None] = [None] * len(self._params)
+        # per slot: (weakref to .grad or None, its version, autograd graph task) seen at the last report
+        self._seen: list[tuple | None] = [None] * len(self._params)
         self._any = False
+
+    def _grad_state(self, j: int) -> tuple:
+        g = self._params[j].grad
+        if g is None:
+            return (None, -1, torch._C._current_graph_task_id())
+        return (weakref.ref(g), g._version, torch._C._current_graph_task_id())
+
+    def _stale(self, j: int) -> bool:
+        """Whether slot ``j``'s report belongs to a gradient that was reset since (a skipped step)."""
+        seen = self._seen[j]
+        if self._mode[j] == _NONE or seen is None:
+            return False
+        ref, version, task = seen
+        g = self._params[j].grad
+        if self._mode[j] == _SNAP:  # sealed right after the penalty was added
+            return g is None or ref is None or ref() is not g or g._version != version
+        # records: several in one backward pass add up; a later pass must find the same .grad
+        if task == torch._C._current_graph_task_id():  # same pass (-1: outside any backward)
+            return False
+        if ref is None:
+            return g is None
+        return g is None or ref() is not g
+
+    def _refresh(self, j: int) -> None:
+        if self._stale(j):
+            self._mode[j] = _NONE
 
     def index(self, params: Sequence[Tensor]) -> tuple[list[int], list[int]]:
         """``(idx, tidx)`` with ``params[idx[k]] is`` this endpoint's parameter ``tidx[k]`` (identity)."""
@@ -86,6 +127,7 @@ class ExclusionEndpoint:
         """``grads[k]`` is ``.grad`` of slot ``tidx[k]`` just before a penalty gradient is added in place:
         the task gradient is ``grads[k]`` minus what was recorded before. The first snapshot wins."""
         for j, g in zip(tidx, grads):
+            self._refresh(j)
             mode = self._mode[j]
             if mode == _SNAP:
                 continue
@@ -95,16 +137,26 @@ class ExclusionEndpoint:
             else:
                 buf.copy_(g)
             self._mode[j] = _SNAP
+            self._seen[j] = None
             self._any = True
+
+    def seal(self, tidx: Sequence[int], grads: Sequence[Tensor]) -> None:
+        """``grads[k]``, ``.grad`` of slot ``tidx[k]``, now holds the penalty just added after its
+        snapshot: remember it (identity and version) to recognise a reset gradient later."""
+        for j, g in zip(tidx, grads):
+            if self._mode[j] == _SNAP and self._seen[j] is None:
+                self._seen[j] = (weakref.ref(g), g._version, -1)
 
     @torch.no_grad()
     def record(self, tidx: Sequence[int], contributions: Sequence[Tensor]) -> None:
         """``contributions[k]`` is a penalty gradient about to be accumulated into ``.grad`` of slot
         ``tidx[k]``; recorded contributions add up (ignored after a snapshot)."""
         for j, g in zip(tidx, contributions):
+            self._refresh(j)
             mode = self._mode[j]
             if mode == _SNAP:
                 continue
+            self._seen[j] = self._grad_state(j)
             if mode == _REC:
                 self._bufs[j].add_(g)
             else:

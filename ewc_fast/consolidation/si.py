@@ -3,6 +3,7 @@ optimizer hooks so that the training loop stays unchanged."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -12,6 +13,7 @@ from .. import ops
 from ..importance import Importance
 from ..ops._validate import check_finite_scalar
 from ._checks import check_backend, check_state_dtype, trainable_params
+from ._shard import check_layout, clone_state, copy_like, local, locals_, state_like
 from ._state import check_count, check_header, check_state_tensor, clone_named, require_keys, state_header
 from .exclusion import ZENKE_REGISTRY, ExclusionEndpoint
 
@@ -68,15 +70,23 @@ class SynapticIntelligence:
 
     **Parameters and steps.** Tracked parameters are those with ``requires_grad`` at construction
     (by identity: replace a parameter object and it is no longer tracked). A parameter whose ``.grad``
-    is ``None`` at a step is skipped for that step (its ``omega`` is unchanged; any movement it makes
-    without a gradient is attributed to its next step with a gradient). Movement between optimizer
-    steps (e.g. manual edits) is attributed to the next step; attach other hooks that move
-    parameters after the step, such as :class:`ewc_fast.WVA`, *before* this tracker so that it sees
-    the final position. Gradients are read when the step is taken, after any clipping; optimizers
-    that recompute gradients inside ``step(closure)`` (LBFGS) are not supported. Penalty exclusion
-    assumes unscaled gradients (use ``EWC.apply_(grad_scale=1)``; a skipped step, e.g. by a
-    ``GradScaler``, leaves the exclusion state of that iteration behind unless
-    :meth:`clear_exclusions` is called).
+    is ``None`` at a step is skipped for that step (its ``omega`` is unchanged). ``omega`` integrates
+    the attached optimizer's steps only: movement between steps by anything else (a second optimizer,
+    a manual ``p.data`` edit, a hook attached after this tracker) is detected at the next step (``theta``
+    differs from where the last step left it), is *not* attributed to any step, and raises a
+    ``RuntimeWarning`` once per tracker (one comparison pass and one host synchronisation per step).
+    Attach other hooks that move parameters after the step, such as :class:`ewc_fast.WVA`, *before*
+    this tracker so that it sees the final position. Gradients are read when the step is taken, after
+    any clipping; sparse gradients (``nn.Embedding(sparse=True)``) are read densely. A step that never
+    runs (``GradScaler`` skipping ``step()`` on inf, a user skipping it) contributes nothing, and the
+    penalty-exclusion reports of its iteration are recognised as stale (:mod:`.exclusion`).
+    Refused before the optimizer moves anything (``RuntimeError`` from the step pre-hook, tracker
+    unchanged): a step called with a closure while attached with ``gradients="pre_step"`` (the
+    closure recomputes the gradients after the hook read them: attach with ``gradients="manual"``),
+    and tracked parameters whose dtype, device or shape changed since construction (``model.double()``,
+    ``model.to(...)``: build the tracker after converting the model). :meth:`attach` refuses
+    :class:`torch.optim.LBFGS`, whose single step evaluates several iterates. Penalty exclusion assumes
+    unscaled gradients (use ``EWC.apply_(grad_scale=1)`` after ``GradScaler.unscale_``).
 
     State: ``omega`` (``state_dtype``, fp32 default), ``theta_start`` and ``theta_prev`` (parameter
     dtype), :attr:`cumulative` (``state_dtype``), and, for the Zenke variant when an EWC penalty is
@@ -104,10 +114,12 @@ class SynapticIntelligence:
         named = trainable_params(model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        for n, p in named:
+            check_layout("SynapticIntelligence", n, p)
         with torch.no_grad():
-            self._omega = [torch.zeros(p.shape, dtype=state_dtype, device=p.device) for p in self._params]
-            self._start = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
-            self._prev = [p.detach().clone(memory_format=torch.contiguous_format) for p in self._params]
+            self._omega = [state_like(p, state_dtype) for p in self._params]
+            self._start = [clone_state(p) for p in self._params]
+            self._prev = [clone_state(p) for p in self._params]
         self._cum: list[Tensor] | None = None
         self._steps = 0
         self._cum_steps = 0
@@ -115,6 +127,8 @@ class SynapticIntelligence:
         self._handles: list = []
         self._pending = None
         self._manual = False
+        self._warned_moves = False
+        self._layout = [(p.dtype, p.device, p.shape) for p in self._params]
         self._exclusion = ExclusionEndpoint(self._params)
 
     # -------------------------------------------------------------------------------- properties
@@ -164,7 +178,7 @@ class SynapticIntelligence:
         consolidated tasks (no ``max`` without ``clip``); zeros before the first :meth:`consolidate`.
         The returned tensors are copies."""
         if self._cum is None:
-            tensors = {n: torch.zeros_like(w) for n, w in zip(self._names, self._omega)}
+            tensors = {n: state_like(w, w.dtype) for n, w in zip(self._names, self._omega)}
         else:
             tensors = {n: t.clone() for n, t in zip(self._names, self._cum)}
         return Importance(tensors, method="si", n_samples=self._cum_steps, meta=self._meta(cumulative=True))
@@ -200,8 +214,15 @@ class SynapticIntelligence:
             )
         if self._handles:
             raise RuntimeError("SynapticIntelligence.attach: already attached; call detach() first")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "SynapticIntelligence.attach: LBFGS evaluates several iterates inside one step(closure), so the "
+                "path integral sum(-g * dtheta) cannot be formed from one gradient per step; use a first-order "
+                "optimizer (SGD, Adam, ...)"
+            )
+        self._check_layout("SynapticIntelligence.attach")
         with torch.no_grad():
-            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+            torch._foreach_copy_(locals_(self._prev), [local(p.detach()) for p in self._params])
         self._manual = gradients == "manual"
         self._handles = [optimizer.register_step_post_hook(self._post_step)]
         if not self._manual:
@@ -232,14 +253,60 @@ class SynapticIntelligence:
 
     # ---------------------------------------------------------------------------- step hooks
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        # the hook's args include the optimizer itself: step(closure) has a second positional argument
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if optimizer is not None and not self._manual and closure is not None:
+            raise RuntimeError(
+                "SynapticIntelligence: optimizer.step(closure) recomputes the gradients after the step pre-hook "
+                "read them; attach with gradients='manual' and call capture_gradients() inside the closure, "
+                "after the backward"
+            )
+        self._check_layout("SynapticIntelligence (optimizer step)")
         idx, grads = [], []
         for j, p in enumerate(self._params):
             g = p.grad
             if g is not None:
                 idx.append(j)
-                grads.append(g)
+                grads.append(g.to_dense() if g.layout != torch.strided else local(g))
+        self._forget_external_moves()
         self._pending = (idx, self._exclusion.task_grads(idx, grads))
         return None
+
+    # ----------------------------------------------------------------------------- step guards
+    def _check_layout(self, owner: str) -> None:
+        """Refuse tracked parameters whose dtype, device or shape changed since construction (the
+        buffers theta_start / theta_prev / omega were made for the old ones)."""
+        for name, p, (dtype, device, shape) in zip(self._names, self._params, self._layout):
+            if p.dtype != dtype or p.device != device or p.shape != shape:
+                raise RuntimeError(
+                    f"{owner}: parameter {name!r} is now {p.dtype} on {p.device} with shape {tuple(p.shape)}; "
+                    f"the tracker was built for {dtype} on {device} with shape {tuple(shape)}. Build the "
+                    "SynapticIntelligence after converting or moving the model (model.double(), model.to(...))"
+                )
+
+    @torch.no_grad()
+    def _forget_external_moves(self) -> None:
+        """``theta_prev <- theta`` where something other than the attached optimizer moved a tracked
+        parameter since the last step (that movement belongs to no step); warn once."""
+        if not self._params:
+            return
+        moved = [(local(p.detach()) != local(q)).any() for p, q in zip(self._params, self._prev)]
+        flags = torch.stack([m.to(moved[0].device) for m in moved]).tolist()
+        if not any(flags):
+            return
+        names = [n for n, f in zip(self._names, flags) if f]
+        for j, f in enumerate(flags):
+            if f:
+                local(self._prev[j]).copy_(local(self._params[j].detach()))
+        if not self._warned_moves:
+            self._warned_moves = True
+            warnings.warn(
+                f"SynapticIntelligence: parameter(s) {names[:5]} moved between optimizer steps by something other "
+                "than the attached optimizer (another optimizer, a manual edit, a hook attached after this "
+                "tracker); that movement is not attributed to any step (warned once)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         pending, self._pending = self._pending, None
@@ -260,7 +327,9 @@ class SynapticIntelligence:
                 params = [self._params[j] for j in idx]
                 prev = [self._prev[j] for j in idx]
             with torch.no_grad():
-                ops.si_accumulate_(omega, grads, params, prev, backend=self._backend)
+                ops.si_accumulate_(
+                    locals_(omega), grads, [local(p.detach()) for p in params], locals_(prev), backend=self._backend
+                )
         self._steps += 1
 
     # ----------------------------------------------------------------------------- consolidate
@@ -272,19 +341,24 @@ class SynapticIntelligence:
         is the number of optimizer steps of the task. Also updates :attr:`cumulative`
         (``max(0, Omega + omega/(Delta^2 + xi))``, no ``max`` without ``clip``).
         """
-        params = [p.detach() for p in self._params]
-        out = [torch.zeros_like(w) for w in self._omega]
+        self._check_layout("SynapticIntelligence.consolidate")
+        params = [local(p.detach()) for p in self._params]
+        out = [state_like(w, w.dtype) for w in self._omega]
         # Unclipped into zeros, so that the same fp32 terms also feed the cumulative update; clipping
-        # 0 + t afterwards is identical to the op's own clip.
-        ops.si_consolidate_(self._omega, params, self._start, out, self._xi, clip=False, backend=self._backend)
+        # 0 + t afterwards is identical to the op's own clip. DTensor state: all on the local shards.
+        lout = locals_(out)
+        ops.si_consolidate_(
+            locals_(self._omega), params, locals_(self._start), lout, self._xi, clip=False, backend=self._backend
+        )
         if self._cum is None:
-            self._cum = [torch.zeros_like(t) for t in out]
+            self._cum = [state_like(t, t.dtype) for t in out]
         if out:
-            torch._foreach_add_(self._cum, out)
+            lcum = locals_(self._cum)
+            torch._foreach_add_(lcum, lout)
             if self._clip:
-                torch._foreach_clamp_min_(self._cum, 0.0)
-                torch._foreach_clamp_min_(out, 0.0)
-            torch._foreach_copy_(self._prev, params)
+                torch._foreach_clamp_min_(lcum, 0.0)
+                torch._foreach_clamp_min_(lout, 0.0)
+            torch._foreach_copy_(locals_(self._prev), params)
         imp = Importance(
             dict(zip(self._names, out)), method="si", n_samples=self._steps, meta=self._meta(task=self._n_tasks)
         )
@@ -317,8 +391,10 @@ class SynapticIntelligence:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output; the tracked parameter names and shapes must match.
 
-        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the tracker
-        (settings, tensors and counters) is exactly as before."""
+        Everything is validated before anything changes: every tensor finite, of its shape and of the
+        dtype this tracker keeps it in (``TypeError`` otherwise: no silent rounding), the clipped
+        cumulative importance ``>= 0``, counters consistent (``cumulative`` present iff ``n_tasks > 0``);
+        on ``ValueError`` / ``TypeError`` the tracker (settings, tensors and counters) is exactly as before."""
         owner = "SynapticIntelligence.load_state_dict"
         check_header(owner, state, _FORMAT, _VERSION, non_mapping=ValueError)
         require_keys(owner, state, _KEYS)
@@ -331,6 +407,13 @@ class SynapticIntelligence:
         if not isinstance(clip, bool):
             raise TypeError(f"{owner}: clip must be a bool, got {clip!r}")
         counters = [check_count(owner, key, state[key]) for key in _COUNTERS]
+        steps, cum_steps, n_tasks = counters
+        if (state["cumulative"] is None) != (n_tasks == 0) or (n_tasks == 0 and cum_steps != 0):
+            raise ValueError(
+                f"{owner}: inconsistent state: n_tasks={n_tasks}, cum_steps={cum_steps}, cumulative "
+                f"{'absent' if state['cumulative'] is None else 'present'} (cumulative exists, and cum_steps "
+                "counts steps, only after a consolidate())"
+            )
         groups = {}
         for key in _GROUPS:
             sd = state[key]
@@ -341,8 +424,20 @@ class SynapticIntelligence:
                 raise ValueError(f"{owner}: {key} must be a dict name -> tensor")
             ref = self._omega if key in ("omega", "cumulative") else self._start
             groups[key] = [
-                check_state_tensor(owner, f"{key}[{n!r}]", sd.get(n), p.shape).to(
-                    device=p.device, dtype=r.dtype, copy=True
+                copy_like(
+                    owner,
+                    f"{key}[{n!r}]",
+                    check_state_tensor(
+                        owner,
+                        f"{key}[{n!r}]",
+                        sd.get(n),
+                        p.shape,
+                        dtype=r.dtype,
+                        finite=True,
+                        nonnegative=key == "cumulative" and clip,
+                    ),
+                    p,
+                    r.dtype,
                 )
                 for n, p, r in zip(self._names, self._params, ref)
             ]

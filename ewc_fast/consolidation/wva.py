@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops._validate import check_finite_scalar
-from ._checks import check_backend, check_importance, check_state_dtype
+from ._checks import check_backend, check_importance, check_state_dtype, check_sum_fits
+from ._shard import clone_state, copy_like, local, locals_, same_layout, state_like
 from ._state import (
     check_count,
     check_entries,
@@ -46,6 +47,14 @@ class WVA:
     any state changes. Parameters added later are not attenuated until consolidated. Attach WVA before
     a :class:`ewc_fast.SynapticIntelligence` tracker on the same optimizer so that SI sees the
     attenuated step.
+
+    A parameter converted to another dtype or device after :meth:`consolidate` (``model.double()``,
+    ``model.to(...)``) is followed: ``A`` moves with it and the ``theta_old`` snapshot is re-made in the
+    parameter's new dtype, so fp64 weights never move through fp32. A changed shape is refused by the
+    step pre-hook (``RuntimeError``, before the optimizer moves anything). :meth:`consolidate` refuses
+    an accumulated ``A`` that overflows its dtype or the kernels' arithmetic (fp32 for non-fp64
+    parameters), so ``A`` stays finite and the attenuated step ``(theta - theta_old)/(1 + lam*A)``
+    never turns a weight NaN.
 
     State: ``A`` (``state_dtype``, fp32 default) and the ``theta_old`` snapshot (parameter dtype).
     """
@@ -111,26 +120,34 @@ class WVA:
         for name, p in zip(names, params):
             i = self._pos.get(name)
             if i is None:
-                new_bufs[name] = torch.zeros(p.shape, dtype=self._state_dtype, device=p.device)
+                new_bufs[name] = state_like(p, self._state_dtype)
             elif self._accum[i].shape != p.shape:
                 raise ValueError(
                     f"WVA.consolidate: parameter {name!r} has shape {tuple(p.shape)}, its WVA state "
                     f"{tuple(self._accum[i].shape)}"
                 )
+        check_sum_fits(
+            "WVA.consolidate",
+            names,
+            [new_bufs[n] if n in new_bufs else self._accum[self._pos[n]] for n in names],
+            tensors,
+            params,
+        )
         for name, p, t in zip(names, params, tensors):
             i = self._pos.get(name)
             if i is None:
                 self._pos[name] = len(self._names)
                 self._names.append(name)
                 self._params.append(p)
-                self._accum.append(new_bufs[name].add_(t))
-                self._old.append(p.detach().clone(memory_format=torch.contiguous_format))
+                local(new_bufs[name]).add_(local(t))
+                self._accum.append(new_bufs[name])
+                self._old.append(clone_state(p))
             else:
                 self._params[i] = p
-                if self._accum[i].device != p.device:
-                    self._accum[i] = self._accum[i].to(p.device)
-                    self._old[i] = self._old[i].to(p.device)
-                self._accum[i].add_(t)
+                if self._accum[i].device != p.device or not same_layout(p, self._accum[i]):
+                    self._accum[i] = copy_like("WVA.consolidate", f"A[{name!r}]", self._accum[i], p)
+                    self._old[i] = clone_state(p)
+                local(self._accum[i]).add_(local(t))
         self._n_tasks += 1
         return self
 
@@ -160,10 +177,18 @@ class WVA:
             return None
         with torch.no_grad():
             for i, p in enumerate(self._params):
-                if self._accum[i].device != p.device:
-                    self._accum[i] = self._accum[i].to(p.device)
-                    self._old[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            torch._foreach_copy_(self._old, self._params)
+                if self._accum[i].shape != p.shape:
+                    raise RuntimeError(
+                        f"WVA (optimizer step): parameter {self._names[i]!r} now has shape {tuple(p.shape)}, its "
+                        f"WVA state {tuple(self._accum[i].shape)}; consolidate a new WVA for the changed model"
+                    )
+            for i, p in enumerate(self._params):
+                if self._accum[i].device != p.device or not same_layout(p, self._accum[i]):
+                    self._accum[i] = copy_like("WVA", f"A[{self._names[i]!r}]", self._accum[i], p)
+                    self._old[i] = clone_state(p)
+                elif self._old[i].dtype != p.dtype:  # model.double() / .half(): snapshot in the new dtype
+                    self._old[i] = clone_state(p)
+            torch._foreach_copy_(locals_(self._old), [local(p.detach()) for p in self._params])
         self._armed = True
         return None
 
@@ -172,7 +197,13 @@ class WVA:
             return
         self._armed = False
         with torch.no_grad():
-            ops.wva_attenuate_(self._params, self._old, self._accum, self._lam, backend=self._backend)
+            ops.wva_attenuate_(
+                [local(p.detach()) for p in self._params],
+                locals_(self._old),
+                locals_(self._accum),
+                self._lam,
+                backend=self._backend,
+            )
 
     # ----------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -189,19 +220,28 @@ class WVA:
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict` output (names must be parameters of the model with those shapes).
 
-        Everything is validated before anything changes: on ``ValueError`` / ``TypeError`` the state
-        (``lam``, ``A``, names, task count) is exactly as before."""
+        Everything is validated before anything changes (``A`` finite, ``>= 0``, of the state dtype and
+        the parameter's shape; no names when ``n_tasks`` is 0): on ``ValueError`` / ``TypeError`` the
+        state (``lam``, ``A``, names, task count) is exactly as before."""
         owner = "WVA.load_state_dict"
         check_header(owner, state, _FORMAT, _VERSION, non_mapping=ValueError)
         require_keys(owner, state, ("lam", "n_tasks", "names", "accum"))
         lam = check_finite_scalar(owner, "lam", state["lam"], low=0.0)
         n_tasks = check_count(owner, "n_tasks", state["n_tasks"])
         names = check_names(owner, state["names"])
+        if n_tasks == 0 and names:
+            raise ValueError(
+                f"{owner}: n_tasks is 0 but the state has {len(names)} consolidated parameter(s); a WVA state "
+                "before its first consolidate() is empty (save it with WVA.state_dict())"
+            )
         accum_sd = check_entries(owner, "accum", state["accum"], names)
         params = params_by_name(owner, self._model, names)
         accum = [
-            check_state_tensor(owner, f"A[{n!r}]", accum_sd[n], p.shape, dtype=self._state_dtype, nonnegative=True).to(
-                p.device, copy=True
+            copy_like(
+                owner,
+                f"A[{n!r}]",
+                check_state_tensor(owner, f"A[{n!r}]", accum_sd[n], p.shape, dtype=self._state_dtype, nonnegative=True),
+                p,
             )
             for n, p in zip(names, params)
         ]
@@ -209,5 +249,5 @@ class WVA:
         self._lam, self._n_tasks = lam, n_tasks
         self._names, self._params, self._accum = names, params, accum
         self._pos = {n: i for i, n in enumerate(names)}
-        self._old = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+        self._old = [clone_state(p) for p in params]
         self._armed = False

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..importance import Importance
 from ..ops import backends as _backend
-from . import distributed
+from ..ops._sharding import is_sharded, like_param
+from . import distributed, sharded
 from .engine import RunConfig, run
 from .methods import STATIC_METHODS, check_methods
 
@@ -177,6 +178,13 @@ def estimate_importance(
                 "estimate_importance needs them on one device"
             )
         device = next(iter(devices))
+        shards = [k for k, p in trainable if is_sharded(p)]
+        for m in methods:
+            if shards and m in sharded.UNSUPPORTED:
+                raise ValueError(
+                    f"method {m!r} is not supported on sharded (FSDP2 DTensor) parameters such as {shards[0]!r}: "
+                    f"{sharded.UNSUPPORTED[m]}; estimate it on an unsharded copy of the model"
+                )
         resolved = _backend.resolve(backend, device)
         return methods, activations, trainable, device, resolved
 
@@ -203,16 +211,16 @@ def estimate_importance(
     results: dict[str, Importance] = {}
     base_meta = {"estimator": "ewc_fast.estimate_importance", "backend": resolved}
     if "random" in methods:  # drawn first, in parameter order (the float64 oracle does the same)
-        rnd = {
-            k: torch.rand(
+        rnd = {}
+        for k, p in trainable:  # one full-size tensor at a time; a sharded parameter keeps its shard
+            t = torch.rand(
                 p.shape,
                 generator=generator,
                 dtype=torch.float32,
                 device=generator.device if generator is not None else p.device,
             ).to(p.device)
-            for k, p in trainable
-        }
-        distributed.broadcast_first(list(rnd.values()), group)
+            distributed.broadcast_first([t], group)
+            rnd[k] = like_param("estimate_importance", f"random[{k!r}]", t, p)
     data_methods = tuple(m for m in methods if m not in STATIC_METHODS)
     stats = None
     if data_methods:
@@ -247,6 +255,8 @@ def estimate_importance(
         meta["n_batches"] = stats.n_batches
         if m in ("fisher", "fisher_mc", "fisher_exact", "mas", "fisher_batched"):
             meta["fallback"] = dict(stats.fallback)
+            if stats.sharded is not None:
+                meta["fsdp"] = dict(stats.sharded)
         if m == "fisher":
             meta["loss"] = "loss_fn" if loss_fn is not None else "nll"
             if loss_fn is None:

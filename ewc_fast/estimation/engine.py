@@ -15,6 +15,8 @@ and every hook removed on return, also when an exception is raised.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import distributed, sig
-from .batches import Batch, read_batch
+from . import distributed, sharded, sig
+from .batches import Batch, forward, read_batch, truncate
 from .capture import Capture, SavedState
 from .methods import GRADIENT_METHODS, Seed, check_outputs, divisor, seeds, select_output
 from .plan import Plan, make_plan
@@ -94,6 +96,9 @@ class PassResult:
     sig_magnitude_fallback: list[str]
     #: parameters served by the torch.func fallback -> why
     fallback: dict = field(default_factory=dict)
+    #: FSDP2 (sharded parameters): this rank's peak bytes of transient full-size sums and the bytes it
+    #: reduce-scattered (:class:`.sharded.ShardedSums`); None without sharded parameters
+    sharded: dict | None = None
 
 
 class _DataPass:
@@ -101,10 +106,16 @@ class _DataPass:
 
     def __init__(self, model: nn.Module, cfg: RunConfig):
         self.model, self.cfg = model, cfg
-        self.sums = {
-            m: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in cfg.trainable}
-            for m in cfg.methods
-        }
+        # FSDP2: name -> sharded DTensor parameter; their sums are reduce-scattered (:mod:`.sharded`)
+        self.sharded = sharded.sharded_params(cfg.trainable)
+        if self.sharded:
+            self.sums = {m: sharded.ShardedSums(cfg.trainable, self.sharded) for m in cfg.methods}
+        else:
+            self.sums = {
+                m: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in cfg.trainable}
+                for m in cfg.methods
+            }
+        self.identity = None
         self.sig_times_w: dict[str, bool] = {}
         self.plan: Plan | None = None
         self.capture: Capture | None = None
@@ -112,7 +123,14 @@ class _DataPass:
     def add(self, batch: Batch) -> None:
         """Add one batch's statistics to the sums."""
         if self.plan is None:
-            self.plan = make_plan(self.model, self.cfg.trainable, batch)
+            if self.sharded:  # track FSDP2's unsharded twins (module doc of .sharded)
+                sharded.check_managed("estimate_importance", self.model, self.sharded)
+                sharded.warm_up(self.model, forward, truncate(batch.inputs, batch.n, min(batch.n, 2)))
+                aliases = sharded.unsharded_aliases("estimate_importance", self.model, self.sharded)
+                trainable = [(k, aliases.get(k, p)) for k, p in self.cfg.trainable]
+                self.cfg = dataclasses.replace(self.cfg, trainable=trainable)
+                self.identity = lambda: sharded.unsharded_identity(self.model, aliases)
+            self.plan = make_plan(self.model, self.cfg.trainable, batch, self.identity)
             if self.plan.fallback_reasons:
                 reasons = self.plan.fallback_reasons
                 shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
@@ -124,7 +142,13 @@ class _DataPass:
                     stacklevel=4,
                 )
             self.capture = Capture(self.model, self.plan, {id(p) for _, p in self.cfg.trainable})
-        with torch.enable_grad() if self.cfg.needs_backward else torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if self.cfg.needs_backward else torch.no_grad())
+            if self.sharded:
+                # the capture hands planned outputs on as view_as aliases (.capture); FSDP2 warns that an
+                # in-place op on a unit's view output would skip its pre-backward hook. The pass runs none.
+                stack.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
             self._batch(batch)
 
     def _batch(self, batch: Batch) -> None:
@@ -169,19 +193,28 @@ class _DataPass:
                     seed = nxt
             finally:
                 stream.remove()
-            self._check_finite(batch.idx)
+            if not self.sharded:  # sharded: checked once at the end, on every rank alike (_means)
+                self._check_finite(batch.idx)
         capture.clear()
 
     def _check_finite(self, idx: int) -> None:
         """The model outputs and losses were finite, yet a NaN/Inf inside the model that a later op
         masked (nan_to_num, where) still reaches the per-sample gradients (autograd's too): refuse."""
-        bad = [
-            (m, k)
+        # one sum per buffer (a read of it, no temporaries): non-finite iff it holds a NaN/Inf, or the sum
+        # overflowed, which the exact check then rules out (15x cheaper than isfinite(b).all() per buffer)
+        items = [
+            (m, k, b)
             for m in self.cfg.methods
             if m in GRADIENT_METHODS or m == "fisher_batched"
             for k, b in self.sums[m].items()
-            if not bool(torch.isfinite(b).all())
+            if b.numel()
         ]
+        if not items:
+            return
+        totals = torch.stack([b.sum(dtype=torch.float32) for _, _, b in items])
+        if bool(torch.isfinite(totals).all()):
+            return
+        bad = [(m, k) for m, k, b in items if not bool(torch.isfinite(b).all())]
         if bad:
             names = sorted({k for _, k in bad})
             raise ValueError(
@@ -256,6 +289,12 @@ def run(model: nn.Module, data, cfg: RunConfig) -> PassResult:
         state.restore()
     res = _means(cfg, dp.sums, dp.sig_times_w, n_total, n_batches, batch_size, error)
     res.fallback = dict(dp.plan.fallback_reasons) if dp.plan is not None else {}
+    if dp.sharded:
+        sums = [s for s in dp.sums.values() if isinstance(s, sharded.ShardedSums)]
+        res.sharded = {
+            "transient_peak_bytes": max((s.peak for s in sums), default=0),
+            "reduce_scatter_bytes": sum(s.rs_bytes for s in sums),
+        }
     return res
 
 
@@ -266,12 +305,26 @@ def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batc
     # SIG's per-parameter flags travel with the counts (same collective): the rule must be the same
     # on every rank, so it is decided on the reduced flags, not on this rank's own
     fails = distributed.failure_slots(error is not None, cfg.group)
-    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else []) + fails
-    flat = [sums[m][k] for m in methods for k in names]
+    shards = {m: sums[m] for m in methods if isinstance(sums[m], sharded.ShardedSums)}
+    # sharded sums (FSDP2) are reduced already; their finiteness is checked here, on every rank alike
+    nonfinite = []
+    if shards:
+        bad = any(not bool(torch.isfinite(t).all()) for s in shards.values() for t in s.local_tensors().values())
+        nonfinite = [1.0 if bad else 0.0]
+    counts = [float(n_total), float(n_batches)] + (sig.flags(names, sig_times_w) if "sig" in methods else [])
+    counts += nonfinite + fails
+    flat = [sums[m][k] for m in methods for k in names if m not in shards or k not in shards[m].sharded]
     reduced, counts = distributed.all_reduce_sums(flat, counts, cfg.group)
     if fails:
         distributed.raise_if_failed(counts[len(counts) - len(fails) :], error, cfg.group)
         counts = counts[: len(counts) - len(fails)]
+    if nonfinite:
+        if counts.pop() > 0:
+            raise ValueError(
+                "non-finite (NaN/Inf) importance on some rank, although the model outputs and losses are finite: "
+                "a NaN/Inf inside the model that a later op masks (e.g. nan_to_num or torch.where) still poisons "
+                "the per-sample gradients; remove the non-finite values where they arise"
+            )
     n_total, n_batches = int(round(counts[0])), int(round(counts[1]))
     if n_total == 0:
         raise ValueError("data yielded no samples (empty iterable or empty batches)")
@@ -282,6 +335,9 @@ def _means(cfg: RunConfig, sums, sig_times_w, n_total: int, n_batches: int, batc
         div = divisor(m, n_total, n_batches, cfg.mc_samples)
         res = {}
         for k, p in cfg.trainable:
+            if m in shards and k in shards[m].sharded:  # the local shard, as a DTensor like the parameter
+                res[k] = shards[m].result(k, div)
+                continue
             t = next(it).div_(div) if cfg.group is None else (next(it) / div).float()
             if m == "sig":
                 t = sig.finalize(t, p, sig_rule[k])

@@ -68,10 +68,19 @@ def _provenance_dims(module: nn.Module, call: Call, n: int):
         out_dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n else None for t in outs]
     else:
         out_dims = [
-            _plain(bd, f"output #{j}", module) if isinstance(t, Tensor) else None
+            _out_dim(bd, j, module) if isinstance(t, Tensor) else None
             for j, (t, bd) in enumerate(zip(outs, call.out_dims))
         ]
     return in_dims, out_dims
+
+
+def _out_dim(bd, j: int, module: nn.Module):
+    """An output's plain sample dimension, or the refusal (raised only if that output gets a gradient:
+    e.g. a Hugging Face model's own loss, which mixes the samples, is returned but never differentiated)."""
+    try:
+        return _plain(bd, f"output #{j}", module)
+    except ValueError as e:
+        return e
 
 
 #: module class -> resolver(module, call, n) -> (batch dims of the (args, kwargs) leaves, of the output
@@ -119,6 +128,8 @@ def per_sample_grads(
         for j, (gj, d) in enumerate(zip(g, out_dims)):
             if gj is None:
                 continue
+            if isinstance(d, ValueError):
+                raise d
             outs.append((j, d))  # gradients arrive batch-first (a shared output's: per sample)
             batched.append(gj[lo:hi].detach())
         plans.append((fixed, spec, slots, outs))
@@ -153,6 +164,17 @@ class FunctionalFallback:
         step = chunk_rows(n, 4 * sum(b.numel() for b in bufs.values()), rules_base.CHUNK_BYTES // 4)  # vmap temps
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            ps = per_sample_grads(module, calls, grads, names, lo, hi, n)
+            try:
+                ps = per_sample_grads(module, calls, grads, names, lo, hi, n)
+            except RuntimeError as e:  # e.g. data-dependent control flow (a mask check) under vmap
+                shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                why = why if len(why) <= 240 else why[:240] + "..."
+                raise ValueError(
+                    f"{type(module).__name__} (torch.func fallback for parameter(s) {shown}): its forward "
+                    f"cannot run per sample under torch.func.vmap ({why}). "
+                    "Register a rule for the layer that uses them (ewc_fast.estimation.rules.register_rule), "
+                    "or exclude them with requires_grad=False."
+                ) from e
             for k in names:
                 reduce_into(bufs[k], ps[k], mode)

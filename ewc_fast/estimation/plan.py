@@ -25,6 +25,7 @@ Models whose parameter use depends on the data are not supported (the plan is no
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -323,8 +324,13 @@ def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses
     return Plan(list(groups.values()), tied, list(fallbacks.values()), functions, reasons)
 
 
-def make_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], batch: Batch) -> Plan:
-    """The plan of ``model``'s trainable parameters, discovered on (two samples of) ``batch``."""
+def make_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], batch: Batch, identity=None) -> Plan:
+    """The plan of ``model``'s trainable parameters, discovered on (two samples of) ``batch``.
+
+    ``identity``: a context manager factory under which the plan is built after discovery (FSDP2:
+    the modules hold the parameter objects of ``trainable``; :func:`.sharded.unsharded_identity`)."""
     k = min(batch.n, 2)
     inputs = truncate(batch.inputs, batch.n, k)
-    return build_plan(model, trainable, discover(model, inputs, {id(p) for _, p in trainable}, k))
+    uses = discover(model, inputs, {id(p) for _, p in trainable}, k)
+    with identity() if identity is not None else contextlib.nullcontext():
+        return build_plan(model, trainable, uses)

@@ -204,6 +204,9 @@ class Stream:
                 self.seed.mode,
                 self.n,
             )
+        flush = getattr(self.bufs, "flush", None)  # sharded sums (FSDP2): reduce-scatter this module's now
+        if flush is not None:
+            flush([*(g.params.values() if g is not None else ()), *(f.params.values() if f is not None else ())])
         self.done.add(mkey)
         got.clear()
         if self.last and mkey not in self.tied_modules:
@@ -227,6 +230,8 @@ class Stream:
                 hi = min(n, lo + step)
                 ps = sum(u.rule.per_sample(u.target, cs, gs, [u.local], lo, hi, n)[u.local] for u, cs, gs in per_use)
                 reduce_into(buf, ps, self.seed.mode)
+            if hasattr(self.bufs, "flush"):
+                self.bufs.flush([t.full])
         for mkey in self.tied_modules:
             if mkey not in self.done:  # its group / fallback parameters, with the gradients kept
                 self._process(mkey)

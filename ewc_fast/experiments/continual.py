@@ -22,6 +22,20 @@ Kutalev & Lapina 2021, arXiv 2109.10021), SI (Zenke et al. 2017) and WVA (Kutale
 turns on Kutalev & Lapina's stabilised penalty (``stabilize_lr = lr``). The one-task building
 blocks (training, evaluation, importance estimation) are in :mod:`.training`.
 
+Options of :class:`RunConfig` beyond the method:
+
+* ``optimizer`` ``"adam"`` (default, ``lr``) or ``"sgd"`` (``lr``, ``momentum``); ``clip_norm``
+  clips the total gradient (task + penalty) to that L2 norm before each step.
+* ``anchor`` (EWC methods): ``"all"`` — one penalty per previous task at its own optimum (default;
+  Kirkpatrick et al. 2017's multi-task EWC); ``"previous"`` — only the latest task's penalty (its
+  importance at its optimum; older tasks dropped); ``"latest"`` — the importances of all previous
+  tasks summed, anchored at the latest optimum (Huszár 2018; Kutalev & Lapina's code).
+* ``steps_per_task``: train each task for exactly this many optimizer steps (epochs repeat as
+  needed; van de Ven et al. count iterations) instead of ``epochs`` epochs.
+* ``multi_head``: task-incremental learning — each task scores only its own output columns
+  (:func:`.tasks.with_heads`; split MNIST task t: classes (2t, 2t+1)), in training, evaluation
+  and the importance pass.
+
 λ convention — ``RunConfig.lam`` is always in **ewc_fast's convention**, penalty
 ``(λ/2) Σ_i Ω_i (θ_i − μ_i)²`` (gradient ``λ Ω (θ − μ)``). Kutalev & Lapina's code (and SI, MAS)
 write ``λ' Σ Ω (θ − μ)²`` without the ½, so ``λ = 2 λ'``: their Fisher λ'=41 is our λ=82.
@@ -43,11 +57,22 @@ from torch import nn
 
 from .data import MNIST
 from .models import build_model
-from .strategies import IMPORTANCE_METHODS, METHODS, make_strategy
-from .tasks import Task, build_tasks
-from .training import estimate, evaluate, importance_subset, resolve_device, train_task, unit_importance
+from .strategies import ANCHORS, IMPORTANCE_METHODS, METHODS, make_strategy
+from .tasks import Task, build_tasks, head_outputs, with_heads
+from .training import (
+    OPTIMIZERS,
+    estimate,
+    evaluate,
+    importance_subset,
+    make_optimizer,
+    resolve_device,
+    train_task,
+    unit_importance,
+)
 
 __all__ = [
+    "ANCHORS",
+    "OPTIMIZERS",
     "METHODS",
     "IMPORTANCE_METHODS",
     "RunConfig",
@@ -167,6 +192,12 @@ class RunConfig:
     device: str = "cpu"
     eval_batch: int = 2000
     eval_every_epoch: bool = True
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    clip_norm: float | None = None
+    anchor: str = "all"
+    multi_head: bool = False
+    steps_per_task: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -177,6 +208,20 @@ class RunConfig:
             raise ValueError("mas_output must be 'logits' or 'softmax'")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             raise ValueError(f"lam must be finite and >= 0, got {self.lam}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (0.0 <= self.momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer == "adam" and self.momentum:
+            raise ValueError(
+                "momentum is an SGD setting: pass optimizer='sgd' (--optimizer sgd); Adam has its own betas"
+            )
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ValueError(f"clip_norm (--clip-norm) must be a finite number > 0 or None, got {self.clip_norm}")
+        if self.steps_per_task is not None and not (int(self.steps_per_task) == self.steps_per_task > 0):
+            raise ValueError(f"steps_per_task must be a positive integer or None, got {self.steps_per_task}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,6 +239,7 @@ class RunResult:
     curve: list = field(default_factory=list)  # per-epoch [{"stage", "epoch", "acc": [...]}]
     train_time_s: float = 0.0
     importance_time_s: float = 0.0
+    importance_times_s: list = field(default_factory=list)  # one entry per consolidation
 
     @property
     def mean_acc_seen(self) -> list[float]:
@@ -232,6 +278,7 @@ class RunResult:
             "curve": self.curve,
             "train_time_s": self.train_time_s,
             "importance_time_s": self.importance_time_s,
+            "importance_times_s": self.importance_times_s,
         }
 
 
@@ -268,13 +315,14 @@ def run_sequence(
     """
     dev = resolve_device(cfg.device)
     torch.manual_seed(seed)
+    if cfg.multi_head and any(t.head is None for t in tasks):
+        tasks = with_heads(tasks, data.n_classes)
     if model is None:
-        n_out = tasks[0].n_outputs or data.n_classes
-        model = build_model(cfg.model, n_in=data.n_features, n_out=n_out)
+        model = build_model(cfg.model, n_in=data.n_features, n_out=head_outputs(tasks, data.n_classes))
     model = model.to(dev)
     gen = torch.Generator().manual_seed(seed)
     strategy = make_strategy(model, cfg)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    optimizer = make_optimizer(model, cfg)
     strategy.attach(optimizer)
     if setup is not None:
         setup(model, optimizer)
@@ -294,6 +342,7 @@ def run_sequence(
     initial, _ = eval_all()
     R, L, curve = [], [], []
     train_time = imp_time = 0.0
+    imp_times: list[float] = []
     for i, task in enumerate(tasks):
         x_task, y_task = task.apply(x_tr, y_tr)
         x_task, y_task = x_task.to(dev), y_task.to(dev)
@@ -315,11 +364,14 @@ def run_sequence(
             on_epoch_end=on_epoch_end,
             progress=progress,
             desc=f"{cfg.method} task {i + 1}/{T}",
+            task=task,
         )
         train_time += time.perf_counter() - t0
         x_imp, y_imp = importance_subset(x_task, y_task, cfg.n_importance)
         if i < T - 1 or on_task_end is not None:  # the last task needs no consolidation
-            imp_time += strategy.end_task(x_imp, y_imp, gen)
+            dt = strategy.end_task(x_imp, y_imp, gen, task=task)
+            imp_time += dt
+            imp_times.append(dt)
         accs, losses = eval_all()
         R.append(accs)
         L.append(losses)
@@ -332,7 +384,9 @@ def run_sequence(
         if on_task_end is not None:
             on_task_end(i, model, x_imp, y_imp, strategy)
         del x_task, y_task
-    return RunResult(cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time)
+    return RunResult(
+        cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time, imp_times
+    )
 
 
 # --------------------------------------------------------------------------------------------

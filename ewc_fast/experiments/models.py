@@ -9,6 +9,13 @@
 * ``small-mlp`` — 784-100-10 leaky-ReLU (tests, quick runs).
 * ``small-cnn`` — Conv 8@5×5/2 → ReLU → Conv 16@3×3/2 → ReLU → Linear 784→10 (tests of conv paths
   and per-filter pruning).
+* ``mlp400`` — 784-400-400-10 ReLU: van de Ven et al. 2025's (arXiv 2502.11756) Split MNIST network.
+* ``kutalev-cnn`` — the shape of Kutalev & Lapina 2021's conv net (3 conv + BatchNorm, 1 linear): three
+  blocks Conv 3×3 'same' (16, 32, 64 filters) → BatchNorm → ReLU → MaxPool 2×2, then Linear 576→10.
+  Their filter counts are not given in the paper: these are ours (29 k parameters).
+* ``attention`` — a small self-attention classifier: the image as 16 tokens of 7×7 patches, Linear
+  49→32 plus a fixed sinusoidal position code, one ``nn.MultiheadAttention`` (2 heads) with a residual
+  connection, LayerNorm, mean over tokens, Linear 32→10 (5.9 k parameters).
 
 Every model is an ``nn.Sequential`` with named children and explicit activation modules, so the
 parameter names (``fc1.weight`` …) are readable in tables and each layer's activation is a module.
@@ -22,9 +29,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "SeedCNN", "SmallCNN", "build_model", "MODEL_NAMES", "weight_layers", "sig_activations"]
+__all__ = [
+    "MLP",
+    "SeedCNN",
+    "SmallCNN",
+    "KutalevCNN",
+    "PatchAttention",
+    "build_model",
+    "MODEL_NAMES",
+    "weight_layers",
+    "sig_activations",
+]
 
-MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn")
+MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn", "mlp400", "kutalev-cnn", "attention")
 
 
 class MLP(nn.Sequential):
@@ -92,17 +109,67 @@ class SmallCNN(nn.Sequential):
         )
 
 
+class KutalevCNN(nn.Sequential):
+    """3 × (Conv 3×3 'same' → BatchNorm → ReLU → MaxPool 2×2) → Flatten → Linear (see module doc)."""
+
+    def __init__(self, image_size: int = 28, n_out: int = 10, widths: Sequence[int] = (16, 32, 64)):
+        layers: list[tuple[str, nn.Module]] = [("unflatten", nn.Unflatten(1, (1, image_size, image_size)))]
+        c, side = 1, image_size
+        for i, w in enumerate(widths, start=1):
+            layers += [
+                (f"conv{i}", nn.Conv2d(c, w, 3, padding=1)),
+                (f"bn{i}", nn.BatchNorm2d(w)),
+                (f"act{i}", nn.ReLU()),
+                (f"pool{i}", nn.MaxPool2d(2)),
+            ]
+            c, side = w, side // 2
+        layers += [("flatten", nn.Flatten()), ("out", nn.Linear(c * side * side, n_out))]
+        super().__init__(OrderedDict(layers))
+
+
+class PatchAttention(nn.Module):
+    """Patches → tokens → one self-attention layer (residual) → LayerNorm → mean → Linear."""
+
+    def __init__(self, image_size: int = 28, patch: int = 7, dim: int = 32, heads: int = 2, n_out: int = 10):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        self.image_size, self.patch = image_size, patch
+        n_tok = (image_size // patch) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        pos = torch.arange(n_tok, dtype=torch.float32)[:, None]
+        freq = torch.exp(-torch.arange(0, dim, 2, dtype=torch.float32) * (torch.log(torch.tensor(1e4)) / dim))
+        code = torch.zeros(n_tok, dim)
+        code[:, 0::2], code[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        self.register_buffer("pos", code)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, p = x.shape[0], self.image_size, self.patch
+        g = s // p
+        tok = x.reshape(n, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(n, g * g, p * p)
+        h = self.embed(tok) + self.pos
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(self.norm(h + a).mean(1))
+
+
 def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Module:
     """Build a model by name (see :data:`MODEL_NAMES`); CNNs need a square image of ``n_in``."""
     if name == "mlp":
         return MLP(n_in, (300, 150), n_out)
     if name == "small-mlp":
         return MLP(n_in, (100,), n_out)
-    if name in ("cnn", "small-cnn"):
+    if name == "mlp400":
+        return MLP(n_in, (400, 400), n_out, negative_slope=0.0)
+    if name in ("cnn", "small-cnn", "kutalev-cnn", "attention"):
         side = int(round(n_in**0.5))
         if side * side != n_in:
             raise ValueError(f"{name} needs square images, got {n_in} features")
-        return SeedCNN(side, n_out) if name == "cnn" else SmallCNN(side, n_out)
+        if name == "attention":
+            return PatchAttention(side, n_out=n_out)
+        return {"cnn": SeedCNN, "small-cnn": SmallCNN, "kutalev-cnn": KutalevCNN}[name](side, n_out=n_out)
     raise ValueError(f"unknown model {name!r}: choose from {MODEL_NAMES}")
 
 

@@ -28,7 +28,7 @@ from .data import MNIST
 from .models import build_model
 from .strategies import make_strategy
 from .tasks import Task, partial_permutation
-from .training import estimate, evaluate, importance_subset, resolve_device, train_task
+from .training import estimate, evaluate, importance_subset, make_optimizer, resolve_device, train_task
 
 __all__ = ["fisher_overlap", "overlap_table", "run_overlap"]
 
@@ -75,7 +75,7 @@ def run_overlap(
     task_a = Task("A-identity")
     gen = torch.Generator().manual_seed(seed)
     cfg_a = dataclasses.replace(cfg, method="none", lam=0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    opt = make_optimizer(model, cfg_a)
     train_task(model, opt, x_tr, y_tr, cfg_a, generator=gen, progress=progress, desc="task A")
     xa_imp, ya_imp = importance_subset(x_tr, y_tr, cfg.n_importance)
     fisher_a_own = estimate(model, xa_imp, ya_imp, ("fisher",), cfg)["fisher"]
@@ -87,7 +87,7 @@ def run_overlap(
         task_b = Task(f"B-partial{f:g}", partial_permutation(float(f), seed, n_pixels=data.n_features))
         m = copy.deepcopy(model)
         strategy = make_strategy(m, cfg)
-        opt_b = torch.optim.Adam(m.parameters(), lr=cfg.lr, foreach=True)
+        opt_b = make_optimizer(m, cfg)
         strategy.attach(opt_b)
         if cfg.method != "none":
             strategy.end_task(xa_imp, ya_imp, gen)  # consolidate task A (on the copy)

@@ -23,6 +23,13 @@ leaves the model unchanged and ``f = 1`` removes everything. Removed entries are
 before pruning (``replace="noise"``, a "small random weight"). Ties are broken by a
 stable sort (index order).
 
+Importances: FIS / MAS / SIG (and the other estimators of :func:`ewc_fast.estimate_importance`),
+SI from a tracker during training, ``magnitude`` |w|, ``random``, ``inverse_magnitude`` 1/|w| and
+the training-trajectory measures of :mod:`.trackers` (sign flips of w, sign changes of Δw, total
+absolute change Σ|Δw|). ``weights_only`` prunes weight tensors only (biases kept), as Kutalev's
+pruning script does. Every run's curve is kept: the result carries the mean and the min–max band
+over runs.
+
 The ordering table ranks the importances by the area under the accuracy-vs-fraction curve
 (trapezoid rule; larger = the importance identifies what matters better).
 """
@@ -41,6 +48,7 @@ from ..consolidation import SynapticIntelligence
 from .continual import RunConfig, run_sequence
 from .data import MNIST
 from .tasks import Task
+from .trackers import TRACKER_MEASURES, TrajectoryTracker, inverse_magnitude
 from .training import estimate, evaluate
 
 __all__ = [
@@ -71,8 +79,21 @@ IMPORTANCE_CHOICES = (
     "sig",
     "magnitude",
     "random",
+    "inverse_magnitude",
+    *TRACKER_MEASURES,
 )
-LABELS = {"fisher": "FIS", "mas": "MAS", "si": "SI", "sig": "SIG", "magnitude": "|w|", "random": "random"}
+LABELS = {
+    "fisher": "FIS",
+    "mas": "MAS",
+    "si": "SI",
+    "sig": "SIG",
+    "magnitude": "|w|",
+    "random": "random",
+    "inverse_magnitude": "1/|w|",
+    "sign_flips": "w sign flips",
+    "dw_sign_changes": "Δw sign changes",
+    "abs_change": "Σ|Δw|",
+}
 
 
 @dataclass
@@ -102,12 +123,17 @@ def _owner_modules(model: nn.Module) -> dict:
     return owners
 
 
-def build_groups(model: nn.Module, aggregation: str = "weight") -> PruneGroups:
-    """Pruning groups of ``model`` (see module doc)."""
+def build_groups(model: nn.Module, aggregation: str = "weight", *, weights_only: bool = False) -> PruneGroups:
+    """Pruning groups of ``model`` (see module doc); ``weights_only``: only parameters named
+    ``weight`` are pruned (biases and the rest are kept, Kutalev's ``section4/weight-sparse.py``)."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}")
     owners = _owner_modules(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if p.requires_grad and (not weights_only or owners[n][1] == "weight")
+    ]
     layers = list(dict.fromkeys(owners[n][0] for n, _ in params))
     layer_idx = {m: i for i, m in enumerate(layers)}
     gid, layer_of_group, offset = {}, [], 0
@@ -237,10 +263,11 @@ def prune_curve(
     task: Task | None = None,
     seed: int = 0,
     eval_batch: int = 2000,
+    weights_only: bool = False,
 ) -> dict:
     """Accuracy and loss of ``model`` pruned by ``importance`` at each fraction (restored after)."""
     task = task or Task("identity")
-    groups = build_groups(model, aggregation)
+    groups = build_groups(model, aggregation, weights_only=weights_only)
     ranks = group_ranks(groups, group_scores(groups, importance, reduce), scope)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(seed)
@@ -303,8 +330,13 @@ def run_prune(
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    weights_only: bool = False,
 ) -> dict:
-    """Train one task per run, prune by every importance × scope × aggregation × reduce."""
+    """Train one task per run, prune by every importance × scope × aggregation × reduce.
+
+    Returns ``{"results": {"scope/aggregation/reduce": {"curves": {label: {"acc", "loss",
+    "acc_min", "acc_max", "acc_runs", "removed"}}, "ordering"}}, …}`` (``acc``/``loss``: means over
+    runs; ``acc_min``/``acc_max``: the band; ``acc_runs``: every run's curve)."""
     for m in importances:
         if m not in IMPORTANCE_CHOICES:
             raise ValueError(f"unknown importance {m!r}: {IMPORTANCE_CHOICES}")
@@ -324,13 +356,21 @@ def run_prune(
             if "si" in importances:
                 holder["si"] = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
                 holder["si"].attach(optimizer)
+            if any(m in TRACKER_MEASURES for m in importances):
+                holder["tracker"] = TrajectoryTracker(model).attach(optimizer)
 
         def on_task_end(stage, model, x_imp, y_imp, strategy, holder=holder, k=k):
-            est = [m for m in importances if m != "si"]
+            own = ("si", "inverse_magnitude", *TRACKER_MEASURES)
+            est = [m for m in importances if m not in own]
             gen = torch.Generator().manual_seed(seed + k)
             imps = dict(estimate(model, x_imp, y_imp, est, cfg, generator=gen)) if est else {}
             if "si" in importances:
                 imps["si"] = holder["si"].consolidate()
+            if "inverse_magnitude" in importances:
+                imps["inverse_magnitude"] = inverse_magnitude(model)
+            if "tracker" in holder:
+                tracked = holder["tracker"].importances()
+                imps.update({m: tracked[m] for m in TRACKER_MEASURES if m in importances})
             holder["model"], holder["imps"] = model, imps
 
         res = run_sequence(data, [task], cfg, seed=seed + k, progress=progress, on_task_end=on_task_end, setup=setup)
@@ -353,6 +393,7 @@ def run_prune(
                     task=task,
                     seed=seed + k,
                     eval_batch=cfg.eval_batch,
+                    weights_only=weights_only,
                 )
                 per_run[key].setdefault(LABELS.get(m, m), []).append(c)
         if log is not None:
@@ -363,6 +404,9 @@ def run_prune(
             label: {
                 "acc": np.mean([c["acc"] for c in cs], axis=0).tolist(),
                 "loss": np.mean([c["loss"] for c in cs], axis=0).tolist(),
+                "acc_min": np.min([c["acc"] for c in cs], axis=0).tolist(),
+                "acc_max": np.max([c["acc"] for c in cs], axis=0).tolist(),
+                "acc_runs": [c["acc"] for c in cs],
                 "removed": cs[0]["removed"],
             }
             for label, cs in by_label.items()
@@ -376,5 +420,6 @@ def run_prune(
         "runs": runs,
         "seed": seed,
         "replace": replace,
+        "weights_only": weights_only,
         "importances": list(importances),
     }

@@ -12,8 +12,9 @@ none           :class:`Strategy`: plain sequential training
 l2             :class:`EWCStrategy` with Ω = 1 (:func:`.training.unit_importance`)
 fisher …       :class:`EWCStrategy`: :class:`ewc_fast.EWC` (``mode="separate"``, one anchor per task)
 (fisher,       fed by :func:`.training.estimate` with that method after each task
-fisher_mc,
-fisher_exact,
+fisher_mc,     (``fisher_batched``: the approximate square of the batch-mean gradient,
+fisher_exact,  ``importance_batch`` samples per batch — van de Ven 2025's BATCHED)
+fisher_batched,
 mas, sig)
 si             :class:`SIStrategy`: Zenke et al. 2017's synaptic intelligence
 wva            :class:`WVAStrategy`: weight-velocity attenuation (Kutalev 2020, arXiv 2005.07107)
@@ -36,6 +37,7 @@ from .training import estimate, unit_importance
 
 if TYPE_CHECKING:  # the run configuration; imported for annotations only (continual imports this module)
     from .continual import RunConfig
+    from .tasks import Task
 
 __all__ = [
     "METHODS",
@@ -45,12 +47,17 @@ __all__ = [
     "SIStrategy",
     "WVAStrategy",
     "make_strategy",
+    "ANCHORS",
 ]
 
+#: EWC anchoring (``RunConfig.anchor``): a penalty per previous task / only the previous task /
+#: summed importances at the latest optimum
+ANCHORS = ("all", "previous", "latest")
+
 #: every consolidation method :func:`make_strategy` knows
-METHODS = ("none", "l2", "fisher", "fisher_mc", "fisher_exact", "mas", "si", "sig", "wva")
+METHODS = ("none", "l2", "fisher", "fisher_mc", "fisher_exact", "fisher_batched", "mas", "si", "sig", "wva")
 #: the methods that are an importance estimator of :func:`ewc_fast.estimate_importance` feeding EWC
-IMPORTANCE_METHODS = ("fisher", "fisher_mc", "fisher_exact", "mas", "sig")
+IMPORTANCE_METHODS = ("fisher", "fisher_mc", "fisher_exact", "fisher_batched", "mas", "sig")
 
 
 def _stabilize_kwargs(cfg: RunConfig) -> dict:
@@ -69,28 +76,52 @@ class Strategy:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         pass
 
-    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+    def end_task(
+        self,
+        x_imp: torch.Tensor,
+        y_imp: torch.Tensor,
+        generator: torch.Generator | None,
+        task: Task | None = None,
+    ) -> float:
+        """Consolidate after a task (``task``: its head for a multi-head model); seconds spent estimating."""
         return 0.0
 
 
 class EWCStrategy(Strategy):
-    """EWC (Kirkpatrick et al. 2017) with one anchor per task: after task k the penalty gains
-    ``(λ/2) Σ_i Ω_k,i (θ_i − θ*_k,i)²``, Ω_k from ``importance_method`` (``None``: Ω = 1, ``l2``)."""
+    """EWC (Kirkpatrick et al. 2017), Ω_k from ``importance_method`` (``None``: Ω = 1, ``l2``).
+
+    ``cfg.anchor``: ``"all"`` — after task k the penalty gains ``(λ/2) Σ_i Ω_k,i (θ_i − θ*_k,i)²``
+    (one anchor per task, summed exactly); ``"previous"`` — the penalty is only the latest task's
+    term; ``"latest"`` — ``(λ/2) Σ_i (Σ_k Ω_k,i)(θ_i − θ*_latest,i)²`` (online EWC with γ = 1)."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, importance_method: str | None):
         super().__init__(model, cfg)
-        self.ewc = EWC(model, cfg.lam, mode="separate", **_stabilize_kwargs(cfg))
+        self.ewc = self._fresh()
         self.importance_method = importance_method
-        self.after_backward = self.ewc.apply_
 
-    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+    def _fresh(self) -> EWC:
+        mode = "online" if self.cfg.anchor == "latest" else "separate"
+        return EWC(self.model, self.cfg.lam, mode=mode, **_stabilize_kwargs(self.cfg))
+
+    def after_backward(self) -> None:
+        self.ewc.apply_()
+
+    def end_task(
+        self,
+        x_imp: torch.Tensor,
+        y_imp: torch.Tensor,
+        generator: torch.Generator | None,
+        task: Task | None = None,
+    ) -> float:
         t0 = time.perf_counter()
         if self.importance_method is None:
             imp = unit_importance(self.model)
         else:
             m = self.importance_method
-            imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]
+            imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator, task=task)[m]
         dt = time.perf_counter() - t0
+        if self.cfg.anchor == "previous":
+            self.ewc = self._fresh()
         self.ewc.consolidate(imp)
         return dt
 
@@ -114,7 +145,13 @@ class SIStrategy(Strategy):
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.si.attach(optimizer)
 
-    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+    def end_task(
+        self,
+        x_imp: torch.Tensor,
+        y_imp: torch.Tensor,
+        generator: torch.Generator | None,
+        task: Task | None = None,
+    ) -> float:
         t0 = time.perf_counter()
         self.si.consolidate()
         cum = self.si.cumulative
@@ -138,10 +175,16 @@ class WVAStrategy(Strategy):
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.wva.attach(optimizer)
 
-    def end_task(self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None) -> float:
+    def end_task(
+        self,
+        x_imp: torch.Tensor,
+        y_imp: torch.Tensor,
+        generator: torch.Generator | None,
+        task: Task | None = None,
+    ) -> float:
         t0 = time.perf_counter()
         m = self.cfg.wva_importance
-        imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator)[m]
+        imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator, task=task)[m]
         dt = time.perf_counter() - t0
         self.wva.consolidate(imp)
         return dt

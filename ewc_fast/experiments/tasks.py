@@ -20,6 +20,8 @@ Permutation convention: ``x_task[:, i] = x[:, perm[i]]`` (output pixel ``i`` tak
   order is drawn once and the first ``round(fraction·n)`` pixels are moved along one seeded random
   cycle through them, so the permuted sets are nested as the fraction grows and every chosen pixel
   moves.
+* :func:`with_heads` — the multi-head (task-incremental) form of any of these: each task scores
+  only its own output columns (:meth:`Task.logits`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ __all__ = [
     "partial_permutation",
     "partial_permuted_tasks",
     "build_tasks",
+    "with_heads",
+    "head_outputs",
     "is_bijection",
     "TASK_KINDS",
 ]
@@ -71,6 +75,21 @@ class Task:
     perm: np.ndarray | None = field(default=None, repr=False)
     classes: tuple[int, ...] | None = None
     relabel: bool = False
+    #: output columns of this task's head (multi-head, task-incremental); None: every output
+    head: tuple[int, ...] | None = None
+
+    def logits(self, out: Array) -> Array:
+        """The columns of ``out`` (N, C) that form this task's head (``out`` itself if none)."""
+        if self.head is None:
+            return out
+        h = self.head
+        if all(b == a + 1 for a, b in zip(h, h[1:])):  # contiguous: a basic slice (a view)
+            return out[:, h[0] : h[-1] + 1]
+        if hasattr(out, "index_select"):
+            import torch
+
+            return out.index_select(1, torch.as_tensor(h, device=out.device))
+        return out[:, list(h)]
 
     @property
     def is_identity(self) -> bool:
@@ -209,6 +228,32 @@ def partial_permutation(fraction: float, seed: int = 0, *, n_pixels: int = 784) 
 def partial_permuted_tasks(fraction: float, seed: int = 0, *, n_pixels: int = 784) -> list[Task]:
     """Two tasks: the identity and a permutation of ``fraction`` of the pixels."""
     return [Task("identity"), Task(f"partial{fraction:g}", partial_permutation(fraction, seed, n_pixels=n_pixels))]
+
+
+def with_heads(tasks: Sequence[Task], n_classes: int = 10) -> list[Task]:
+    """Multi-head (task-incremental) versions of ``tasks``: a task with a class subset gets the
+    output columns of its classes and labels 0…k−1 in class order (split MNIST task t: columns
+    (2t, 2t+1), as van de Ven et al.'s task-incremental setting); a task on all classes (permuted)
+    gets its own block of ``n_classes`` columns ``[t·n_classes, (t+1)·n_classes)``. The model needs
+    :func:`head_outputs` output units."""
+    out = []
+    for t, task in enumerate(tasks):
+        if task.classes is not None:
+            head = tuple(int(c) for c in task.classes)
+            out.append(Task(task.name, task.perm, task.classes, True, head))
+        else:
+            head = tuple(range(t * n_classes, (t + 1) * n_classes))
+            out.append(Task(task.name, task.perm, None, False, head))
+    return out
+
+
+def head_outputs(tasks: Sequence[Task], default: int) -> int:
+    """Output units a model needs for ``tasks``: past the largest head column, else the first
+    task's relabelled class count, else ``default``."""
+    heads = [c for t in tasks if t.head is not None for c in t.head]
+    if heads:
+        return max(heads) + 1
+    return tasks[0].n_outputs or default
 
 
 def build_tasks(

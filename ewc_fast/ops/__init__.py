@@ -9,6 +9,8 @@ Op families (``ewc_fast/ops/<family>/``; ``__init__.py`` holds the public functi
 * ``consolidation``: ``penalty_apply_`` (EWC penalty value and gradient), ``consolidate_`` (merge a
   task's importance into the anchor), ``si_accumulate_`` / ``si_consolidate_`` (Synaptic
   Intelligence path integral), ``wva_attenuate_`` (weight-velocity attenuation).
+* ``fused_step``: ``fused_step_`` (one optimizer step of SGD / Adam / AdamW with the EWC penalty
+  gradient, SI accumulation and WVA attenuation in the same pass; used by :mod:`ewc_fast.optim`).
 * ``persample``: ``persample_sq_`` (sum over samples of the squared and absolute per-sample weight
   gradients of a Linear layer, without materialising them).
 * ``persample_conv``: ``persample_conv_sq_`` (the same for a convolution's weight: each sample's
@@ -47,15 +49,20 @@ How to add an op ``foo_`` to family F:
            impl = resolve_impl(backend, "F", op_device(params))
            with contiguous_inout(out) as o:
                impl.foo(o, contiguous_in(params), scale)
+           bump_versions(out)  # C++ / Triton write through raw pointers: tell autograd
 
    (``result="scalar"`` for an op returning a 0-dim float64 tensor on the op's device.)
-3. Write the public ``foo_(...)``: validate with :mod:`._validate` (error messages start with
-   ``_foo.name``), then call ``_foo(...)`` once with positional arguments. Export it here.
+3. Write the public ``foo_(...)``: validate *every* argument with :mod:`._validate` before the first
+   write (error messages start with ``_foo.name``): ``check_tensor_lists`` (dtypes, shapes, devices,
+   dense layout), ``check_no_overlap`` (written tensors: no internal overlap, no memory shared with
+   any other argument) and ``check_writable`` (no in-place write to a tensor autograd tracks), then
+   call ``_foo(...)`` once with positional arguments. Export it here.
 4. Test it in ``tests/ops/`` on every backend against a float64 oracle (``ewc_fast/testing/``), plus
    ``torch.library.opcheck(torch.ops.ewc_fast.foo_.default, ...)``.
 """
 
 from .consolidation import consolidate_, penalty_apply_, si_accumulate_, si_consolidate_, wva_attenuate_
+from .fused_step import fused_step_
 from .persample import persample_sq_
 from .persample_conv import persample_conv_sq_
 
@@ -65,6 +72,7 @@ __all__ = [
     "si_accumulate_",
     "si_consolidate_",
     "wva_attenuate_",
+    "fused_step_",
     "persample_sq_",
     "persample_conv_sq_",
 ]

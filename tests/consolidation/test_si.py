@@ -10,6 +10,7 @@ from torch import nn
 from ewc_fast import EWC, Importance, SynapticIntelligence
 from ewc_fast.consolidation.exclusion import ZENKE_REGISTRY
 from ewc_fast.ops import backends as _backend
+from tests.helpers import cuda_marks
 
 
 def _usable(backend: str) -> bool:
@@ -21,32 +22,55 @@ def _usable(backend: str) -> bool:
     return True
 
 
-@pytest.fixture(params=["torch", "auto"])
-def backend(request):
-    if not _usable(request.param):
-        pytest.skip("backend 'auto' resolves to cpp, whose SI wrappers are not built yet")
+#: (backend, device): torch and auto on CPU; on CUDA (marked ``cuda``, skipped without a card) torch and
+#: auto, which resolves to the Triton kernels compiled for the card (skipped while TRITON_INTERPRET=1)
+CASES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("auto", "cpu"), id="auto"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("auto", "cuda"), id="auto-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
     return request.param
 
 
-def _model(seed=0):
+@pytest.fixture
+def device(case):
+    """Device of the model (its parameters, gradients and importances)."""
+    return case[1]
+
+
+@pytest.fixture
+def backend(case, cuda_strict):
+    if case[1] == "cpu" and not _usable(case[0]):
+        pytest.skip("backend 'auto' resolves to cpp, whose SI wrappers are not built yet")
+    return case[0]
+
+
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2)).to(device)
 
 
-def _batches(task, n_steps):
+def _batches(task, n_steps, device="cpu"):
     g = torch.Generator().manual_seed(100 + task)
     w = torch.randn(5, 2, generator=g)
     out = []
     for _ in range(n_steps):
         x = torch.randn(8, 5, generator=g)
-        out.append((x, torch.tanh(x @ w) + 0.5 * task))
+        out.append((x.to(device), (torch.tanh(x @ w) + 0.5 * task).to(device)))
     return out
 
 
 def _fisher_like(model, seed):
     g = torch.Generator().manual_seed(seed)
     return Importance(
-        {n: torch.rand(p.shape, generator=g) * 3 for n, p in model.named_parameters()}, method="fisher", n_samples=1
+        {n: (torch.rand(p.shape, generator=g) * 3).to(p.device) for n, p in model.named_parameters()},
+        method="fisher",
+        n_samples=1,
     )
 
 
@@ -64,9 +88,9 @@ def _check(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str
 @pytest.mark.parametrize("penalty", ["none", "apply", "autograd"])
 @pytest.mark.parametrize("variant", ["zenke", "kutalev"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_si_matches_float64_loop(backend, opt_name, variant, penalty):
+def test_si_matches_float64_loop(backend, device, opt_name, variant, penalty):
     xi, lam, n_steps = 0.1, 5.0, 6
-    model = _model()
+    model = _model(device=device)
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
     si = SynapticIntelligence(model, xi=xi, variant=variant, backend=backend)
@@ -75,13 +99,13 @@ def test_si_matches_float64_loop(backend, opt_name, variant, penalty):
     si.attach(opt)
     assert (si in [r() for r in ZENKE_REGISTRY._refs]) == (variant == "zenke")
     clip = variant == "zenke"
-    omega = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-    bound = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    omega = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in params]
+    bound = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in params]
     start = [p.detach().double().clone() for p in params]
-    cum = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    cum = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in params]
     max_pen = 0.0
     for task in range(2):
-        for x, y in _batches(task, n_steps):
+        for x, y in _batches(task, n_steps, device):
             opt.zero_grad(set_to_none=True)
             loss = F.mse_loss(model(x), y)
             g_task = torch.autograd.grad(loss, params, retain_graph=True)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ewc_fast import WVA, Importance, SynapticIntelligence
 from ewc_fast.ops import backends as _backend
+from tests.helpers import cuda_marks
 
 
 def _usable(backend: str) -> bool:
@@ -19,37 +20,61 @@ def _usable(backend: str) -> bool:
     return True
 
 
-@pytest.fixture(params=["torch", "auto"])
-def backend(request):
-    if not _usable(request.param):
-        pytest.skip("backend 'auto' resolves to cpp, whose WVA wrapper is not built yet")
+#: (backend, device): torch and auto on CPU; on CUDA (marked ``cuda``, skipped without a card) torch and
+#: auto, which resolves to the Triton kernels compiled for the card (skipped while TRITON_INTERPRET=1)
+CASES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("auto", "cpu"), id="auto"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("auto", "cuda"), id="auto-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
     return request.param
 
 
-def _model():
+@pytest.fixture
+def device(case):
+    """Device of the model (its parameters, gradients and importances)."""
+    return case[1]
+
+
+@pytest.fixture
+def backend(case, cuda_strict):
+    if case[1] == "cpu" and not _usable(case[0]):
+        pytest.skip("backend 'auto' resolves to cpp, whose WVA wrapper is not built yet")
+    return case[0]
+
+
+def _model(device="cpu"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))
+    return nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2)).to(device)
 
 
 def _imp(model, seed, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     return Importance(
-        {n: torch.rand(p.shape, generator=g) * scale for n, p in model.named_parameters()}, method="mas", n_samples=1
+        {n: (torch.rand(p.shape, generator=g) * scale).to(p.device) for n, p in model.named_parameters()},
+        method="mas",
+        n_samples=1,
     )
 
 
 def _step(model, opt, seed):
     g = torch.Generator().manual_seed(seed)
     opt.zero_grad(set_to_none=True)
-    model(torch.randn(8, 5, generator=g)).pow(2).mean().backward()
+    x = torch.randn(8, 5, generator=g).to(next(model.parameters()))
+    model(x).pow(2).mean().backward()
     grads = [p.grad.double().clone() for p in model.parameters()]
     before = [p.detach().double().clone() for p in model.parameters()]
     opt.step()
     return grads, before
 
 
-def test_sgd_matches_formula(backend):
-    model = _model()
+def test_sgd_matches_formula(backend, device):
+    model = _model(device)
     lr, lam = 0.1, 2.0
     wva = WVA(model, lam, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -75,8 +100,8 @@ def test_sgd_matches_formula(backend):
         torch.testing.assert_close(p.detach().double(), b - lr * g, rtol=0, atol=1e-7)
 
 
-def test_si_attached_after_wva_sees_attenuated_step(backend):
-    model = _model()
+def test_si_attached_after_wva_sees_attenuated_step(backend, device):
+    model = _model(device)
     lr, lam = 0.1, 5.0
     wva = WVA(model, lam, backend=backend).consolidate(_imp(model, 3))
     si = SynapticIntelligence(model, variant="kutalev", backend=backend)
@@ -155,21 +180,23 @@ def test_load_state_dict_validates_before_changing():
     assert target.lam == 1.5 and target.n_tasks == 2
 
 
-def test_float64_model_not_rounded_through_float32(backend):
+def test_float64_model_not_rounded_through_float32(backend, device):
     """fp64 parameters are attenuated in fp64: a step that does not move them (lr = 0) leaves them bit
     for bit, and A = 0 leaves the optimizer's own step (fp32 arithmetic rounded every weight to fp32)."""
-    model = _model().double()
+    model = _model(device).double()
     with torch.no_grad():
         model[0].weight[0, 0] = 0.1
     wva = WVA(model, 2.0, backend=backend)
     zero = Importance(
-        {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}, method="mas", n_samples=1
+        {n: torch.zeros(p.shape, dtype=torch.float64, device=device) for n, p in model.named_parameters()},
+        method="mas",
+        n_samples=1,
     )
     wva.consolidate(zero)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     wva.attach(opt)
     before = [p.detach().clone() for p in model.parameters()]
-    model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
+    model(torch.randn(4, 5, dtype=torch.float64, device=device)).sum().backward()
     opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert model[0].weight[0, 0].item() == 0.1

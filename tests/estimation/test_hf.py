@@ -10,7 +10,7 @@ import torch
 import ewc_fast
 from ewc_fast.estimation.api import is_causal_lm
 from ewc_fast.testing.per_sample import loop_reference
-from tests.helpers import HF, HF_FAMILIES, PEFT, hf_batches, hf_model
+from tests.helpers import HF, HF_FAMILIES, PEFT, device_params, hf_batches, hf_model, on_device
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(not HF, reason="transformers not installed")]
 
@@ -25,7 +25,7 @@ def assert_close_hf(res, ref, what):
     noise there: such a parameter (reference below 1e-12 of the largest one) must be below 1e-6 of it."""
     scale = max(float(b.norm()) for b in ref.values())
     for k, b in ref.items():
-        a = res[k].double()
+        a = res[k].to("cpu", torch.float64)
         assert bool(torch.isfinite(a).all()), (what, k)
         if float(b.norm()) <= 1e-12 * scale:
             assert float(a.norm()) <= 1e-6 * scale, (what, k, float(a.norm()), scale)
@@ -38,16 +38,21 @@ def methods_of(name):
     return ("fisher", "mas") + (("fisher_exact",) if name in ("bert", "vit") else ("fisher_mc",))
 
 
+@pytest.mark.parametrize("device", device_params(triton=True))
 @pytest.mark.parametrize("name", HF_FAMILIES + ("lora",))
-def test_hf_model_matches_loop_oracle(name):
+def test_hf_model_matches_loop_oracle(name, device, cuda_strict):
+    """On a card: the oracle runs on the CPU copy, the estimate on the card ("auto": the Triton kernels;
+    TF32 off). SDPA picks its CUDA kernels; in fp32 they stay far inside TOL."""
     if name == "lora" and not PEFT:
         pytest.skip("peft not installed")
     model, data = hf_model(name), hf_batches(name)
     methods = methods_of(name)
-    res = ewc_fast.estimate_importance(model, data, methods, progress=False, generator=torch.Generator().manual_seed(3))
     ref = loop_reference(
         model, data, methods, label_shift=is_causal_lm(model), generator=torch.Generator().manual_seed(3)
     )
+    if device != "cpu":
+        model, data = model.to(device), on_device(data, device)
+    res = ewc_fast.estimate_importance(model, data, methods, progress=False, generator=torch.Generator().manual_seed(3))
     for m in methods:
         assert res[m].n_samples == 6
         assert res[m].meta["fallback"] == {}, res[m].meta["fallback"]
@@ -82,3 +87,106 @@ def test_output_selector_and_clear_error():
     assert_close_hf(res["mas"], ref["mas"], "selector")
     with pytest.raises(ValueError, match="output='nope' is not an entry"):
         ewc_fast.estimate_importance(model, data, "mas", progress=False, output="nope")
+
+
+@pytest.mark.parametrize("name", ["vit", "bart"])
+def test_fallback_module_returning_what_it_consumes_is_exact(name, monkeypatch):
+    """The double-count trap on real models: with the conv rules removed, ViT's patch projection goes
+    to the torch.func fallback while the model returns every hidden state (output_hidden_states=True);
+    with the embedding rules removed, BART's shared embedding (encoder, decoder, tied LM head) sends the
+    whole model to the fallback, and the model returns the encoder output that its decoder consumes.
+    No attention mask for BART: transformers' mask check is data-dependent control flow under vmap
+    (see the next test)."""
+    from torch import nn
+
+    from ewc_fast.estimation.rules import base as rules_base
+    from ewc_fast.estimation.rules import functional as rules_functional
+
+    if name == "vit":
+        monkeypatch.delitem(rules_base.RULES, nn.Conv2d)
+        monkeypatch.delitem(rules_functional.FUNCTION_RULES, "conv2d")
+        model, data = hf_model("vit"), hf_batches("vit", sizes=(4, 1))
+        model.config.output_hidden_states = True
+        expect = {
+            "vit.embeddings.patch_embeddings.projection.weight",
+            "vit.embeddings.patch_embeddings.projection.bias",
+        }
+    else:
+        monkeypatch.delitem(rules_base.RULES, nn.Embedding)
+        monkeypatch.delitem(rules_functional.FUNCTION_RULES, "embedding")
+        model = hf_model("bart")
+        data = [{k: v for k, v in b.items() if k != "attention_mask"} for b in hf_batches("bart", sizes=(4, 1))]
+        expect = {"model.shared.weight", "model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
+    methods = ("fisher", "mas")
+    with pytest.warns(UserWarning, match="torch.func fallback"):
+        res = ewc_fast.estimate_importance(model, data, methods, progress=False)
+    assert set(res["fisher"].meta["fallback"]) == expect
+    ref = loop_reference(model, data, methods)
+    for m in methods:
+        assert_close_hf(res[m], ref[m], f"{name}/{m}")
+
+
+def test_fallback_that_cannot_run_under_vmap_names_the_module_and_parameters(monkeypatch):
+    from torch import nn
+
+    from ewc_fast.estimation.rules import base as rules_base
+    from ewc_fast.estimation.rules import functional as rules_functional
+
+    monkeypatch.delitem(rules_base.RULES, nn.Embedding)
+    monkeypatch.delitem(rules_functional.FUNCTION_RULES, "embedding")
+    model, data = hf_model("bart"), hf_batches("bart", sizes=(2,))
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            ValueError,
+            match=r"BartForConditionalGeneration \(torch.func fallback for parameter\(s\) model.shared.weight",
+        ),
+    ):
+        ewc_fast.estimate_importance(model, data, "fisher", progress=False)
+
+
+def _eos_pooled(name):
+    """T5ForSequenceClassification / BartForSequenceClassification: the sentence vector is picked by a
+    boolean eos mask (``hidden[eos_mask, :].view(N, -1, E)[:, -1, :]``)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "t5":
+        cfg = T.T5Config(
+            vocab_size=37, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, num_labels=3,
+        )  # fmt: skip
+        m, eos = T.T5ForSequenceClassification(cfg), 1
+    else:
+        cfg = T.BartConfig(
+            vocab_size=37, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=16,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, num_labels=3,
+        )  # fmt: skip
+        m, eos = T.BartForSequenceClassification(cfg), 2
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for n in (4, 1):
+        ids = torch.randint(3, 37, (n, 4), generator=g)
+        ids[:, -1] = eos
+        data.append({"input_ids": ids, "labels": torch.randint(0, 3, (n,), generator=g)})
+    return m.eval(), data, eos
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_eos_mask_pooling_is_exact(name):
+    model, data, eos = _eos_pooled(name)
+    methods = ("fisher", "mas", "fisher_exact")
+    res = ewc_fast.estimate_importance(model, data, methods, progress=False)
+    ref = loop_reference(model, data, methods)
+    for m in methods:
+        assert res[m].meta["fallback"] == {}
+        assert_close_hf(res[m], ref[m], f"{name}/{m}")
+    # a different number of eos tokens per sample is refused (the model itself refuses it too)
+    bad = [{k: v.clone() for k, v in data[0].items()}]
+    bad[0]["input_ids"][0, 0] = eos
+    with pytest.raises(ValueError):
+        ewc_fast.estimate_importance(model, bad, "fisher", progress=False)

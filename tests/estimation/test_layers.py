@@ -14,7 +14,7 @@ from torch import nn
 
 import ewc_fast
 from ewc_fast.testing.importance import reference_importance
-from tests.helpers import ALL, TOKEN, TRITON, assert_close, cached_reference, ragged
+from tests.helpers import ALL, TOKEN, TRITON, assert_close, cached_reference, cuda_marks, ragged
 from tests.helpers import run_case as _run_case
 
 
@@ -296,8 +296,8 @@ def reference(name):
     return cached_reference(make_case, name)
 
 
-def run_case(name, backend, **kw):
-    return _run_case(make_case, name, backend, **kw)
+def run_case(name, backend, device="cpu", **kw):
+    return _run_case(make_case, name, backend, device, **kw)
 
 
 #: cases whose statistics go through ewc_fast.ops.persample_sq_ in interesting shapes (T = 1, T > 1, groups,
@@ -314,11 +314,21 @@ CPP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,backend", [(c, "torch") for c in CASES] + [(c, "cpp") for c in CPP_CASES])
-def test_matches_float64_oracle(name, backend):
+#: on a card: every case with the torch backend, and the persample cases with the Triton kernels
+#: compiled for it (TF32 off: the 1e-5 bound is an fp32 one)
+CUDA_RUNS = [pytest.param(c, "torch", "cuda", marks=cuda_marks(), id=f"{c}-torch-cuda") for c in CASES] + [
+    pytest.param(c, "triton", "cuda", marks=cuda_marks(triton=True), id=f"{c}-triton-cuda") for c in CPP_CASES
+]
+
+
+@pytest.mark.parametrize(
+    "name,backend,device",
+    [(c, "torch", "cpu") for c in CASES] + [(c, "cpp", "cpu") for c in CPP_CASES] + CUDA_RUNS,
+)
+def test_matches_float64_oracle(name, backend, device, cuda_strict):
     if backend == "cpp" and "cpp" not in ewc_fast.available_backends("cpu"):
         pytest.skip("C++ extension not built")
-    res, methods = run_case(name, backend)
+    res, methods = run_case(name, backend, device)
     ref = reference(name)
     assert list(res) == list(methods)
     for m in methods:

@@ -227,3 +227,18 @@ def test_torch_compiled_model():
         assert_close({k.removeprefix("_orig_mod."): v for k, v in res[m].items()}, ref[m], what=m)
     assert all(k.startswith("_orig_mod.") for k in res["fisher"])  # the names of the model passed
     _ = F
+
+
+def test_boolean_mask_pooling_provenance():
+    """x[mask, :] with the same number c of selected positions per sample: samples in blocks of c along
+    dim 0 (Hugging Face's eos pooling); different counts: refused with the reason."""
+    x = torch.randn(N, T, 6)
+    ids = torch.tensor([[1, 2, 9, 9], [9, 3, 9, 1], [9, 9, 0, 0], [5, 9, 9, 5]])
+    tr = Tracker(N)
+    tr.mark_inputs([x, ids])
+    with tr:
+        sel = x[ids.eq(9), :]  # two positions per sample
+        pooled = sel.view(N, -1, 6)[:, -1, :]
+        uneven = x[ids.eq(1)]
+    assert tr.get(sel) == BDim(0, 1, 2) and tr.get(pooled) == BDim(0)
+    assert isinstance(tr.get(uneven), Unknown) and "different number" in tr.get(uneven).reason

@@ -129,6 +129,64 @@ def test_permuted_mnist_grid_runs(tmp_path, idx_data):
             assert (out / name).exists()
 
 
+def test_permuted_mnist_sgd_anchor_multi_head(tmp_path, idx_data):
+    """SGD with momentum, only-previous anchoring and a multi-head split run, end to end."""
+    out = tmp_path / "pmh"
+    _run(
+        "permuted-mnist",
+        "--out",
+        out,
+        "--task-kind",
+        "split",
+        "--tasks",
+        "3",
+        "--multi-head",
+        "--anchor",
+        "previous",
+        "--optimizer",
+        "sgd",
+        "--momentum",
+        "0.9",
+        "--lr",
+        "0.01",
+        "--clip-norm",
+        "5",
+        "--epochs",
+        "1",
+        "--model",
+        "small-mlp",
+        "--methods",
+        "none,fisher_exact,fisher_batched",
+        "--method-lams",
+        "fisher_exact=10,fisher_batched=1000",
+        "--n-importance",
+        "50",
+        "--no-epoch-eval",
+        *TINY,
+        *idx_data,
+    )
+    res = _json(out / "permuted_mnist.json")
+    cfg = res["config"]
+    assert (cfg["optimizer"], cfg["momentum"], cfg["clip_norm"], cfg["anchor"], cfg["multi_head"]) == (
+        "sgd",
+        0.9,
+        5.0,
+        "previous",
+        True,
+    )
+    assert res["methods"]["fisher_exact"]["best_lam"] == 10.0
+    assert res["methods"]["fisher_batched"]["best_lam"] == 1000.0
+    assert res["meta"]["command"].startswith("ewc-fast permuted-mnist")
+    for m in res["methods"].values():
+        R = np.asarray(next(iter(m["lams"].values()))["summary"]["R_mean"])
+        _check_matrix(R, 3)
+    # momentum without SGD: a clear error naming the option, exit 2
+    proc = _run("permuted-mnist", "--out", out, "--momentum", "0.9", *TINY, *idx_data, check=False)
+    assert proc.returncode == 2 and "--optimizer sgd" in proc.stderr
+    proc = _run("permuted-mnist", "--out", out, "--method-lams", "fisher:3", *TINY, *idx_data, check=False)
+    assert proc.returncode == 2 and "METHOD=VALUE" in proc.stderr
+
+
 def test_permuted_mnist_from_idx_dir_blocks(tmp_path, capsys):
     """In-process (the subprocess path is covered above): gzipped IDX, block tasks, a CNN."""
     from ewc_fast.cli import main
@@ -273,6 +331,45 @@ def test_prune(tmp_path, idx_data):
         assert len(list(csv.DictReader(f))) == 8 * 6
     if _has_plots():
         assert (out / "prune_global_weight_mean.png").exists()
+
+
+def test_prune_trackers_weights_only_bands(tmp_path, idx_data):
+    """Seed-004 measures, weights-only pruning and the min–max band over 2 runs."""
+    out = tmp_path / "pr2"
+    _run(
+        "prune",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--model",
+        "small-mlp",
+        "--fractions",
+        "3",
+        "--scope",
+        "layer",
+        "--weights-only",
+        "--runs",
+        "2",
+        "--importances",
+        "magnitude,inverse_magnitude,sign_flips,dw_sign_changes,abs_change",
+        "--n-importance",
+        "100",
+        *TINY,
+        *idx_data,
+    )
+    res = _json(out / "prune.json")
+    assert res["weights_only"] is True and res["runs"] == 2
+    r = res["results"]["layer/weight/mean"]
+    assert set(r["curves"]) == {"|w|", "1/|w|", "w sign flips", "Δw sign changes", "Σ|Δw|"}
+    for c in r["curves"].values():
+        assert c["removed"][-1] == 784 * 100 + 100 * 10  # weights only: the biases stay
+        assert len(c["acc_runs"]) == 2
+        for lo, m, hi, a, b in zip(c["acc_min"], c["acc"], c["acc_max"], *c["acc_runs"]):
+            assert lo == min(a, b) and hi == max(a, b) and m == pytest.approx((a + b) / 2)
+    with open(out / "prune_curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 * 3 and {"acc_min", "acc_max"} <= set(rows[0])
 
 
 def test_overlap(tmp_path, idx_data):

@@ -3,7 +3,11 @@ on every backend against the float64 oracles in :mod:`ewc_fast.testing.consolida
 
 Backends: "torch"; "cpp" with torch.set_num_threads(1) and (2); "triton" on CPU tensors in the
 Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), run when
-``ewc_fast.kernels.consolidation`` imports and defines the op, skipped with the reason otherwise.
+``ewc_fast.kernels.consolidation`` imports and defines the op, skipped with the reason otherwise;
+"torch-cuda" and "triton-cuda" on CUDA tensors (marked ``cuda``; skipped without a card, and Triton
+also while TRITON_INTERPRET=1: on the card the kernels must be compiled, not interpreted). The same
+tolerances hold on CUDA: the Triton kernels compile with ``enable_fp_fusion=False`` and ``tl.div_rn``,
+so every elementwise result is rounded exactly as on the CPU; only the order of the partial sums differs.
 
 Results are compared per tensor by relative norm error ||x - ref|| / ||ref|| (NaN/inf never pass);
 each tolerance below says where it comes from.
@@ -20,6 +24,7 @@ import ewc_fast
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import consolidation as reference
+from tests.helpers import cuda_marks, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 PARAM_DTYPES = (F32, F64, BF16, F16)
@@ -69,8 +74,8 @@ def assert_all_rel(xs, refs, tol, what):
 
 
 # --- backends -----------------------------------------------------------------------------------
-def _triton_missing(fn: str) -> str | None:
-    reason = why_unavailable("triton", torch.device("cpu"))
+def _triton_missing(fn: str, device: str = "cpu") -> str | None:
+    reason = why_unavailable("triton", torch.device(device))
     if reason:
         return reason
     try:
@@ -82,10 +87,32 @@ def _triton_missing(fn: str) -> str | None:
     return None
 
 
-@pytest.fixture(params=["torch", "cpp-1t", "cpp-2t", "triton"])
-def backend(request):
+CASES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
+    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    """(backend, device) of a test case."""
+    return request.param
+
+
+@pytest.fixture
+def device(case):
+    """Device the case's tensors live on."""
+    return case[1]
+
+
+@pytest.fixture
+def backend(case):
     """Backend name; cpp-1t / cpp-2t run the C++ kernels with 1 / 2 torch (= OpenMP) threads."""
-    name = request.param
+    name = case[0]
     if name == "triton":
         yield "triton"
         return
@@ -103,10 +130,10 @@ def backend(request):
         torch.set_num_threads(old)
 
 
-def need(backend: str, fn: str) -> None:
-    """Skip a triton case whose kernel is not there (yet)."""
+def need(backend: str, device: str, fn: str) -> None:
+    """Skip a triton case whose kernel is not there (yet) or cannot run on ``device`` in this process."""
     if backend == "triton":
-        reason = _triton_missing(fn)
+        reason = _triton_missing(fn, device)
         if reason:
             pytest.skip(reason)
 
@@ -117,17 +144,23 @@ def need(backend: str, fn: str) -> None:
 # interpreter).
 SPECS = [((1,), "c"), ((7,), "c"), ((1000,), "c"), ((4097,), "c"), ((33, 65), "c"), ((33, 65), "t"), ((500,), "s")]
 BIG = [((20011,), "c")]
+# on the card also: many full BLOCK chunks plus a ragged tail (every CUDA_CONFIG BLOCK is a power of two
+# <= 8192), a large transposed view and a large stride-2 slice (a separate, unaligned-path launch)
+CUDA_BIG = [(((1 << 18) + 3,), "c"), ((129, 515), "t"), ((70001,), "s")]
 
 
-def specs_for(backend):
+def specs_for(backend, device="cpu"):
+    if device != "cpu":
+        return SPECS + BIG + CUDA_BIG
     return SPECS if backend == "triton" else SPECS + BIG
 
 
 class Maker:
     """Random tensors with a given layout (the view is taken after the dtype cast, so it stays one)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, device="cpu"):
         self.g = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
 
     def __call__(self, spec, dtype, kind="normal", zero_frac=0.0, scale=1.0):
         shape, layout = spec
@@ -138,7 +171,7 @@ class Maker:
             x = torch.rand(base_shape, generator=self.g) * scale
         if zero_frac:
             x = torch.where(torch.rand(base_shape, generator=self.g) < zero_frac, torch.zeros_like(x), x)
-        x = x.to(dtype)
+        x = x.to(device=self.device, dtype=dtype)  # drawn on the CPU: the same values on every device
         view = {"c": x, "t": x.t() if x.dim() == 2 else x, "s": x[::2]}[layout]
         assert layout == "c" or not view.is_contiguous()
         return view
@@ -163,10 +196,10 @@ combo_ids = [f"p{str(p)[6:]}-s{str(s)[6:]}" for p, s in DTYPE_COMBOS]
 # ================================================================================= penalty_apply_
 @pytest.mark.parametrize("pd,sd", DTYPE_COMBOS, ids=combo_ids)
 @pytest.mark.parametrize("alpha", [None, 0.3], ids=["plain", "stabilised"])
-def test_penalty_apply(backend, pd, sd, alpha):
-    need(backend, "penalty_apply")
-    mk = Maker(1)
-    specs = specs_for(backend)
+def test_penalty_apply(backend, device, pd, sd, alpha):
+    need(backend, device, "penalty_apply")
+    mk = Maker(1, device)
+    specs = specs_for(backend, device)
     grads = [mk(s, pd) for s in specs]
     params = [mk(s, pd) for s in specs]
     omega = [mk(s, sd, "pos", zero_frac=0.1, scale=2.0) for s in specs]  # includes Omega = 0
@@ -190,10 +223,10 @@ def test_penalty_apply(backend, pd, sd, alpha):
 @pytest.mark.parametrize(
     "gamma,online", [(1.0, False), (0.7, False), (0.7, True)], ids=["separate", "separate-gamma0.7", "online-gamma0.7"]
 )
-def test_consolidate(backend, pd, sd, gamma, online):
-    need(backend, "consolidate")
-    mk = Maker(2)
-    specs = specs_for(backend)
+def test_consolidate(backend, device, pd, sd, gamma, online):
+    need(backend, device, "consolidate")
+    mk = Maker(2, device)
+    specs = specs_for(backend, device)
     omega, mu, fisher, anchor = [], [], [], []
     for s in specs:
         both_zero = mk.zero_mask(s, 0.1)  # Omega = F = 0 there: mu' must be the anchor, finite
@@ -225,14 +258,14 @@ def test_consolidate(backend, pd, sd, gamma, online):
     assert_unchanged(anchor, keep[1], "anchor")
 
 
-def test_consolidate_signed_omega(backend):
+def test_consolidate_signed_omega(backend, device):
     """Signed importances (unclipped SI): mu' = anchor only where Omega' == 0 exactly (the contract);
     a negative Omega' merges with the ordinary formula."""
-    need(backend, "consolidate")
-    omega = [torch.tensor([2.0, -1.0, 3.0, 0.0, -2.0], dtype=F64)]
-    mu = [torch.tensor([1.0, 2.0, -1.0, 5.0, 0.5], dtype=F64)]
-    fisher = [torch.tensor([-3.0, -0.5, -3.0, 0.0, 1.0], dtype=F32)]
-    anchor = [torch.tensor([0.5, 1.0, 2.0, -1.0, 4.0], dtype=F32)]
+    need(backend, device, "consolidate")
+    omega = [torch.tensor([2.0, -1.0, 3.0, 0.0, -2.0], dtype=F64, device=device)]
+    mu = [torch.tensor([1.0, 2.0, -1.0, 5.0, 0.5], dtype=F64, device=device)]
+    fisher = [torch.tensor([-3.0, -0.5, -3.0, 0.0, 1.0], dtype=F32, device=device)]
+    anchor = [torch.tensor([0.5, 1.0, 2.0, -1.0, 4.0], dtype=F32, device=device)]
     ref_o, ref_m, ref_inc = reference.consolidate(omega, mu, fisher, anchor, 1.0)
     inc = ops.consolidate_(omega, mu, fisher, anchor, 1.0, backend=backend)
     assert_all_rel(omega, ref_o, TOL_FP64, "omega")
@@ -242,10 +275,10 @@ def test_consolidate_signed_omega(backend):
 
 # ================================================================================= si_accumulate_
 @pytest.mark.parametrize("pd,sd", DTYPE_COMBOS, ids=combo_ids)
-def test_si_accumulate(backend, pd, sd):
-    need(backend, "si_accumulate")
-    mk = Maker(3)
-    specs = specs_for(backend)
+def test_si_accumulate(backend, device, pd, sd):
+    need(backend, device, "si_accumulate")
+    mk = Maker(3, device)
+    specs = specs_for(backend, device)
     w = [mk(s, sd) for s in specs]
     grads = [mk(s, pd) for s in specs]
     params = [mk(s, pd) for s in specs]
@@ -266,10 +299,10 @@ def test_si_accumulate(backend, pd, sd):
 # ================================================================================ si_consolidate_
 @pytest.mark.parametrize("pd,sd", DTYPE_COMBOS, ids=combo_ids)
 @pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-def test_si_consolidate(backend, pd, sd, clip):
-    need(backend, "si_consolidate")
-    mk = Maker(4)
-    specs = specs_for(backend)
+def test_si_consolidate(backend, device, pd, sd, clip):
+    need(backend, device, "si_consolidate")
+    mk = Maker(4, device)
+    specs = specs_for(backend, device)
     w = [mk(s, sd) for s in specs]  # signed: clipping matters
     params = [mk(s, pd) for s in specs]
     start = [mk(s, pd) for s in specs]
@@ -294,10 +327,10 @@ def test_si_consolidate(backend, pd, sd, clip):
 
 # ================================================================================= wva_attenuate_
 @pytest.mark.parametrize("pd,sd", DTYPE_COMBOS, ids=combo_ids)
-def test_wva_attenuate(backend, pd, sd):
-    need(backend, "wva_attenuate")
-    mk = Maker(5)
-    specs = specs_for(backend)
+def test_wva_attenuate(backend, device, pd, sd):
+    need(backend, device, "wva_attenuate")
+    mk = Maker(5, device)
+    specs = specs_for(backend, device)
     params = [mk(s, pd) for s in specs]
     old = [mk(s, pd) for s in specs]
     accum = [mk(s, sd, "pos", zero_frac=0.1, scale=3.0) for s in specs]
@@ -323,12 +356,12 @@ TOL_SUM64 = 1e-12
 
 @pytest.mark.parametrize("sd", STATE_DTYPES, ids=["s32", "s64"])
 @pytest.mark.parametrize("alpha", [None, 0.3], ids=["plain", "stabilised"])
-def test_penalty_apply_fp64_params(backend, sd, alpha):
+def test_penalty_apply_fp64_params(backend, device, sd, alpha):
     """fp64 params: gradient and value in fp64, and theta - mu formed in fp64 even for an fp32 mu
     (the params are never rounded to fp32)."""
-    need(backend, "penalty_apply")
-    mk = Maker(11)
-    specs = specs_for(backend)
+    need(backend, device, "penalty_apply")
+    mk = Maker(11, device)
+    specs = specs_for(backend, device)
     grads = [mk(s, F64) for s in specs]
     params = [mk(s, F64) for s in specs]
     omega = [mk(s, sd, "pos", zero_frac=0.1, scale=2.0) for s in specs]
@@ -339,13 +372,13 @@ def test_penalty_apply_fp64_params(backend, sd, alpha):
     assert_all_rel(grads, ref_g, TOL_FP64, "grads")
 
 
-def test_si_ops_fp64_params(backend):
+def test_si_ops_fp64_params(backend, device):
     """fp64 params (and fp64 state): the SI path integral and its consolidation in fp64. A step far
     below fp32 resolution (1e-9 on weights of order 1) must still be seen."""
-    need(backend, "si_accumulate")
-    need(backend, "si_consolidate")
-    mk = Maker(12)
-    specs = specs_for(backend)
+    need(backend, device, "si_accumulate")
+    need(backend, device, "si_consolidate")
+    mk = Maker(12, device)
+    specs = specs_for(backend, device)
     w = [mk(s, F64) for s in specs]
     grads = [mk(s, F64) for s in specs]
     params = [mk(s, F64) for s in specs]
@@ -362,12 +395,12 @@ def test_si_ops_fp64_params(backend):
 
 
 @pytest.mark.parametrize("sd", STATE_DTYPES, ids=["s32", "s64"])
-def test_wva_attenuate_fp64_params(backend, sd):
+def test_wva_attenuate_fp64_params(backend, device, sd):
     """fp64 params are attenuated in fp64: where A = 0 and theta == theta_old they stay bit for bit
     (fp32 arithmetic turned 0.1 into 0.10000000149), elsewhere they match the fp64 oracle."""
-    need(backend, "wva_attenuate")
-    mk = Maker(13)
-    specs = specs_for(backend)
+    need(backend, device, "wva_attenuate")
+    mk = Maker(13, device)
+    specs = specs_for(backend, device)
     params = [mk(s, F64) for s in specs]
     old = [mk(s, F64) for s in specs]
     accum = [mk(s, sd, "pos", zero_frac=0.3, scale=3.0) for s in specs]
@@ -375,19 +408,19 @@ def test_wva_attenuate_fp64_params(backend, sd):
     ops.wva_attenuate_(params, old, accum, 0.8, backend=backend)
     assert_all_rel(params, ref_p, TOL_FP64, "params")
 
-    p = [torch.tensor([0.1, -1.0 / 3.0, 1e-300, 2.0**0.5], dtype=F64)]
+    p = [torch.tensor([0.1, -1.0 / 3.0, 1e-300, 2.0**0.5], dtype=F64, device=device)]
     keep = clones(p)
-    ops.wva_attenuate_(p, clones(p), [torch.zeros(4, dtype=sd)], 0.8, backend=backend)
+    ops.wva_attenuate_(p, clones(p), [torch.zeros(4, dtype=sd, device=device)], 0.8, backend=backend)
     assert torch.equal(p[0], keep[0]), p[0].tolist()
 
 
 # ====================================================================== mixed dtypes in one call
-def test_mixed_dtypes_one_call(backend):
+def test_mixed_dtypes_one_call(backend, device):
     """Several dtype groups (and mismatched dtypes inside one parameter) in a single call of each op,
     plus an empty tensor."""
     for fn in ("penalty_apply", "consolidate", "si_accumulate", "si_consolidate", "wva_attenuate"):
-        need(backend, fn)
-    mk = Maker(6)
+        need(backend, device, fn)
+    mk = Maker(6, device)
     specs = [((7,), "c"), ((1000,), "c"), ((33, 65), "t"), ((0,), "c"), ((300,), "s")]
     pds = [BF16, F32, F16, F32, F64]
     sds = [F64, F32, F32, F64, F64]
@@ -464,23 +497,23 @@ def _cancellation_setup(seed=7, n_tasks=10, gamma=1.0):
 
 @pytest.mark.parametrize("omega_dtype", [F32, F64], ids=["omega32", "omega64"])
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
-def test_cancellation_merged_penalty(backend, gamma, omega_dtype):
+def test_cancellation_merged_penalty(backend, device, gamma, omega_dtype):
     """Merged (Omega, mu, c) with mu in float64 reproduces the per-task float64 penalty to 1e-5 at
     theta within 1e-4 of mu, with fp32 params, after 10 consolidate_ calls.
 
     mu must be float64: stored in fp32 it would carry an error of ~2^-24 |mu| ~ 6e-8 into
     theta - mu ~ 1e-4, i.e. ~1e-3 relative in the gradient."""
-    need(backend, "consolidate")
-    need(backend, "penalty_apply")
+    need(backend, device, "consolidate")
+    need(backend, device, "penalty_apply")
     shapes, tasks, raw, g = _cancellation_setup(gamma=gamma)
-    omega = [torch.zeros(s, dtype=omega_dtype) for s in shapes]
-    mu = [torch.zeros(s, dtype=F64) for s in shapes]
+    omega = [torch.zeros(s, dtype=omega_dtype, device=device) for s in shapes]
+    mu = [torch.zeros(s, dtype=F64, device=device) for s in shapes]
     c = 0.0
     for fisher, anchor in raw:
-        inc = ops.consolidate_(omega, mu, fisher, anchor, gamma, backend=backend)
+        inc = ops.consolidate_(omega, mu, on_device(fisher, device), on_device(anchor, device), gamma, backend=backend)
         c = gamma * c + float(inc)
-    theta = [(m + (torch.rand(m.shape, generator=g, dtype=F64) * 2 - 1) * 1e-4).float() for m in mu]
-    grads = [torch.zeros(s) for s in shapes]
+    theta = [(m + (torch.rand(m.shape, generator=g, dtype=F64).to(device) * 2 - 1) * 1e-4).float() for m in mu]
+    grads = [torch.zeros(s, device=device) for s in shapes]
     lam = 3.0
     value = ops.penalty_apply_(grads, theta, omega, mu, lam, c=c, backend=backend)
     ref_v, ref_g = reference.naive_penalty_sum(theta, tasks, lam)
@@ -665,19 +698,19 @@ def test_backend_errors():
         ops.si_consolidate_(meta, meta, meta, meta, 0.1, backend="triton")
 
 
-def test_empty_lists(backend):
+def test_empty_lists(backend, device):
     """A model without parameters (empty lists) and zero-element tensors are no-ops."""
     for fn in ("penalty_apply", "consolidate", "si_accumulate", "si_consolidate", "wva_attenuate"):
-        need(backend, fn)
+        need(backend, device, fn)
     v = ops.penalty_apply_([], [], [], [], 2.0, c=3.0, backend=backend)
     assert v.dtype == F64 and float(v) == 3.0  # (lam/2) * (0 + c)
     assert float(ops.consolidate_([], [], [], [], 0.5, backend=backend)) == 0.0
     ops.si_accumulate_([], [], [], [], backend=backend)
     ops.si_consolidate_([], [], [], [], 0.1, backend=backend)
     ops.wva_attenuate_([], [], [], 1.0, backend=backend)
-    e = [torch.zeros(0)]
-    assert float(ops.penalty_apply_([torch.zeros(0)], e, e, e, 2.0, backend=backend)) == 0.0
-    assert float(ops.consolidate_([torch.zeros(0)], [torch.zeros(0)], e, e, backend=backend)) == 0.0
+    e = [torch.zeros(0, device=device)]
+    assert float(ops.penalty_apply_([torch.zeros(0, device=device)], e, e, e, 2.0, backend=backend)) == 0.0
+    assert float(ops.consolidate_(clones(e), clones(e), e, e, backend=backend)) == 0.0
 
 
 def test_cpp_half_conversions_match_torch():

@@ -11,7 +11,17 @@ within a tolerance justified per dtype:
 * fp64 inputs with fp64 outputs: same argument with u = 1.1e-16. TOL64 = 1e-12.
 * fp64 inputs into fp32 outputs: the final rounding to fp32 dominates (u = 6e-8): TOL32.
 
-Triton runs in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes.
+* tf32 (``kernels.persample.launch(precision="tf32")``, CUDA only): inputs rounded to a 10-bit
+  mantissa, u = 2^-11 (2^-10 if truncated), so each product is off by <= 2u ~ 2e-3 relative; with
+  random signs the errors of a length-T dot product add like the terms themselves, so an entry of
+  P_n is off by ~u..2u relative whatever T is, P_n^2 by twice that, and the Frobenius error of the
+  sum over samples stays near 2e-3. TOL_TF32 = 1e-2: 5x margin, yet a lost or doubled T block
+  (an error of >= 1/#blocks ~ 1e-1 here) still fails.
+
+Triton runs in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes;
+the ``cuda`` parameters (torch and Triton on CUDA tensors, skipped without a card, Triton also while
+TRITON_INTERPRET=1) run the same checks on the card: the inputs are copied with their strides
+(``tests.helpers.on_device``) and the outputs copied back, so every check below is unchanged.
 """
 
 from __future__ import annotations
@@ -25,41 +35,76 @@ import torch
 
 from ewc_fast.ops import backends as _backend
 from ewc_fast.ops import persample_sq_
+from tests.helpers import cuda_marks, on_device
 
 TOL32 = 1e-5
 TOL64 = 1e-12
+TOL_TF32 = 1e-2
 
+#: (backend, threads, device)
 BACKENDS = [
-    pytest.param(("torch", None), id="torch"),
+    pytest.param(("torch", None, "cpu"), id="torch"),
     pytest.param(
-        ("cpp", 1),
+        ("cpp", 1, "cpu"),
         id="cpp-1thread",
         marks=pytest.mark.skipif(_backend.why_unavailable("cpp", "cpu") is not None, reason="no C++ ext"),
     ),
     pytest.param(
-        ("cpp", 2),
+        ("cpp", 2, "cpu"),
         id="cpp-2threads",
         marks=pytest.mark.skipif(_backend.why_unavailable("cpp", "cpu") is not None, reason="no C++ ext"),
     ),
     pytest.param(
-        ("triton", None),
+        ("triton", None, "cpu"),
         id="triton-interp",
         marks=pytest.mark.skipif(
             _backend.why_unavailable("triton", "cpu") is not None, reason="Triton interpreter unavailable"
         ),
     ),
+    pytest.param(("torch", None, "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", None, "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+#: the backends fast enough for the larger shapes (not the CPU interpreter)
+FAST = [b for b in BACKENDS if b.values[0][::2] != ("triton", "cpu")]
+#: where the Triton launcher itself runs: the interpreter on CPU tensors, the card on CUDA tensors
+TRITON_DEVICES = [
+    pytest.param(
+        "cpu",
+        id="interp",
+        marks=pytest.mark.skipif(
+            _backend.why_unavailable("triton", "cpu") is not None, reason="Triton interpreter unavailable"
+        ),
+    ),
+    pytest.param("cuda", id="cuda", marks=cuda_marks(triton=True)),
 ]
 
 
 def _call(backend, sq, ab, G, A):
-    name, threads = backend
+    """``persample_sq_`` on ``backend``'s device: inputs and outputs copied there with their strides,
+    the outputs copied back into ``sq`` / ``ab``."""
+    name, threads, device = backend
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        persample_sq_(sq, ab, G, A, backend=name)
+        dsq, dab, dG, dA = on_device((sq, ab, G, A), device)
+        persample_sq_(dsq, dab, dG, dA, backend=name)
+        for out, dev in ((sq, dsq), (ab, dab)):
+            if out is not None and dev is not out:
+                out.copy_(dev)
     finally:
         torch.set_num_threads(old)
+
+
+def _launch(device, sq, ab, G, A, **kw):
+    """``kernels.persample.launch`` on ``device`` (copies as in :func:`_call`)."""
+    from ewc_fast.kernels import persample as K
+
+    dsq, dab, dG, dA = on_device((sq, ab, G, A), device)
+    K.launch(dsq, dab, dG, dA, **kw)
+    for out, dev in ((sq, dsq), (ab, dab)):
+        if out is not None and dev is not out:
+            out.copy_(dev)
 
 
 def _oracle(G, A):
@@ -127,9 +172,9 @@ def test_fp32_shapes(backend, shape):
     _check(backend, G, A)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] != "triton"])
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_larger_shapes_cpu_backends(backend, shape):
+def test_fp32_larger_shapes_fast_backends(backend, shape):
     G, A = _inputs(*shape, torch.float32, seed=sum(shape))
     _check(backend, G, A)
 
@@ -202,21 +247,19 @@ def test_torch_backend_chunks_bound_memory(monkeypatch):
     # force chunks of 2 samples (2 * O * I * 4 bytes) so several chunks, one ragged, are summed
     monkeypatch.setattr(_torch_persample, "CHUNK_BYTES", 2 * 7 * 5 * 4)
     G, A = _inputs(5, 3, 7, 5, torch.float32, seed=9)
-    _check(("torch", None), G, A, init=True)
+    _check(("torch", None, "cpu"), G, A, init=True)
 
 
-@pytest.mark.skipif(_backend.why_unavailable("triton", "cpu") is not None, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("T", [1, 35])
-def test_triton_split_paths(splits, T):
+def test_triton_split_paths(device, splits, T):
     # splits == 1: plain read-add-write epilogue; splits > 1: atomic adds from several programs
-    from ewc_fast.kernels import persample as K
-
     G, A = _inputs(7, T, 70, 10, torch.float32, seed=13)
     ref_sq, ref_ab = _oracle(G, A)
     sq = torch.ones(70, 10)
     ab = torch.ones(70, 10, dtype=torch.float64)
-    K.launch(sq, ab, G, A, splits=splits)
+    _launch(device, sq, ab, G, A, splits=splits)
     assert _rel_err(sq, ref_sq + 1) <= TOL32 and _rel_err(ab, ref_ab + 1) <= TOL32
 
 
@@ -250,6 +293,84 @@ def test_cpp_instruction_set_variants():
         seen.add(int(chosen))
         assert float(worst) <= TOL32, (isa, worst)
     assert 0 in seen
+
+
+# ------------------------------------------------------------------------------- on the card only
+#: every CUDA configuration kind with the input dtypes it serves (kernels/persample.py, _prune)
+KINDS = {
+    "fused16": (torch.bfloat16, torch.float16),
+    "fused32": (torch.float32,),
+    "fused64": (torch.float64,),
+    "gemm": (torch.float32, torch.bfloat16),
+    "gemm64": (torch.float64,),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks(triton=True))])
+def test_every_cuda_config_on_its_tile_edges(device, kind):
+    """Each (BLOCK_O, BLOCK_I, BLOCK_T, warps, stages) the autotuner may pick, launched directly on
+    shapes one past / one short of its tiles (O = BO+1, I = BI-1, T = BT+1 or N = 2 BT+1 samples for
+    the T = 1 GEMM) and on exact multiples: masks, the last T block and the epilogue of every config."""
+    from ewc_fast.kernels import persample as K
+
+    gemm = kind.startswith("gemm")
+    for bo, bi, bt, warps, stages in K.CUDA_CONFIGS[kind]:
+        for dtype in KINDS[kind]:
+            edges = [(2 * bt + 1, 1, bo + 1, bi - 1), (bt, 1, bo, bi)] if gemm else [(3, bt + 1, bo + 1, bi - 1)]
+            if not gemm:
+                edges.append((2, 2 * bt, bo, bi))
+            for N, T, O, I in edges:
+                G, A = _inputs(N, T, O, I, dtype, seed=N + T + O + I)
+                ref_sq, ref_ab = _oracle(G, A)
+                out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+                both = bo * bi <= 64 * 128  # 128 x 128 tiles are only used with a single output
+                sq = torch.zeros(O, I, dtype=out_dtype)
+                ab = torch.zeros(O, I, dtype=out_dtype) if both else None
+                _launch(device, sq, ab, G, A, config=(bo, bi, bt, warps, stages))
+                what = f"{kind} {(bo, bi, bt, warps, stages)} {dtype} (N,T,O,I)={(N, T, O, I)}"
+                tol = _tol(dtype, out_dtype)
+                assert _rel_err(sq, ref_sq) <= tol, what
+                if both:
+                    assert _rel_err(ab, ref_ab) <= tol, what
+
+
+@pytest.mark.parametrize("T", [1, 96])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_marks(triton=True))])
+def test_tf32_against_ieee(device, T):
+    """fp32 inputs: precision="ieee" (the op's) holds TOL32; precision="tf32" holds TOL_TF32 (module
+    docstring) and really is less exact than ieee (the switch reaches the tensor cores)."""
+    G, A = _inputs(6, T, 70, 50, torch.float32, seed=21)
+    ref_sq, ref_ab = _oracle(G, A)
+    errs = {}
+    for precision in ("ieee", "tf32"):
+        sq, ab = torch.zeros(70, 50), torch.zeros(70, 50)
+        _launch(device, sq, ab, G, A, precision=precision)
+        errs[precision] = max(_rel_err(sq, ref_sq), _rel_err(ab, ref_ab))
+    assert errs["ieee"] <= TOL32, errs
+    assert errs["tf32"] <= TOL_TF32, errs
+    assert errs["tf32"] > errs["ieee"], errs
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_launcher_rejects_unknown_precision(device):
+    from ewc_fast.kernels import persample as K
+
+    G, A = _inputs(2, 3, 4, 5, torch.float32, seed=1)
+    sq = torch.zeros(4, 5)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        K.launch(sq, None, G, A, precision="fp8")
+    assert torch.equal(sq, torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_explicit_config_path(device):
+    # the config= launch path (what the CUDA config test drives) on a small problem
+    G, A = _inputs(3, 17, 9, 70, torch.float32, seed=23)
+    ref_sq, ref_ab = _oracle(G, A)
+    sq, ab = torch.zeros(9, 70), torch.zeros(9, 70)
+    _launch(device, sq, ab, G, A, config=(32, 64, 16, 4, 3))
+    assert _rel_err(sq, ref_sq) <= TOL32 and _rel_err(ab, ref_ab) <= TOL32
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -297,18 +418,18 @@ def test_opcheck_fake_impl():
         torch.library.opcheck(torch.ops.ewc_fast.persample_sq_.default, (sq, ab, G, A, "torch"))
 
 
-@pytest.mark.skipif(_backend.why_unavailable("triton", "cpu") is not None, reason="Triton interpreter unavailable")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("T", [1, 9])
-def test_triton_int64_offsets(monkeypatch, T):
+def test_triton_int64_offsets(monkeypatch, device, T):
     # the int64 address path (operands spanning >= 2^30 elements) on a small problem
     from ewc_fast.kernels import persample as K
 
     monkeypatch.setattr(K, "_needs_idx64", lambda *tensors: True)
     G, A = _inputs(3, T, 10, 7, torch.float32, seed=17)
-    _check(("triton", None), G, A)
+    _check(("triton", None, device), G, A)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] != "triton"])
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", [1, 2])
 def test_16bit_conversion_all_bit_patterns(backend, dtype, T):

@@ -19,6 +19,7 @@ SIG (Kutalev 2020, the affine map as a diagonal Linear): weight |gamma_c| * mean
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Rule, apply_activation, input_grad_slices, main_input, reduce_into
@@ -94,11 +95,8 @@ class NormRule(Rule):
 
 class LayerNormRule(NormRule):
     def xhat(self, module, x):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        xf = _at_least_fp32(x)
-        mu = xf.mean(dims, keepdim=True)
-        var = xf.var(dims, unbiased=False, keepdim=True)
-        return (xf - mu) * torch.rsqrt(var + module.eps)
+        # (x - mean) / sqrt(var + eps) over the normalised dims: layer_norm without affine is that, fused
+        return F.layer_norm(_at_least_fp32(x), tuple(module.normalized_shape), None, None, module.eps)
 
     def feat(self, module, t, n):
         return t.reshape((n, -1) + tuple(module.normalized_shape))
@@ -111,6 +109,8 @@ class RMSNormRule(LayerNormRule):
         dims = tuple(range(-len(module.normalized_shape), 0))
         xf = _at_least_fp32(x)
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        if hasattr(F, "rms_norm"):  # x / sqrt(mean(x^2) + eps), fused
+            return F.rms_norm(xf, tuple(module.normalized_shape), None, eps)
         return xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
 
 
@@ -125,11 +125,7 @@ class _ChannelNormRule(NormRule):
 
 class GroupNormRule(_ChannelNormRule):
     def xhat(self, module, x):
-        n = x.shape[0]
-        xf = _at_least_fp32(x).reshape(n, module.num_groups, -1)
-        mu = xf.mean(2, keepdim=True)
-        var = xf.var(2, unbiased=False, keepdim=True)
-        return ((xf - mu) * torch.rsqrt(var + module.eps)).reshape(x.shape)
+        return F.group_norm(_at_least_fp32(x), module.num_groups, None, None, module.eps)  # fused x_hat
 
 
 class BatchNormRule(_ChannelNormRule):

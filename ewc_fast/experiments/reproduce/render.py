@@ -2,7 +2,9 @@
 after every part; ``--render-only`` rewrites it alone).
 
 Every number in the text comes from ``table.json``, ``correlate.json`` and ``prune.json``
-(written by :mod:`.table`, :mod:`.correlations`, :mod:`.pruning`); the reference columns come from
+(written by :mod:`.table`, :mod:`.correlations`, :mod:`.pruning`) and from the folders of the
+experiments run by their own commands (:mod:`.science`: by-layer pruning, the Fisher estimators,
+the SGD explosion, the conv net, anchoring, Fisher overlap); the reference columns come from
 Kutalev & Lapina 2021 (arXiv 2109.10021) as stored in those files. ``notes.json`` (optional, written
 by hand) adds free-text discussion after a section: ``{"table": [lines], "correlate": [...],
 "prune": [...]}``. Result files of earlier versions render too (e.g. a machine description with
@@ -20,6 +22,7 @@ from ..records import read_json
 from .correlations import CORR_CLAIMS_PAIRS, correlation_claims, final_weight_correlations
 from .protocol import RESULTS_SUBDIR
 from .pruning import THEIR_TASK1_SCALE
+from .science import correlate_figures, render_science, table_figures
 
 __all__ = ["render_results", "format_minutes"]
 
@@ -470,17 +473,20 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
     ]
     if t:
         L += _render_table(t)
+        L += table_figures(res_dir, t)
         L += _PROTOCOL_NOTES.splitlines() + [""]
         if notes.get("table"):
             L += ["### Discussion", ""] + notes["table"] + [""]
     if c:
         L += _render_correlate(c)
+        L += correlate_figures(res_dir, c)
         if notes.get("correlate"):
             L += notes["correlate"] + [""]
     if p:
         L += _render_prune(p)
         if notes.get("prune"):
             L += notes["prune"] + [""]
+    L += render_science(res_dir, notes)
     L += [
         "## Fix made during this reproduction",
         "",
@@ -499,7 +505,10 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
         "",
         "- `results/table.json`, `results/correlate.json`, `results/prune.json`: every run's numbers, "
         "configuration, timings and machine description.",
-        "- `results/*.png`: correlation surfaces and mean pruning curves.",
+        "- `results/*.png`: correlation surfaces and heat-maps, mean pruning curves, the table's accuracy "
+        "matrices and per-task curves.",
+        "- `results/<experiment>/` (`prune_layer/`, `estimators/`, `explosion/`, `conv/`, `anchoring/`, "
+        "`overlap/`, `correlate_seeds/`): the JSON, CSV and PNG files written by that experiment's own command.",
         "",
     ]
     text = "\n".join(L)

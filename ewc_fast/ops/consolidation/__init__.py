@@ -16,7 +16,11 @@ Zenke et al. 2017; stabilised weight W and WVA: docs/CONSOLIDATION.md):
 * ``wva_attenuate_``: theta <- theta_old + (theta - theta_old)/(1 + lam*A).
 
 Each op is an eager body defined with :func:`ewc_fast.ops._registry.define_op` plus a public function
-that validates its arguments and calls the defined op once.
+that validates its arguments and calls the defined op once. Validation covers every argument
+before the first write (dtypes, shapes, devices, dense layout, written tensors without internal
+overlap and sharing no memory with any other argument, no in-place write to a tensor autograd tracks
+outside ``torch.no_grad()``; ``consolidate_`` also refuses a merged ``Omega`` that overflows its
+dtype); the eager bodies bump the version counters of what they wrote, on every backend.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from .._registry import define_op, op_device, resolve_impl
 from .._validate import (
     PARAM_DTYPES,
     STATE_DTYPES,
+    bump_versions,
     check_finite_scalar,
+    check_no_overlap,
     check_tensor_lists,
+    check_writable,
     common_device,
     contiguous_in,
     contiguous_inout,
@@ -59,7 +66,39 @@ def _penalty_apply(
         s = impl.penalty_apply(
             g, contiguous_in(params), contiguous_in(omega), contiguous_in(mu), lam, alpha, grad_scale
         )
+    bump_versions(grads)
     return (0.5 * lam) * (s.to(device=device, dtype=torch.float64) + c)
+
+
+def check_penalty_apply_args(
+    grads: list[Tensor],
+    params: list[Tensor],
+    omega: list[Tensor],
+    mu: list[Tensor],
+    lam: float,
+    alpha: float | None,
+    c: float,
+    grad_scale: float,
+) -> tuple[float, float | None, float, float]:
+    """Every check of :func:`penalty_apply_` (raising as it would), without running it: for callers
+    that must validate before changing state of their own (``EWC.apply_``). Returns the validated
+    scalars ``(lam, alpha, c, grad_scale)``."""
+    op = _penalty_apply.name
+    n = check_tensor_lists(
+        op, {"grads": _P, "params": _P, "omega": _S, "mu": _S}, grads=grads, params=params, omega=omega, mu=mu
+    )
+    for i in range(n):
+        if grads[i].dtype != params[i].dtype:
+            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
+    lam = check_finite_scalar(op, "lam", lam, low=0.0)
+    if alpha is not None:
+        alpha = check_finite_scalar(op, "alpha", alpha, low=0.0)
+    c = check_finite_scalar(op, "c", c)
+    grad_scale = check_finite_scalar(op, "grad_scale", grad_scale)
+    common_device(op, params)
+    check_no_overlap(op, {"grads": grads}, {"params": params, "omega": omega, "mu": mu})
+    check_writable(op, grads=grads)
+    return lam, alpha, c, grad_scale
 
 
 def penalty_apply_(
@@ -82,19 +121,7 @@ def penalty_apply_(
     Arithmetic (and the per-block partial sums, added in fp64 across blocks) in fp64 for fp64
     params, in fp32 otherwise; ``theta - mu`` is formed in the promoted dtype of params and mu.
     """
-    op = _penalty_apply.name
-    n = check_tensor_lists(
-        op, {"grads": _P, "params": _P, "omega": _S, "mu": _S}, grads=grads, params=params, omega=omega, mu=mu
-    )
-    for i in range(n):
-        if grads[i].dtype != params[i].dtype:
-            raise TypeError(f"{op}: grads[{i}] dtype {grads[i].dtype} != params dtype {params[i].dtype}")
-    lam = check_finite_scalar(op, "lam", lam, low=0.0)
-    if alpha is not None:
-        alpha = check_finite_scalar(op, "alpha", alpha, low=0.0)
-    c = check_finite_scalar(op, "c", c)
-    grad_scale = check_finite_scalar(op, "grad_scale", grad_scale)
-    common_device(op, params)
+    lam, alpha, c, grad_scale = check_penalty_apply_args(grads, params, omega, mu, lam, alpha, c, grad_scale)
     return _penalty_apply(list(grads), list(params), list(omega), list(mu), lam, alpha, c, grad_scale, backend)
 
 
@@ -113,7 +140,32 @@ def _consolidate(
     impl = resolve_impl(backend, _FAMILY, device)
     with contiguous_inout(omega) as o, contiguous_inout(mu) as m:
         s = impl.consolidate(o, m, contiguous_in(fisher), contiguous_in(anchor), gamma, online)
+    bump_versions(omega, mu)
     return s.to(device=device, dtype=torch.float64)
+
+
+def _check_merged_finite(op: str, omega: list[Tensor], fisher: list[Tensor], gamma: float) -> None:
+    """Refuse a merge whose ``gamma*Omega + F`` (formed in fp64) does not fit ``Omega``'s dtype: two
+    finite fp32 importances of 2e38 would store ``Omega = inf`` and make the penalty NaN at the anchor.
+    One fp64 pass over the state and one host synchronisation per call (consolidations are rare)."""
+    if not omega or torch.compiler.is_compiling():
+        return
+    peaks = []
+    for o, f in zip(omega, fisher):
+        if o.numel() == 0 or o.device.type == "meta":
+            continue
+        peaks.append((gamma * o.to(torch.float64) + f.to(torch.float64)).abs().amax() / torch.finfo(o.dtype).max)
+    if not peaks:
+        return
+    ratios = torch.stack([p.to(peaks[0].device) for p in peaks]).tolist()
+    for i, r in enumerate(ratios):
+        if not r <= 1.0:  # also NaN
+            raise ValueError(
+                f"{op}: the merged importance gamma*omega + fisher of tensor #{i} overflows its dtype "
+                f"({omega[i].dtype}, largest finite {torch.finfo(omega[i].dtype).max:.3e}); nothing was changed. "
+                "Rescale the importances (e.g. normalise them, and scale lam up accordingly) or keep the state "
+                "in float64 (state_dtype=torch.float64)"
+            )
 
 
 def consolidate_(
@@ -140,6 +192,9 @@ def consolidate_(
     )
     gamma = check_finite_scalar(op, "gamma", gamma, low=0.0, low_open=True, high=1.0)
     common_device(op, omega)
+    check_no_overlap(op, {"omega": omega, "mu": mu}, {"fisher": fisher, "anchor": anchor})
+    check_writable(op, omega=omega, mu=mu)
+    _check_merged_finite(op, omega, fisher, gamma)
     return _consolidate(list(omega), list(mu), list(fisher), list(anchor), gamma, bool(online), backend)
 
 
@@ -151,6 +206,7 @@ def _si_accumulate(
     impl = resolve_impl(backend, _FAMILY, op_device(params))
     with contiguous_inout(omega_path) as w, contiguous_inout(prev_params) as q:
         impl.si_accumulate(w, contiguous_in(grads), contiguous_in(params), q)
+    bump_versions(omega_path, prev_params)
 
 
 def si_accumulate_(
@@ -174,6 +230,8 @@ def si_accumulate_(
         prev_params=prev_params,
     )
     common_device(op, params)
+    check_no_overlap(op, {"omega_path": omega_path, "prev_params": prev_params}, {"grads": grads, "params": params})
+    check_writable(op, omega_path=omega_path, prev_params=prev_params)
     _si_accumulate(list(omega_path), list(grads), list(params), list(prev_params), backend)
 
 
@@ -191,6 +249,7 @@ def _si_consolidate(
     impl = resolve_impl(backend, _FAMILY, op_device(params))
     with contiguous_inout(omega_path) as w, contiguous_inout(start_params) as s, contiguous_inout(out) as o:
         impl.si_consolidate(w, contiguous_in(params), s, o, xi, clip)
+    bump_versions(omega_path, start_params, out)
 
 
 def si_consolidate_(
@@ -217,6 +276,8 @@ def si_consolidate_(
     )
     xi = check_finite_scalar(op, "xi", xi, low=0.0, low_open=True)
     common_device(op, params)
+    check_no_overlap(op, {"omega_path": omega_path, "start_params": start_params, "out": out}, {"params": params})
+    check_writable(op, omega_path=omega_path, start_params=start_params, out=out)
     _si_consolidate(list(omega_path), list(params), list(start_params), list(out), xi, bool(clip), backend)
 
 
@@ -228,6 +289,7 @@ def _wva_attenuate(
     impl = resolve_impl(backend, _FAMILY, op_device(params))
     with contiguous_inout(params) as p:
         impl.wva_attenuate(p, contiguous_in(old_params), contiguous_in(accum), lam)
+    bump_versions(params)
 
 
 def wva_attenuate_(
@@ -243,4 +305,6 @@ def wva_attenuate_(
     )
     lam = check_finite_scalar(op, "lam", lam, low=0.0)
     common_device(op, params)
+    check_no_overlap(op, {"params": params}, {"old_params": old_params, "accum": accum})
+    check_writable(op, params=params)
     _wva_attenuate(list(params), list(old_params), list(accum), lam, backend)

@@ -19,11 +19,10 @@ bmm otherwise), C++ (``_cpp.py`` -> ``csrc/persample.cpp``: fused OpenMP tile ke
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .._registry import define_op, resolve_impl
-from .._validate import PARAM_DTYPES, STATE_DTYPES, contiguous_inout
+from .._validate import PARAM_DTYPES, STATE_DTYPES, bump_versions, check_no_overlap, check_writable, contiguous_inout
 
 
 @define_op("persample_sq_", mutates=("sq_out", "abs_out"), device_arg="grad_out")
@@ -40,17 +39,7 @@ def _persample_sq(
         sq = next(it) if sq_out is not None else None
         ab = next(it) if abs_out is not None else None
         impl.persample_sq(sq, ab, grad_out, inputs)
-
-
-def _share_memory(a: Tensor, b: Tensor) -> bool:
-    if a is b:
-        return True
-    if torch.compiler.is_compiling():  # no storage pointers while tracing; the op's alias analysis applies
-        return False
-    try:
-        return a.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    except Exception:  # fake / functional tensors under tracing have no storage pointer
-        return False
+    bump_versions(outs)
 
 
 def persample_sq_(
@@ -96,6 +85,6 @@ def persample_sq_(
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed: {[str(d) for d in STATE_DTYPES]}")
         if t.device != grad_out.device:
             raise ValueError(f"{op}: {name} on {t.device} but grad_out on {grad_out.device}")
-    if sq_out is not None and abs_out is not None and _share_memory(sq_out, abs_out):
-        raise ValueError(f"{op}: sq_out and abs_out share memory; give two separate tensors")
+    check_no_overlap(op, {"sq_out": sq_out, "abs_out": abs_out}, {"grad_out": grad_out, "inputs": inputs})
+    check_writable(op, sq_out=sq_out, abs_out=abs_out)
     _persample_sq(sq_out, abs_out, grad_out, inputs, backend)

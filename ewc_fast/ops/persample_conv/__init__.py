@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._registry import define_op, resolve_impl
-from .._validate import PARAM_DTYPES, STATE_DTYPES, contiguous_inout
+from .._validate import PARAM_DTYPES, STATE_DTYPES, bump_versions, check_no_overlap, check_writable, contiguous_inout
 
 
 @define_op("persample_conv_sq_", mutates=("sq_out", "abs_out"), device_arg="grad_out")
@@ -56,6 +56,7 @@ def _persample_conv_sq(
         sq = next(it) if sq_out is not None else None
         ab = next(it) if abs_out is not None else None
         impl.persample_conv_sq(sq, ab, grad_out, inputs, tuple(stride), tuple(padding), tuple(dilation), groups)
+    bump_versions(outs)
 
 
 def _storage_ptr(t: Tensor) -> int | None:
@@ -158,4 +159,6 @@ def persample_conv_sq_(
         for b, pb in ptrs.items():
             if b != a and ptrs[a] is not None and ptrs[a] == pb:
                 raise ValueError(f"{op}: {a} shares memory with {b}; give outputs that alias nothing")
+    check_no_overlap(op, outs, {"grad_out": grad_out, "inputs": inputs})  # expanded outputs, partial overlaps
+    check_writable(op, **outs)
     _persample_conv_sq(sq_out, abs_out, grad_out, inputs, stride, padding, dilation, groups, backend)

@@ -1,0 +1,260 @@
+// Fused optimizer step: per element, one read of theta, g, the optimizer state, Omega, mu, SI's
+// omega and WVA's A, and one write of theta, the state and SI's omega.
+//
+// Numerics follow ewc_fast/ops/fused_step/_torch.py operation by operation (torch.optim's
+// single-tensor formulas: lerp for the first moment, mul + addcmul for the second, addcdiv for the
+// step); the arithmetic type A is double for fp64 parameters, else float, and so is the optimizer
+// state. Read-only Omega and A arrive in A, mu in double (the Python side converts them when they are
+// stored otherwise: exact, and what the torch twin's arithmetic sees). Work is cut into fixed chunks
+// (boundaries independent of the thread count); the penalty sum is formed per chunk (16 lanes, folded
+// pairwise) and added in fp64 in chunk order, so results do not depend on the thread count.
+// Same code-generation settings as consolidation.cpp (no FMA contraction, no trapping math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#endif
+#include <cmath>
+
+#include "fused_step.h"
+
+namespace ewcf {
+namespace {
+
+using Ptrs = std::vector<uintptr_t>;
+using Numels = std::vector<int64_t>;
+
+template <class P> using arith_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+constexpr int64_t kChunk = 8192;
+
+struct Chunk {
+    int32_t tensor;
+    int64_t begin;
+    int64_t len;
+};
+
+std::vector<Chunk> plan(const Numels& numels) {
+    std::vector<Chunk> out;
+    for (size_t t = 0; t < numels.size(); ++t)
+        for (int64_t b = 0; b < numels[t]; b += kChunk)
+            out.push_back(Chunk{int32_t(t), b, std::min(kChunk, numels[t] - b)});
+    return out;
+}
+
+template <class T> T* at(const Ptrs& l, size_t t, int64_t begin) {
+    return l.empty() ? nullptr : reinterpret_cast<T*>(l[t]) + begin;
+}
+
+// Scalars of one call, in the arithmetic type A (fp32 scalars in fp32 arithmetic, as torch's fp32
+// kernels see Python scalars).
+template <class A> struct Hyper {
+    A lr, beta1, beta2, eps, wd, damp1, step_size, bc2_sqrt, decay, lerp_w, lerp_w1, addcmul_w;
+    A pen, al, wva_lam, inv_scale;
+    bool has_wd, adamw, momentum, mom_init, nesterov, amsgrad, stab, wva, si_total;
+};
+
+// SIK: 0 no SI, 1 fp32 SI omega, 2 fp64 SI omega.
+template <int SIK> using si_t = std::conditional_t<SIK == 2, double, float>;
+
+template <class P, bool ADAM, bool EWC, int SIK>
+inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
+                            arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
+                            const double* __restrict__ mu, si_t<SIK>* __restrict__ si, const arith_t<P>* __restrict__ acc,
+                            int64_t i, const Hyper<arith_t<P>>& h) {
+    using A = arith_t<P>;
+    const A th = load_as<A>(p[i]);
+    const A g = load_as<A>(gr[i]) * h.inv_scale;
+    A gt = g;
+    A pen_sum = A(0);
+    if constexpr (EWC) {
+        const A d = A(to_f64<P>(p[i]) - mu[i]);
+        A w = om[i];
+        if (h.stab) w = w / (A(1) + h.al * w);
+        const A wd = w * d;
+        pen_sum = wd * d;
+        gt = g + h.pen * wd;
+    }
+    A gg = gt;
+    A nw;
+    if constexpr (!ADAM) {
+        if (h.has_wd) gg = gg + h.wd * th;
+        if (h.momentum) {
+            A buf = h.mom_init ? gg : m[i] * h.beta1 + h.damp1 * gg;
+            m[i] = buf;
+            gg = h.nesterov ? gg + h.beta1 * buf : buf;
+        }
+        nw = th + (-h.lr) * gg;
+    } else {
+        A base = th;
+        if (h.has_wd) {
+            if (h.adamw) base = th * h.decay; else gg = gg + h.wd * th;
+        }
+        const A mo = m[i];
+        const A diff = gg - mo;
+        const A mn = h.lerp_w < A(0.5) ? mo + h.lerp_w * diff : gg - diff * h.lerp_w1;
+        m[i] = mn;
+        const A vn = v[i] * h.beta2 + h.addcmul_w * gg * gg;
+        v[i] = vn;
+        A vx = vn;
+        if (h.amsgrad) {
+            const A vo = vmax[i];
+            vx = vo > vn ? vo : vn;
+            vx = (vo != vo || vn != vn) ? vo + vn : vx;  // torch.maximum propagates NaN
+            vmax[i] = vx;
+        }
+        const A denom = std::sqrt(vx) / h.bc2_sqrt + h.eps;
+        nw = base + (-h.step_size) * mn / denom;
+    }
+    P stored = store_from<P>(nw);
+    if (h.wva) {
+        const A nc = load_as<A>(stored);
+        stored = store_from<P>(th + (nc - th) / (A(1) + h.wva_lam * acc[i]));
+    }
+    if constexpr (SIK != 0) {
+        using S = si_t<SIK>;
+        // subtract in promote(S, A), rounded once to S (torch's in-place type promotion)
+        using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
+        const A gsi = h.si_total ? gt : g;
+        const A prod = gsi * (load_as<A>(stored) - th);
+        si[i] = S(Q(si[i]) - Q(prod));
+    }
+    p[i] = stored;
+    return pen_sum;
+}
+
+template <class A, int L> inline A fold(A (&acc)[L]) {
+    for (int w = L / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+template <class P, bool ADAM, bool EWC, int SIK>
+double run(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& vm, const Ptrs& om, const Ptrs& mu,
+           const Ptrs& si, const Ptrs& acc, const std::vector<Chunk>& chunks, const Hyper<arith_t<P>>& h,
+           int nthreads) {
+    using A = arith_t<P>;
+    using S = si_t<SIK>;
+    std::vector<double> part(chunks.size(), 0.0);
+    const int64_t n = int64_t(chunks.size());
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 1 && nthreads > 1)
+#endif
+    for (int64_t c = 0; c < n; ++c) {
+        const Chunk& ch = chunks[size_t(c)];
+        const size_t t = size_t(ch.tensor);
+        P* pp = at<P>(p, t, ch.begin);
+        const P* gp = at<const P>(g, t, ch.begin);
+        A* mp = at<A>(m, t, ch.begin);
+        A* vp = at<A>(v, t, ch.begin);
+        A* vmp = at<A>(vm, t, ch.begin);
+        const A* op = at<const A>(om, t, ch.begin);
+        const double* mup = at<const double>(mu, t, ch.begin);
+        S* sp = at<S>(si, t, ch.begin);
+        const A* ap = at<const A>(acc, t, ch.begin);
+        constexpr int L = 16;
+        A lanes[L] = {};
+        const int64_t nb = ch.len - ch.len % L;
+        for (int64_t b = 0; b < nb; b += L)
+            for (int l = 0; l < L; ++l)
+                lanes[l] += step_elem<P, ADAM, EWC, SIK>(pp, gp, mp, vp, vmp, op, mup, sp, ap, b + l, h);
+        A tail = A(0);
+        for (int64_t i = nb; i < ch.len; ++i)
+            tail += step_elem<P, ADAM, EWC, SIK>(pp, gp, mp, vp, vmp, op, mup, sp, ap, i, h);
+        part[size_t(c)] = double(fold(lanes) + tail);
+    }
+    double s = 0.0;
+    for (double x : part) s += x;
+    return s;
+}
+
+template <class P>
+double dispatch(bool adam, bool ewc, int sik, const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v,
+                const Ptrs& vm, const Ptrs& om, const Ptrs& mu, const Ptrs& si, const Ptrs& acc,
+                const std::vector<Chunk>& chunks, const Hyper<arith_t<P>>& h, int nt) {
+#define EWCF_RUN(AD, EW, SK) return run<P, AD, EW, SK>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt)
+#define EWCF_SI(AD, EW) \
+    if (sik == 0) EWCF_RUN(AD, EW, 0); \
+    if (sik == 1) EWCF_RUN(AD, EW, 1); \
+    EWCF_RUN(AD, EW, 2)
+    if (adam) {
+        if (ewc) { EWCF_SI(true, true); } else { EWCF_SI(true, false); }
+    } else {
+        if (ewc) { EWCF_SI(false, true); } else { EWCF_SI(false, false); }
+    }
+#undef EWCF_SI
+#undef EWCF_RUN
+}
+
+template <class A> Hyper<A> make_hyper(const py::dict& d) {
+    auto f = [&](const char* k) { return d[k].cast<double>(); };
+    auto b = [&](const char* k) { return d[k].cast<bool>(); };
+    Hyper<A> h;
+    h.lr = A(f("lr"));
+    h.beta1 = A(f("beta1"));
+    h.beta2 = A(f("beta2"));
+    h.eps = A(f("eps"));
+    h.wd = A(f("weight_decay"));
+    h.damp1 = A(1.0 - f("dampening"));
+    h.step_size = A(f("step_size"));
+    h.bc2_sqrt = A(f("bc2_sqrt"));
+    h.decay = A(f("decay"));
+    h.lerp_w = A(1.0 - f("beta1"));
+    h.lerp_w1 = A(1) - h.lerp_w;  // torch's lerp: (1 - weight) in the tensor's type
+    h.addcmul_w = A(1.0 - f("beta2"));
+    h.pen = A(f("pen_scale") * f("lam"));
+    h.al = A(f("al"));
+    h.wva_lam = A(f("wva_lam"));
+    h.inv_scale = A(f("inv_scale"));
+    h.has_wd = f("weight_decay") != 0.0;
+    h.adamw = d["algo"].cast<int>() == 2;
+    h.momentum = b("momentum");
+    h.mom_init = b("momentum_init");
+    h.nesterov = b("nesterov");
+    h.amsgrad = b("amsgrad");
+    h.stab = b("stab");
+    h.wva = b("wva");
+    h.si_total = b("si_total");
+    return h;
+}
+
+// params, grads: parameter dtype p_dt; m, v, vmax: state in the arithmetic type (empty when unused);
+// omega (arithmetic type) and mu (fp64): empty without EWC; si: si_dt (0 fp32 / 1 fp64), empty without
+// SI; acc: arithmetic type, empty without WVA. h: the scalars (see make_hyper). Returns sum W*d^2.
+double fused_step(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& vm, const Ptrs& om,
+                  const Ptrs& mu, const Ptrs& si, const Ptrs& acc, const Numels& numels, int p_dt, int si_dt,
+                  const py::dict& hd, int nthreads) {
+    const size_t n = numels.size();
+    for (const Ptrs* l : {&p, &g})
+        if (l->size() != n) throw std::invalid_argument("fused_step: pointer lists and numels differ in length");
+    for (const Ptrs* l : {&m, &v, &vm, &om, &mu, &si, &acc})
+        if (!l->empty() && l->size() != n)
+            throw std::invalid_argument("fused_step: optional pointer lists must be empty or match numels");
+    const bool adam = hd["algo"].cast<int>() != 0;
+    const bool ewc = !om.empty();
+    const int sik = si.empty() ? 0 : (si_dt == F64 ? 2 : 1);
+    const std::vector<Chunk> chunks = plan(numels);
+    double result = 0.0;
+    switch (p_dt) {
+        case F32: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
+            result = dispatch<float>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+        case F64: { auto h = make_hyper<double>(hd); py::gil_scoped_release nogil;
+            result = dispatch<double>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+        case BF16: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
+            result = dispatch<bf16>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+        case F16: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
+            result = dispatch<f16>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+        default: throw std::invalid_argument("fused_step: unknown parameter dtype code " + std::to_string(p_dt));
+    }
+    return result;
+}
+
+}  // namespace
+
+void init_fused_step(py::module_& m) {
+    m.def("fused_step", &fused_step, "fused optimizer step (SGD/Adam/AdamW + EWC + SI + WVA); returns sum W*d^2",
+          py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("max_exp_avg_sq"),
+          py::arg("omega"), py::arg("mu"), py::arg("si_omega"), py::arg("wva_accum"), py::arg("numels"),
+          py::arg("p_dtype"), py::arg("si_dtype"), py::arg("h"), py::arg("nthreads"));
+}
+
+}  // namespace ewcf
