@@ -1,6 +1,11 @@
 // Fused optimizer step: per element, one read of theta, g, the optimizer state, Omega, mu, SI's
 // omega and WVA's A, and one write of theta, the state and SI's omega.
 //
+// Loop structure (step_chunk): each chunk is walked in sub-blocks of kSub elements; per sub-block,
+// three simple loops that GCC vectorises -- the penalty loop (g + lam*W*d and W*d^2 into L1 buffers),
+// the update loop (optimizer + WVA), SI's loop (omega -= g_si*(theta_new - theta_old), theta_old
+// buffered). The buffers stay in L1, so main-memory traffic is that of a single pass.
+//
 // Numerics follow ewc_fast/ops/fused_step/_torch.py operation by operation (torch.optim's
 // single-tensor formulas: lerp for the first moment, mul + addcmul for the second, addcdiv for the
 // step); the arithmetic type A is double for fp64 parameters, else float, and so is the optimizer
@@ -8,9 +13,11 @@
 // stored otherwise: exact, and what the torch twin's arithmetic sees). Work is cut into fixed chunks
 // (boundaries independent of the thread count); the penalty sum is formed per chunk (16 lanes, folded
 // pairwise) and added in fp64 in chunk order, so results do not depend on the thread count.
-// Same code-generation settings as consolidation.cpp (no FMA contraction, no trapping math).
+// Same code-generation settings as consolidation.cpp (no FMA contraction, no trapping math), plus
+// no-math-errno: std::sqrt may then be a vector square root instead of a libm call that sets errno
+// for negative inputs (nothing reads errno; the value is the same correctly rounded square root).
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math", "fp-contract=off")
+#pragma GCC optimize("no-trapping-math", "fp-contract=off", "no-math-errno")
 #endif
 #include <cmath>
 
@@ -55,29 +62,24 @@ template <class A> struct Hyper {
 // SIK: 0 no SI, 1 fp32 SI omega, 2 fp64 SI omega.
 template <int SIK> using si_t = std::conditional_t<SIK == 2, double, float>;
 
-template <class P, bool ADAM, bool EWC, int SIK>
-inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
+// Template flags: everything that decides which memory is touched (ADAM, EWC, SIK, ST2 = amsgrad for
+// Adam / momentum for SGD, WVA), so that the element loop has no conditional load or store and
+// vectorises; value-only choices (stabilised W, weight decay, nesterov, ...) stay run-time selects.
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+inline void step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
                             arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
-                            const double* __restrict__ mu, si_t<SIK>* __restrict__ si, const arith_t<P>* __restrict__ acc,
-                            int64_t i, const Hyper<arith_t<P>>& h) {
+                            const arith_t<P>* __restrict__ dd, si_t<SIK>* __restrict__ si,
+                            const arith_t<P>* __restrict__ acc, int64_t i, const Hyper<arith_t<P>>& h) {
     using A = arith_t<P>;
     const A th = load_as<A>(p[i]);
     const A g = load_as<A>(gr[i]) * h.inv_scale;
     A gt = g;
-    A pen_sum = A(0);
-    if constexpr (EWC) {
-        const A d = A(to_f64<P>(p[i]) - mu[i]);
-        A w = om[i];
-        if (h.stab) w = w / (A(1) + h.al * w);
-        const A wd = w * d;
-        pen_sum = wd * d;
-        gt = g + h.pen * wd;
-    }
+    if constexpr (EWC) gt = dd[i];  // g + pen*W*d, formed by the penalty loop of step_chunk
     A gg = gt;
     A nw;
     if constexpr (!ADAM) {
         if (h.has_wd) gg = gg + h.wd * th;
-        if (h.momentum) {
+        if constexpr (ST2) {
             A buf = h.mom_init ? gg : m[i] * h.beta1 + h.damp1 * gg;
             m[i] = buf;
             gg = h.nesterov ? gg + h.beta1 * buf : buf;
@@ -95,7 +97,7 @@ inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t
         const A vn = v[i] * h.beta2 + h.addcmul_w * gg * gg;
         v[i] = vn;
         A vx = vn;
-        if (h.amsgrad) {
+        if constexpr (ST2) {
             const A vo = vmax[i];
             vx = vo > vn ? vo : vn;
             vx = (vo != vo || vn != vn) ? vo + vn : vx;  // torch.maximum propagates NaN
@@ -105,18 +107,19 @@ inline arith_t<P> step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t
         nw = base + (-h.step_size) * mn / denom;
     }
     P stored = store_from<P>(nw);
-    if (h.wva) {
+    if constexpr (WVA) {
         const A nc = load_as<A>(stored);
         stored = store_from<P>(th + (nc - th) / (A(1) + h.wva_lam * acc[i]));
     }
     if constexpr (SIK != 0) {
         using S = si_t<SIK>;
+        // subtract in promote(S, A), rounded once to S (torch's in-place type promotion)
+        using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
         const A gsi = h.si_total ? gt : g;
         const A prod = gsi * (load_as<A>(stored) - th);
-        si[i] = S(S(si[i]) - S(prod));
+        si[i] = S(Q(si[i]) - Q(prod));
     }
     p[i] = stored;
-    return pen_sum;
 }
 
 template <class A, int L> inline A fold(A (&acc)[L]) {
@@ -125,7 +128,74 @@ template <class A, int L> inline A fold(A (&acc)[L]) {
     return acc[0];
 }
 
-template <class P, bool ADAM, bool EWC, int SIK>
+// One chunk, in sub-blocks of kSub elements: first d = A(theta - mu) (the fp64 difference) into an L1
+// buffer -- a plain conversion loop, so that the main loop has no fp64 operand and vectorises -- then
+// the element loop with 16 lane accumulators of the penalty sum (element b + l goes to lane l, across
+// sub-blocks), folded pairwise, plus the scalar tail. A separate, non-inlined function so that the
+// restrict qualifiers of its pointer arguments hold (every operand is a distinct buffer: the op layer
+// refuses overlapping in-place operands).
+constexpr int64_t kSub = 512;  // a multiple of the 16 lanes
+
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+__attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __restrict__ gp, arith_t<P>* __restrict__ mp,
+                                                arith_t<P>* __restrict__ vp, arith_t<P>* __restrict__ vmp,
+                                                const arith_t<P>* __restrict__ op, const double* __restrict__ mup,
+                                                si_t<SIK>* __restrict__ sp, const arith_t<P>* __restrict__ ap, int64_t n,
+                                                const Hyper<arith_t<P>>& hr) {
+    using A = arith_t<P>;
+    using S = si_t<SIK>;
+    const Hyper<A> h = hr;  // a local copy: no aliasing with the buffers
+    constexpr int L = 16;
+    A lanes[L] = {};
+    A tail = A(0);
+    alignas(64) A dbuf[kSub];
+    alignas(64) A pbuf[kSub];
+    alignas(64) A tbuf[kSub];
+    for (int64_t b0 = 0; b0 < n; b0 += kSub) {
+        const int64_t m = std::min(kSub, n - b0);
+        P* p = pp + b0;
+        const P* g = gp + b0;
+        A* mo = mp ? mp + b0 : nullptr;
+        A* v = vp ? vp + b0 : nullptr;
+        A* vm = vmp ? vmp + b0 : nullptr;
+        const A* o = op ? op + b0 : nullptr;
+        S* si = sp ? sp + b0 : nullptr;
+        const A* a = ap ? ap + b0 : nullptr;
+        if constexpr (EWC) {  // the penalty loop (vectorises like penalty_apply's): gt and W*d^2
+            const double* mu = mup + b0;
+            for (int64_t i = 0; i < m; ++i) {
+                const A d = A(to_f64<P>(p[i]) - mu[i]);
+                A w = o[i];
+                const A ws = w / (A(1) + h.al * w);
+                w = h.stab ? ws : w;
+                const A wd = w * d;
+                pbuf[i] = wd * d;
+                dbuf[i] = load_as<A>(g[i]) * h.inv_scale + h.pen * wd;
+            }
+            const int64_t nb = m - m % L;
+            for (int64_t b = 0; b < nb; b += L)
+                for (int l = 0; l < L; ++l) lanes[l] += pbuf[b + l];
+            for (int64_t i = nb; i < m; ++i) tail += pbuf[i];
+        }
+        if constexpr (SIK != 0)  // theta before the step, for SI's loop below
+            for (int64_t i = 0; i < m; ++i) tbuf[i] = load_as<A>(p[i]);
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) step_elem<P, ADAM, EWC, 0, ST2, WVA>(p, g, mo, v, vm, o, dbuf, nullptr, a, i, h);
+        if constexpr (SIK != 0) {  // SI: omega -= g_si * (theta_new - theta), subtracted in promote(S, A)
+            using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
+            const bool total = EWC && h.si_total;  // Kutalev: the total gradient (= g without EWC)
+            for (int64_t i = 0; i < m; ++i) {
+                const A gi = load_as<A>(g[i]) * h.inv_scale;
+                const A gsi = total ? dbuf[i] : gi;
+                const A prod = gsi * (load_as<A>(p[i]) - tbuf[i]);
+                si[i] = S(Q(si[i]) - Q(prod));
+            }
+        }
+    }
+    return fold(lanes) + tail;
+}
+
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 double run(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& vm, const Ptrs& om, const Ptrs& mu,
            const Ptrs& si, const Ptrs& acc, const std::vector<Chunk>& chunks, const Hyper<arith_t<P>>& h,
            int nthreads) {
@@ -140,36 +210,33 @@ double run(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptr
     for (int64_t c = 0; c < n; ++c) {
         const Chunk& ch = chunks[size_t(c)];
         const size_t t = size_t(ch.tensor);
-        P* pp = at<P>(p, t, ch.begin);
-        const P* gp = at<const P>(g, t, ch.begin);
-        A* mp = at<A>(m, t, ch.begin);
-        A* vp = at<A>(v, t, ch.begin);
-        A* vmp = at<A>(vm, t, ch.begin);
-        const A* op = at<const A>(om, t, ch.begin);
-        const double* mup = at<const double>(mu, t, ch.begin);
-        S* sp = at<S>(si, t, ch.begin);
-        const A* ap = at<const A>(acc, t, ch.begin);
-        constexpr int L = 16;
-        A lanes[L] = {};
-        const int64_t nb = ch.len - ch.len % L;
-        for (int64_t b = 0; b < nb; b += L)
-            for (int l = 0; l < L; ++l)
-                lanes[l] += step_elem<P, ADAM, EWC, SIK>(pp, gp, mp, vp, vmp, op, mup, sp, ap, b + l, h);
-        A tail = A(0);
-        for (int64_t i = nb; i < ch.len; ++i)
-            tail += step_elem<P, ADAM, EWC, SIK>(pp, gp, mp, vp, vmp, op, mup, sp, ap, i, h);
-        part[size_t(c)] = double(fold(lanes) + tail);
+        part[size_t(c)] = double(step_chunk<P, ADAM, EWC, SIK, ST2, WVA>(
+            at<P>(p, t, ch.begin), at<const P>(g, t, ch.begin), at<A>(m, t, ch.begin), at<A>(v, t, ch.begin),
+            at<A>(vm, t, ch.begin), at<const A>(om, t, ch.begin), at<const double>(mu, t, ch.begin),
+            at<S>(si, t, ch.begin), at<const A>(acc, t, ch.begin), ch.len, h));
     }
     double s = 0.0;
     for (double x : part) s += x;
     return s;
 }
 
+template <class P, bool ADAM, bool EWC, int SIK>
+double dispatch_state(bool st2, bool wva, const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& vm,
+                      const Ptrs& om, const Ptrs& mu, const Ptrs& si, const Ptrs& acc, const std::vector<Chunk>& chunks,
+                      const Hyper<arith_t<P>>& h, int nt) {
+    if (st2) {
+        if (wva) return run<P, ADAM, EWC, SIK, true, true>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt);
+        return run<P, ADAM, EWC, SIK, true, false>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt);
+    }
+    if (wva) return run<P, ADAM, EWC, SIK, false, true>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt);
+    return run<P, ADAM, EWC, SIK, false, false>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt);
+}
+
 template <class P>
-double dispatch(bool adam, bool ewc, int sik, const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v,
-                const Ptrs& vm, const Ptrs& om, const Ptrs& mu, const Ptrs& si, const Ptrs& acc,
+double dispatch(bool adam, bool ewc, int sik, bool st2, bool wva, const Ptrs& p, const Ptrs& g, const Ptrs& m,
+                const Ptrs& v, const Ptrs& vm, const Ptrs& om, const Ptrs& mu, const Ptrs& si, const Ptrs& acc,
                 const std::vector<Chunk>& chunks, const Hyper<arith_t<P>>& h, int nt) {
-#define EWCF_RUN(AD, EW, SK) return run<P, AD, EW, SK>(p, g, m, v, vm, om, mu, si, acc, chunks, h, nt)
+#define EWCF_RUN(AD, EW, SK) return dispatch_state<P, AD, EW, SK>(st2, wva, p, g, m, v, vm, om, mu, si, acc, chunks, h, nt)
 #define EWCF_SI(AD, EW) \
     if (sik == 0) EWCF_RUN(AD, EW, 0); \
     if (sik == 1) EWCF_RUN(AD, EW, 1); \
@@ -230,17 +297,19 @@ double fused_step(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, co
     const bool adam = hd["algo"].cast<int>() != 0;
     const bool ewc = !om.empty();
     const int sik = si.empty() ? 0 : (si_dt == F64 ? 2 : 1);
+    const bool st2 = adam ? !vm.empty() : !m.empty();  // amsgrad / momentum
+    const bool wva = !acc.empty();
     const std::vector<Chunk> chunks = plan(numels);
     double result = 0.0;
     switch (p_dt) {
         case F32: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
-            result = dispatch<float>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+            result = dispatch<float>(adam, ewc, sik, st2, wva, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
         case F64: { auto h = make_hyper<double>(hd); py::gil_scoped_release nogil;
-            result = dispatch<double>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+            result = dispatch<double>(adam, ewc, sik, st2, wva, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
         case BF16: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
-            result = dispatch<bf16>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+            result = dispatch<bf16>(adam, ewc, sik, st2, wva, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
         case F16: { auto h = make_hyper<float>(hd); py::gil_scoped_release nogil;
-            result = dispatch<f16>(adam, ewc, sik, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
+            result = dispatch<f16>(adam, ewc, sik, st2, wva, p, g, m, v, vm, om, mu, si, acc, chunks, h, nthreads); break; }
         default: throw std::invalid_argument("fused_step: unknown parameter dtype code " + std::to_string(p_dt));
     }
     return result;

@@ -72,23 +72,46 @@ struct Run {
     i64 t, l0, l1, a, b;
 };
 
+// Columns jj .. jj+len-1 of a panel: one tap (offsets kd0..kd2 = k*dilation - padding), consecutive
+// channels starting at element offset coff of X.
+struct Seg {
+    i64 jj, len, coff, kd0, kd1, kd2;
+};
+
+// Output column of internal column j: the kernel orders columns tap-major (j = tap*Cg + c, so that
+// consecutive columns are consecutive channels, contiguous in a channels-last input); the weight's
+// layout is channel-major (c*Kp + tap).
+inline i64 out_col(const ConvProblem& pb, i64 j) { return (j % pb.Cg) * pb.Kp + j / pb.Cg; }
+
+template <typename Out, typename Acc>
+inline void add_permuted(const ConvProblem& pb, Out* out, i64 row0, i64 j0, const Acc* loc, i64 ldc, i64 rows,
+                         i64 cols) {
+    using Wide = decltype(Out() + Acc());  // fp64 outputs or fp64 accumulators add in fp64
+    for (i64 c = 0; c < cols; ++c) {
+        Out* o = out + row0 * pb.J + out_col(pb, j0 + c);
+        for (i64 r = 0; r < rows; ++r) o[r * pb.J] = Out(Wide(o[r * pb.J]) + Wide(loc[r * ldc + c]));
+    }
+}
+
 template <typename Acc>
 inline void flush(const ConvProblem& pb, int which, i64 split, i64 row0, i64 j0, const Acc* loc, i64 ldc, i64 rows,
                   i64 cols) {
     if (pb.splits > 1) {
         const int nout = int(pb.do_sq) + int(pb.do_abs);
         const int slot = (which == 1 && pb.do_sq) ? 1 : 0;
-        Acc* dst = static_cast<Acc*>(pb.slabs) + (split * nout + slot) * pb.O * pb.J + row0 * pb.J + j0;
-        for (i64 r = 0; r < rows; ++r)
-            for (i64 c = 0; c < cols; ++c) dst[r * pb.J + c] = loc[r * ldc + c];
+        Acc* dst = static_cast<Acc*>(pb.slabs) + (split * nout + slot) * pb.O * pb.J + row0 * pb.J;
+        for (i64 c = 0; c < cols; ++c) {
+            const i64 oc = out_col(pb, j0 + c);
+            for (i64 r = 0; r < rows; ++r) dst[r * pb.J + oc] = loc[r * ldc + c];
+        }
         return;
     }
     void* out = which == 0 ? pb.sq : pb.ab;
     const int code = which == 0 ? pb.sq_code : pb.ab_code;
     if (code == F64)
-        add_tile(static_cast<double*>(out) + row0 * pb.J + j0, pb.J, loc, ldc, rows, cols);
+        add_permuted(pb, static_cast<double*>(out), row0, j0, loc, ldc, rows, cols);
     else
-        add_tile(static_cast<float*>(out) + row0 * pb.J + j0, pb.J, loc, ldc, rows, cols);
+        add_permuted(pb, static_cast<float*>(out), row0, j0, loc, ldc, rows, cols);
 }
 
 // Dot product of a run: sum_i g[i*sg] * x[i*sx], i < n; vectorised for unit strides when In == Acc.
@@ -126,7 +149,7 @@ struct Kernel {
     static size_t scratch_bytes(i64 tpg, i64 direct_elems) {
         // pg (KC x BO) + pa (KC x BI) + (loc0 + loc1 + spill) per column tile, column tables, runs
         const size_t gemm = sizeof(Acc) * size_t(KC * BO + KC * BI + 3 * BO * BI * tpg) +
-                            sizeof(i64) * size_t(4 * BI * tpg) + sizeof(Run) * size_t(KC) + 64 * 8;
+                            (sizeof(Seg) + sizeof(i64)) * size_t(BI * tpg) + sizeof(Run) * size_t(KC) + 64 * 8;
         return std::max(gemm, sizeof(Acc) * size_t(2 * direct_elems) + 64 * 2);
     }
 
@@ -144,25 +167,27 @@ struct Kernel {
         return nr;
     }
 
-    // pg[(p*kc + t)*MR + m] = G[n, row0 + p*MR + m, position t0 + t] (zero for rows >= bo)
+    // pg[(p*kc + t)*MR + m] = G[n, row0 + p*MR + m, position t0 + t] (zero for rows >= bo). Position-major:
+    // each position's MR channels are one contiguous copy when G is channels-last (sGo == 1).
     static void pack_g(const ConvProblem& pb, Acc* __restrict pg, const In* Gn, i64 row0, i64 bo, i64 kc,
                        const Run* rs, i64 nr) {
         const i64 np = (bo + MR - 1) / MR;
+        const i64 so = pb.sGo, s2 = pb.sG[2];
         for (i64 p = 0; p < np; ++p) {
-            for (int m = 0; m < MR; ++m) {
-                Acc* dst = pg + p * kc * MR + m;
-                const i64 o = p * MR + m;
-                if (o >= bo) {
-                    for (i64 t = 0; t < kc; ++t) dst[t * MR] = Acc(0);
-                    continue;
-                }
-                const In* row = Gn + (row0 + o) * pb.sGo;
-                for (i64 q = 0; q < nr; ++q) {
-                    const Run& r = rs[q];
-                    const In* src = row + r.l0 * pb.sG[0] + r.l1 * pb.sG[1];
-                    Acc* d = dst + r.t * MR;
-                    const i64 s2 = pb.sG[2];
-                    for (i64 l2 = r.a; l2 < r.b; ++l2) d[(l2 - r.a) * MR] = load_as<Acc>(src + l2 * s2);
+            const i64 mv = std::min<i64>(MR, bo - p * MR);
+            const In* base = Gn + (row0 + p * MR) * so;
+            for (i64 q = 0; q < nr; ++q) {
+                const Run& r = rs[q];
+                const In* src = base + r.l0 * pb.sG[0] + r.l1 * pb.sG[1];
+                Acc* d = pg + (p * kc + r.t) * MR;
+                for (i64 l2 = r.a; l2 < r.b; ++l2, d += MR) {
+                    const In* e = src + l2 * s2;
+                    if (so == 1) {
+                        for (i64 m = 0; m < mv; ++m) d[m] = load_as<Acc>(e + m);
+                    } else {
+                        for (i64 m = 0; m < mv; ++m) d[m] = load_as<Acc>(e + m * so);
+                    }
+                    for (i64 m = mv; m < MR; ++m) d[m] = Acc(0);
                 }
             }
         }
@@ -183,39 +208,68 @@ struct Kernel {
     }
 
     // pa[(p*kc + t)*NR + jj] = X[n, chan(j), position t0 + t shifted by tap(j)] (zero in the padding or
-    // for columns >= bj), j = p*NR + jj; tab holds per column: channel offset, kd0, kd1, kd2.
-    static void pack_x(const ConvProblem& pb, Acc* __restrict pa, const In* Xn, const i64* tab, i64 bj, i64 kc,
-                       const Run* rs, i64 nr) {
+    // for columns >= bj), j = p*NR + jj. Position-major over the panel's segments (columns of one tap and
+    // consecutive channels, see segments()): one contiguous copy per segment and position when X is
+    // channels-last (sXc == 1), a strided gather otherwise.
+    static void pack_x(const ConvProblem& pb, Acc* __restrict pa, const In* Xn, const Seg* segs, const i64* nseg,
+                       i64 bj, i64 kc, const Run* rs, i64 nr) {
         const i64 np = (bj + NR - 1) / NR;
-        const i64 s2 = pb.sX[2], step = pb.st[2] * s2;
+        const i64 sc = pb.sXc, s0 = pb.sX[0], s1 = pb.sX[1], s2 = pb.sX[2];
+        const i64 st0 = pb.st[0], st1 = pb.st[1], st2 = pb.st[2];
+        const i64 S0 = pb.S[0], S1 = pb.S[1], S2 = pb.S[2];
         for (i64 p = 0; p < np; ++p) {
-            for (int jj = 0; jj < NR; ++jj) {
-                Acc* dst = pa + p * kc * NR + jj;
-                const i64 j = p * NR + jj;
-                if (j >= bj) {
-                    for (i64 t = 0; t < kc; ++t) dst[t * NR] = Acc(0);
-                    continue;
-                }
-                const i64* tj = tab + 4 * j;
-                for (i64 q = 0; q < nr; ++q) {
-                    const Run& r = rs[q];
-                    Acc* d = dst + r.t * NR;
-                    i64 va, vb, i0, i1;
-                    valid_l2(pb, tj, r, va, vb, i0, i1);
-                    for (i64 l2 = r.a; l2 < va; ++l2) d[(l2 - r.a) * NR] = Acc(0);
-                    if (vb > va) {
-                        const In* src = Xn + tj[0] + i0 * pb.sX[0] + i1 * pb.sX[1] + tj[3] * s2;
-                        for (i64 l2 = va; l2 < vb; ++l2) d[(l2 - r.a) * NR] = load_as<Acc>(src + l2 * step);
+            const i64 cv = std::min<i64>(NR, bj - p * NR);  // valid columns of this panel
+            const Seg* sp = segs + p * NR;
+            const i64 ns = nseg[p];
+            for (i64 q = 0; q < nr; ++q) {
+                const Run& r = rs[q];
+                Acc* d = pa + (p * kc + r.t) * NR;
+                for (i64 l2 = r.a; l2 < r.b; ++l2, d += NR) {
+                    for (i64 k = 0; k < ns; ++k) {
+                        const Seg& g = sp[k];
+                        const i64 i0 = r.l0 * st0 + g.kd0, i1 = r.l1 * st1 + g.kd1, i2 = l2 * st2 + g.kd2;
+                        Acc* dd = d + g.jj;
+                        if (i0 < 0 || i0 >= S0 || i1 < 0 || i1 >= S1 || i2 < 0 || i2 >= S2) {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = Acc(0);
+                            continue;
+                        }
+                        const In* src = Xn + g.coff + i0 * s0 + i1 * s1 + i2 * s2;
+                        if (sc == 1) {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = load_as<Acc>(src + c);
+                        } else {
+                            for (i64 c = 0; c < g.len; ++c) dd[c] = load_as<Acc>(src + c * sc);
+                        }
                     }
-                    for (i64 l2 = vb; l2 < r.b; ++l2) d[(l2 - r.a) * NR] = Acc(0);
+                    for (i64 c = cv; c < NR; ++c) d[c] = Acc(0);
                 }
             }
         }
     }
 
-    // column col = c*Kp + tap of group g, tap = (k0*K1 + k1)*K2 + k2: channel offset, k_d*dil_d - pad_d
+    // Segments of a column tile [j0, j0 + bj): per panel of NR columns, maximal runs of columns with one
+    // tap and consecutive channels; segs[p*NR + k] is panel p's k-th, nseg[p] their number.
+    static void segments(const ConvProblem& pb, Seg* segs, i64* nseg, i64 g, i64 j0, i64 bj) {
+        const i64 np = (bj + NR - 1) / NR;
+        for (i64 p = 0; p < np; ++p) {
+            const i64 cv = std::min<i64>(NR, bj - p * NR);
+            i64 ns = 0, jj = 0;
+            while (jj < cv) {
+                const i64 j = j0 + p * NR + jj, tap = j / pb.Cg, c = j % pb.Cg;
+                const i64 len = std::min(cv - jj, pb.Cg - c);
+                i64 t[4];
+                column(pb, g, j, t);
+                segs[p * NR + ns++] = Seg{jj, len, t[0], t[1], t[2], t[3]};
+                (void)tap;
+                jj += len;
+            }
+            nseg[p] = ns;
+        }
+    }
+
+    // internal column col = tap*Cg + c of group g, tap = (k0*K1 + k1)*K2 + k2: channel offset and
+    // k_d*dil_d - pad_d per spatial dim
     static void column(const ConvProblem& pb, i64 g, i64 col, i64* t) {
-        const i64 c = col / pb.Kp, tap = col % pb.Kp;
+        const i64 c = col % pb.Cg, tap = col / pb.Cg;
         const i64 k2 = tap % pb.K[2], k1 = (tap / pb.K[2]) % pb.K[1], k0 = tap / (pb.K[2] * pb.K[1]);
         t[0] = (g * pb.Cg + c) * pb.sXc;
         t[1] = k0 * pb.dl[0] - pb.pd[0];
@@ -223,9 +277,6 @@ struct Kernel {
         t[3] = k2 * pb.dl[2] - pb.pd[2];
     }
 
-    static void fill_table(const ConvProblem& pb, i64* tab, i64 g, i64 j0, i64 bj) {
-        for (i64 j = 0; j < bj; ++j) column(pb, g, j0 + j, tab + 4 * j);
-    }
 
     // GEMM path. One work item: group g, row tile ob of the group's Og rows, column tiles [ib0, ib1) of
     // its J columns, samples [n0, n1). The G panel of a sample's position block is packed once and used
@@ -244,14 +295,15 @@ struct Kernel {
         Acc* l0 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
         Acc* l1 = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
         Acc* pl = reinterpret_cast<Acc*>(carve(sizeof(Acc) * BO * BI * tiles));
-        i64* tab = reinterpret_cast<i64*>(carve(sizeof(i64) * 4 * BI * tiles));
+        Seg* segs = reinterpret_cast<Seg*>(carve(sizeof(Seg) * BI * tiles));
+        i64* nseg = reinterpret_cast<i64*>(carve(sizeof(i64) * BI * tiles));
         Run* rs = reinterpret_cast<Run*>(carve(sizeof(Run) * KC));
         const i64 o0 = ob * BO, bo = std::min(BO, pb.Og - o0);
         const i64 mo = (bo + MR - 1) / MR;
         const i64 row0 = g * pb.Og + o0;
         for (i64 q = 0; q < tiles; ++q) {
             const i64 j0 = (ib0 + q) * BI, bj = std::min(BI, pb.J - j0);
-            fill_table(pb, tab + 4 * BI * q, g, j0, bj);
+            segments(pb, segs + BI * q, nseg + BI * q, g, j0, bj);
         }
         std::fill(l0, l0 + BO * BI * tiles, Acc(0));
         std::fill(l1, l1 + BO * BI * tiles, Acc(0));
@@ -269,7 +321,7 @@ struct Kernel {
                 for (i64 q = 0; q < tiles; ++q) {
                     const i64 j0 = (ib0 + q) * BI, bj = std::min(BI, pb.J - j0);
                     const i64 ni = (bj + NR - 1) / NR, ldc = ni * NR;
-                    pack_x(pb, pa, Xn, tab + 4 * BI * q, bj, kc, rs, nr);
+                    pack_x(pb, pa, Xn, segs + BI * q, nseg + BI * q, bj, kc, rs, nr);
                     Acc* a0 = l0 + BO * BI * q;
                     Acc* a1 = l1 + BO * BI * q;
                     Acc* sp = pl + BO * BI * q;

@@ -148,7 +148,11 @@ def _step_block(
             gsi = g
         prod = gsi * (_to(stored, C_TY) - th)
         so = load_chunk(si_ptr, offs, rem, MASKED)
-        store_chunk(si_ptr, offs, rem, (so.to(S_TY) - prod.to(S_TY)).to(S_TY), MASKED)
+        if S_TY == tl.float64 or C_TY == tl.float64:  # subtract in promote(S, C), rounded once to S
+            so = (so.to(tl.float64) - prod.to(tl.float64)).to(S_TY)
+        else:
+            so = so - prod
+        store_chunk(si_ptr, offs, rem, so, MASKED)
     store_chunk(p_ptr, offs, rem, stored, MASKED)
     return s
 

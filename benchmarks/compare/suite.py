@@ -183,7 +183,8 @@ def check_errors(wl, rows: list[dict], device, log=print) -> None:
         for r in rows:
             r.setdefault("notes", []).append(f"oracle failed: {type(exc).__name__}: {exc}")
         return
-    log(f"[bench]   oracle (float64, torch.func) {', '.join(needed)}: {time.perf_counter() - t0:.1f} s")
+    how = "per-sample loop" if getattr(wl, "oracle", "func") == "loop" else "torch.func"
+    log(f"[bench]   oracle (float64, {how}) {', '.join(needed)}: {time.perf_counter() - t0:.1f} s")
     for r in rows:
         path = r.get("_result_path")
         if not path:

@@ -37,6 +37,7 @@ __all__ = [
     "float_list",
     "choice_list",
     "positive_int",
+    "method_values",
     "add_common_args",
     "add_training_args",
     "add_lam_args",
@@ -78,6 +79,20 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
         return vals
 
     return parse
+
+
+def method_values(s: str) -> dict[str, float]:
+    """``"fisher=675,mas=300"`` → ``{"fisher": 675.0, "mas": 300.0}``."""
+    out = {}
+    for item in (v.strip() for v in s.split(",") if v.strip()):
+        name, sep, val = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(val)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected METHOD=VALUE pairs separated by commas, got {s!r}") from e
+    return out
 
 
 def positive_int(s: str) -> int:
@@ -176,6 +191,12 @@ def add_lam_args(p: argparse.ArgumentParser, *, grid: bool = True) -> None:
     )
     if grid:
         g.add_argument(
+            "--method-lams",
+            type=method_values,
+            default=None,
+            help="per-method λ, e.g. fisher=675,mas=300,si=24 (in --lam-convention); overrides --lam-grid/--lam",
+        )
+        g.add_argument(
             "--lam-grid",
             type=float_list,
             default=None,
@@ -247,11 +268,15 @@ def resolve_lams(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, 
         if m == "none":
             out[m] = [0.0]
             continue
+        per_method = getattr(args, "method_lams", None) or {}
         grid = getattr(args, "lam_grid", None)
         # WVA's λ sits in 1/(1 + λA): no ½ anywhere, so no conversion. Kutalev's *stabilised*
         # scripts already write λ·0.5·Ω/(1 + lr·λ·Ω): their λ is ours, so no conversion either.
         c = "ewc" if (m == "wva" or getattr(args, "stabilize", False)) else conv
-        if grid:
+        if m in per_method:
+            lams = [to_ewc_lam(per_method[m], c)]
+            src = f"--method-lams ({conv} convention)"
+        elif grid:
             lams = [to_ewc_lam(v, c) for v in grid]
             src = f"--lam-grid ({conv} convention)"
         elif args.lam is not None:

@@ -8,6 +8,7 @@ Writes ``OUT/overlap.csv``, ``overlap.json`` and ``overlap.png``.
 from __future__ import annotations
 
 import argparse
+import time
 
 from ..experiments import plots
 from ..experiments.continual import IMPORTANCE_METHODS
@@ -18,6 +19,7 @@ from .common import (
     add_lam_args,
     add_training_args,
     base_run_config,
+    command_meta,
     float_list,
     load_data,
     log,
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for f in args.fractions:
         if not 0.0 <= f <= 1.0:
             raise SystemExit(f"ewc-fast overlap: fractions must be in [0, 1], got {f}")
+    t0 = time.perf_counter()
     data = load_data(args)
     out = out_dir(args)
     lam = single_lam(args, args.method)
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=log,
     )
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
     paths = [
         write_csv(out / "overlap.csv", res["rows"]),
         plots.overlap_curves(res["fractions"], overlap_series(res), out / "overlap.png"),

@@ -21,6 +21,7 @@ from .common import (
     add_training_args,
     base_run_config,
     choice_list,
+    command_meta,
     load_data,
     log,
     out_dir,
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         log=log,
     )
     res["wall_s"] = time.perf_counter() - t0
+    res["meta"] = command_meta(args, data, res["wall_s"])
     res["lam_convention"] = "ewc_fast: (λ/2)·ΣΩ(θ−μ)²; Kutalev λ' = λ/2"
 
     mats, curves, grid = {}, {}, {}

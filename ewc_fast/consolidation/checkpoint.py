@@ -19,6 +19,7 @@ initialised); a single process without a process group works too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Mapping
@@ -35,12 +36,18 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """One process without a group: DCP warns that it assumes so, although ``no_dist`` says it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _check(owner: str, model, objects: Mapping) -> None:
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be a torch.nn.Module or None, got {type(model).__name__}")
     for key, obj in objects.items():
-        if key == "model" and model is not None:
-            raise ValueError(f"{owner}: 'model' is the key of the model's state; name the object otherwise")
         if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
             raise TypeError(f"{owner}: {key!r} has no state_dict()/load_state_dict() (got {type(obj).__name__})")
 
@@ -55,7 +62,8 @@ def save(checkpoint_id, model: nn.Module | None = None, *, extra: Mapping | None
     if model is not None:
         state["model"] = model.state_dict()
     state.update({k: obj.state_dict() for k, obj in objects.items()})
-    dcp.save(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
+    with _quiet():
+        dcp.save(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
 
 
 def _template(md, key: str, params: dict) -> dict:
@@ -104,8 +112,7 @@ def load(checkpoint_id, model: nn.Module | None = None, *, extra: Mapping | None
         state["model"] = model.state_dict()
     templates = {k: _template(md, k, params) for k in objects}
     state.update(templates)
-    with warnings.catch_warnings():  # one process without a group: DCP warns although no_dist says so
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _quiet():
         dcp.load(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
     if model is not None:
         model.load_state_dict(state["model"])

@@ -8,6 +8,12 @@ and *accumulated* (summed over the tasks so far); SI is the tracker's accumulate
 parameter tensor ("layer"), the Pearson and Spearman correlations of every pair of importances,
 and of FIS vs MAS², are recorded.
 
+``batched_fisher=True`` adds FISB, the square of the batch-mean gradient averaged over batches of
+``importance_batch`` samples (``fisher_batched``), with the pairs FISB–MAS and FISB–MAS²: the
+paper's explanation of FIS–MAS² > FIS–MAS approximates FIS by the square of a gradient *summed over
+the samples* (its eq. 2), which is this batched form rather than the per-sample empirical Fisher.
+:func:`summarize_seeds` combines runs of several seeds (mean, min, max per pair, layer and stage).
+
 Output rows: ``stage`` (tasks learned − 1), ``param``, ``pair``, ``pearson``, ``spearman``.
 A constant vector has no correlation: NaN (e.g. an all-zero SI tensor).
 """
@@ -27,10 +33,22 @@ from .data import MNIST
 from .tasks import build_tasks
 from .training import estimate
 
-__all__ = ["rankdata", "pearson", "spearman", "correlation_table", "run_correlate", "IMPORTANCE_NAMES", "PAIRS"]
+__all__ = [
+    "rankdata",
+    "pearson",
+    "spearman",
+    "correlation_table",
+    "run_correlate",
+    "summarize_seeds",
+    "IMPORTANCE_NAMES",
+    "PAIRS",
+    "BATCHED_PAIRS",
+]
 
 IMPORTANCE_NAMES = ("FIS", "MAS", "SI", "SIG")
 PAIRS = tuple(itertools.combinations(IMPORTANCE_NAMES, 2)) + (("FIS", "MAS²"),)
+#: pairs of the batched Fisher (``batched_fisher=True``)
+BATCHED_PAIRS = (("FISB", "MAS"), ("FISB", "MAS²"), ("FISB", "FIS"))
 
 
 def rankdata(a: ArrayLike) -> np.ndarray:
@@ -79,11 +97,11 @@ def correlation_table(importances: dict, *, stage: int = 0, names: Sequence[str]
     params = names or list(next(iter(importances.values())).keys())
     rows = []
     for pname in params:
-        for a, b in PAIRS:
+        for a, b in PAIRS + BATCHED_PAIRS:
             if b == "MAS²":
-                if not {"FIS", "MAS"} <= labels:
+                if not {a, "MAS"} <= labels:
                     continue
-                va = _as_np(importances["FIS"][pname])
+                va = _as_np(importances[a][pname])
                 vb = _as_np(importances["MAS"][pname]) ** 2
             else:
                 if not {a, b} <= labels:
@@ -119,18 +137,22 @@ def run_correlate(
     first_identity: bool = True,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    batched_fisher: bool = False,
 ) -> dict:
     """Sequential training with ``cfg.method`` (MAS) penalty; correlations after each task."""
     tasks = build_tasks("permuted", n_tasks, seed, first_identity=first_identity, n_pixels=data.n_features)
-    state: dict = {"acc": {"FIS": None, "MAS": None, "SIG": None}, "rows": [], "si": None}
+    est = (("FIS", "fisher"), ("MAS", "mas"), ("SIG", "sig")) + (
+        (("FISB", "fisher_batched"),) if batched_fisher else ()
+    )
+    state: dict = {"acc": {label: None for label, _ in est}, "rows": [], "si": None}
 
     def setup(model, optimizer):
         state["si"] = SynapticIntelligence(model, xi=cfg.si_xi, variant=cfg.si_variant)
         state["si"].attach(optimizer)
 
     def on_task_end(stage, model, x_imp, y_imp, strategy):
-        imps = estimate(model, x_imp, y_imp, ("fisher", "mas", "sig"), cfg)
-        for label, key in (("FIS", "fisher"), ("MAS", "mas"), ("SIG", "sig")):
+        imps = estimate(model, x_imp, y_imp, tuple(key for _, key in est), cfg)
+        for label, key in est:
             state["acc"][label] = _add(state["acc"][label], imps[key])
         state["si"].consolidate()
         si_imp = state["si"].cumulative  # running Ω over the tasks so far
@@ -158,11 +180,39 @@ def run_correlate(
     return {
         "rows": state["rows"],
         "params": params,
-        "pairs": [f"{a}-{b}" for a, b in PAIRS],
+        "pairs": [f"{a}-{b}" for a, b in PAIRS + (BATCHED_PAIRS if batched_fisher else ())],
         "run": result.to_dict(),
         "config": cfg.to_dict(),
         "n_tasks": n_tasks,
         "seed": seed,
+    }
+
+
+def summarize_seeds(results: Sequence[dict]) -> dict:
+    """Several :func:`run_correlate` results (seeds) → ``{"rows": [{stage, param, pair, pearson,
+    pearson_min, pearson_max, spearman, …, n_seeds}], "params", "pairs", "n_tasks", "seeds"}``; the
+    mean rows have the layout :func:`surfaces` reads."""
+    groups: dict = {}
+    for res in results:
+        for r in res["rows"]:
+            groups.setdefault((r["stage"], r["param"], r["pair"]), []).append(r)
+    rows = []
+    for (stage, param, pair), rs in groups.items():
+        row = {"stage": stage, "param": param, "pair": pair, "n_seeds": len(rs)}
+        for kind in ("pearson", "spearman"):
+            v = np.array([r[kind] for r in rs], dtype=float)
+            ok = v[np.isfinite(v)]
+            row[kind] = float(ok.mean()) if ok.size else float("nan")
+            row[f"{kind}_min"] = float(ok.min()) if ok.size else float("nan")
+            row[f"{kind}_max"] = float(ok.max()) if ok.size else float("nan")
+        rows.append(row)
+    first = results[0]
+    return {
+        "rows": rows,
+        "params": first["params"],
+        "pairs": first["pairs"],
+        "n_tasks": first["n_tasks"],
+        "seeds": [r["seed"] for r in results],
     }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "overlap_curves",
     "estimator_comparison",
     "explosion_curves",
+    "correlation_heatmaps",
 ]
 
 
@@ -163,6 +164,7 @@ def correlation_surfaces(
         else:
             ax.scatter(L.ravel(), Tk.ravel(), np.nan_to_num(Z).ravel(), c="C0")
         ax.set_zlim(-1, 1)
+        ax.set_zlabel(f"{kind} correlation", fontsize=8)
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, fontsize=6)
         ax.set_xlabel("layer", fontsize=8)
@@ -318,4 +320,39 @@ def explosion_curves(res: dict, path: PathLike) -> str | None:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def correlation_heatmaps(
+    values: dict, layers: list, path: PathLike, *, kind: str = "pearson", title: str | None = None
+) -> str | None:
+    """``values[pair] = array (n_tasks, n_layers)`` → one annotated heat-map per pair (rows: tasks
+    learned, columns: layers) on a shared diverging colour scale [−1, 1] with a labelled colour bar."""
+    plt = _plt()
+    if plt is None or not values:
+        return None
+    n = len(values)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    T = max(np.asarray(Z).shape[0] for Z in values.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.2, 0.32 * T * rows + 1.4 * rows), squeeze=False)
+    im = None
+    for ax, (pair, Z) in zip(axes.ravel(), values.items()):
+        Z = np.asarray(Z, dtype=float)
+        im = ax.imshow(Z, vmin=-1, vmax=1, cmap="coolwarm", aspect="auto")
+        for i in range(Z.shape[0]):
+            for j in range(Z.shape[1]):
+                if np.isfinite(Z[i, j]):
+                    ax.text(j, i, f"{Z[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(layers)), layers, fontsize=7)
+        ax.set_yticks(range(Z.shape[0]), [str(i + 1) for i in range(Z.shape[0])], fontsize=6)
+        ax.set_xlabel("layer (weights)", fontsize=8)
+        ax.set_ylabel("tasks learned", fontsize=8)
+        ax.set_title(pair, fontsize=9)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        cb.set_label(f"{kind.capitalize()} correlation")
+    fig.suptitle(title or f"{kind.capitalize()} correlation of the importances, per layer and task", fontsize=10)
     return _save(fig, path)

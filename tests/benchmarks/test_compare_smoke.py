@@ -154,6 +154,9 @@ def test_relative_error_counts_missing_parameters():
     err, missing = relative_error({"a": torch.ones(3)}, ref)
     assert missing == ["b"] and abs(err - 0.5) < 1e-12
     assert relative_error({"a": torch.ones(3), "b": torch.ones(1)}, ref)[0] == 0.0
+    # a result of the wrong size (a peer ignoring a conv's groups) is an infinite error, named with its shape
+    err, missing = relative_error({"a": torch.ones(3, 3), "b": torch.ones(1)}, ref)
+    assert err == float("inf") and missing == ["a (wrong shape (3, 3), expected (3,))"]
 
 
 def test_cli_subprocess_rows_and_files(tmp_path):

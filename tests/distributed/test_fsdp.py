@@ -13,6 +13,7 @@ averaged by FSDP's reduce-scatter), a few fp32 ulps over a few hundred terms: 1e
 issue's bound) holds with a wide margin.
 """
 
+import importlib.util
 import os
 import tempfile
 
@@ -130,11 +131,11 @@ def local_bytes(tensors):
 METHODS = ("fisher", "fisher_exact", "mas", "magnitude", "random")
 
 
-def estimate(model, x, y):
+def estimate(model, x, y, methods=METHODS):
     """estimate_importance on batches of 2 (each rank: its half of the samples, as many batches)."""
     batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, len(x), 2)]
     return ewc_fast.estimate_importance(
-        model, batches, METHODS, progress=False, generator=torch.Generator().manual_seed(1)
+        model, batches, methods, progress=False, generator=torch.Generator().manual_seed(1)
     )
 
 
@@ -212,7 +213,7 @@ def continue_one_step(model, objs, x, y, world):
 
 def short_run(model, x, y, world):
     """Fisher estimated, consolidated into EWC, one backward with apply_ (the HSDP checks)."""
-    fisher = estimate(model, x, y)["fisher"]
+    fisher = estimate(model, x, y, ("fisher",))["fisher"]
     ewc = ewc_fast.EWC(model, lam=0.8).consolidate(fisher)
     with torch.no_grad():
         for p in model.parameters():
@@ -225,6 +226,54 @@ def short_run(model, x, y, world):
         "grads": {k: full(p.grad) for k, p in model.named_parameters() if p.requires_grad},
         "placements": sorted({str(tuple(p.placements)) for p in ewc.omega.values() if hasattr(p, "placements")}),
     }
+
+
+HAVE_OPTIM = importlib.util.find_spec("ewc_fast.optim") is not None
+
+
+def optim_run(model, x, y, world):
+    """Three steps of ewc_fast.optim.SGD (momentum, weight decay) carrying EWC, SI and WVA (no hooks, no
+    apply_). SGD, not Adam: Adam's first steps are lr * g / (|g| + eps), which turns the last-ulp
+    differences of near-zero gradients summed in another order into O(lr) differences of the update --
+    a property of Adam, not of sharding; SGD's update is linear in the gradient."""
+    import ewc_fast.optim
+
+    lr = 0.05
+    ewc = ewc_fast.EWC(model, lam=0.8).consolidate(importance(model))
+    wva = ewc_fast.WVA(model, lam=2.0).consolidate(importance(model))
+    si = ewc_fast.SynapticIntelligence(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # away from the anchor
+    opt = ewc_fast.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=lr,
+        momentum=0.9,
+        weight_decay=0.01,
+        ewc=ewc,
+        si=si,
+        wva=wva,
+    )
+    out = {"penalty": [], "gmax": {}}
+    for _ in range(3):
+        opt.zero_grad()
+        backward(model, x, y, world)
+        for k, p in model.named_parameters():
+            if p.requires_grad:
+                out["gmax"][k] = max(out["gmax"].get(k, 0.0), float(full(p.grad).abs().max()))
+        opt.step()
+        out["penalty"].append(float(opt.last_penalty))
+    names = {id(p): k for k, p in model.named_parameters()}
+    out["params"] = {k: full(p) for k, p in model.named_parameters()}
+    out["momentum"] = {names[id(p)]: full(s["momentum_buffer"]) for p, s in opt.state.items()}
+    out["si"] = {k: full(t) for k, t in si.omega.items()}
+    out["types"] = sorted({type(s["momentum_buffer"]).__name__ for s in opt.state.values()})
+    if world > 1:
+        try:
+            opt.clip_grad_norm_(1.0)
+        except NotImplementedError as e:
+            out["clip"] = str(e)
+    return out
 
 
 def refused(rank, world):
@@ -264,6 +313,7 @@ def _worker(rank, world, path):
     # HSDP meshes: (replicate 1, shard 2) and (replicate 2, shard 1) -- placements (Replicate(), Shard(0))
     out["hsdp"] = [short_run(shard(Tiny(), world, shape), x, y, world) for shape in ((1, world), (world, 1))]
     out["refused"] = refused(rank, world)
+    out["optim"] = optim_run(shard(Tiny(), world), x, y, world) if HAVE_OPTIM else None
     # a single-process state (plain full tensors, e.g. torch.save'd) loads onto the sharded model:
     # each rank keeps its shard, the penalty is the single process's
     plain = Tiny()
@@ -318,34 +368,63 @@ def _scalar(a, b, what):
     assert abs(a - b) <= REL * abs(b), f"{what}: {a} vs {b}"
 
 
-def test_fsdp2_two_ranks_equal_single_process():
-    x, y = data()
+@pytest.fixture(scope="module")
+def fsdp_run():
+    """Every sharded check in one spawned 2-rank run (each spawn costs seconds): the ranks' outputs
+    and the directory holding their checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         spawn_gloo(_worker, 2, d)
         ranks = [torch.load(os.path.join(d, f"out.{r}"), weights_only=True) for r in range(2)]
-        model = Tiny()
-        ref, objs = scenario(model, x, y, 1)
-        ref["hsdp"] = short_run(Tiny(), x, y, 1)
-        ref["continued"] = continue_one_step(model, objs, x, y, 1)
-        # the 2-rank checkpoint onto one plain process (fresh objects, other settings): resharded
-        model1 = Tiny()
-        loaded = (
-            ewc_fast.EWC(model1, lam=5.0),
-            ewc_fast.SynapticIntelligence(model1, xi=0.5),
-            ewc_fast.WVA(model1, lam=0.0),
-            None,
-        )
-        checkpoint.load(os.path.join(d, "ckpt"), model1, ewc=loaded[0], si=loaded[1], wva=loaded[2])
-        assert (loaded[0].lam, loaded[0].gamma, loaded[0].n_tasks, loaded[1].xi, loaded[2].lam) == (
-            0.8,
-            0.9,
-            2,
-            0.1,
-            3.0,
-        )
-        _close_dict({k: full(p) for k, p in model1.named_parameters()}, ranks[0]["params"], "loaded params")
-        _close_dict({k: full(t) for k, t in state_tensors(*loaded[:3]).items()}, ranks[0]["state"], "loaded state")
-        ranks.append({"continued": continue_one_step(model1, loaded, x, y, 1)})
+        yield ranks, d
+
+
+def test_fused_optimizer_on_local_shards(fsdp_run):
+    """ewc_fast.optim's fused steps (EWC + SI + WVA inside SGD) on the FSDP2 shards equal one process."""
+    if not HAVE_OPTIM:
+        pytest.skip("ewc_fast.optim is not in this tree")
+    ranks, _ = fsdp_run
+    x, y = data()
+    ref = optim_run(Tiny(), x, y, 1)
+    for r, out in enumerate(ranks):
+        o = out["optim"]
+        assert o["types"] == ["DTensor", "Tensor"], o["types"]
+        assert "does not support sharded" in o["clip"]  # refused, not silently wrong
+        for i, (v, w) in enumerate(zip(o["penalty"], ref["penalty"])):
+            _scalar(v, w, f"rank {r} fused step {i} penalty")
+        _close_dict(o["params"], ref["params"], f"rank {r} fused params")
+        _close_dict(o["momentum"], ref["momentum"], f"rank {r} fused momentum")
+        for k, t in ref["si"].items():  # 3 steps' SI terms, each with an ulp(theta) of slack (_si_slack)
+            slack = 3 * ref["gmax"][k] * 2.0**-21 * float(ref["params"][k].abs().max())
+            _close(o["si"][k], t, f"rank {r} fused SI omega[{k}]", slack)
+
+
+def test_fsdp2_two_ranks_equal_single_process(fsdp_run):
+    ranks, d = fsdp_run
+    ranks = list(ranks)
+    x, y = data()
+    model = Tiny()
+    ref, objs = scenario(model, x, y, 1)
+    ref["hsdp"] = short_run(Tiny(), x, y, 1)
+    ref["continued"] = continue_one_step(model, objs, x, y, 1)
+    # the 2-rank checkpoint onto one plain process (fresh objects, other settings): resharded
+    model1 = Tiny()
+    loaded = (
+        ewc_fast.EWC(model1, lam=5.0),
+        ewc_fast.SynapticIntelligence(model1, xi=0.5),
+        ewc_fast.WVA(model1, lam=0.0),
+        None,
+    )
+    checkpoint.load(os.path.join(d, "ckpt"), model1, ewc=loaded[0], si=loaded[1], wva=loaded[2])
+    assert (loaded[0].lam, loaded[0].gamma, loaded[0].n_tasks, loaded[1].xi, loaded[2].lam) == (
+        0.8,
+        0.9,
+        2,
+        0.1,
+        3.0,
+    )
+    _close_dict({k: full(p) for k, p in model1.named_parameters()}, ranks[0]["params"], "loaded params")
+    _close_dict({k: full(t) for k, t in state_tensors(*loaded[:3]).items()}, ranks[0]["state"], "loaded state")
+    ranks.append({"continued": continue_one_step(model1, loaded, x, y, 1)})
     for r, out in enumerate(ranks):
         if r == 2:  # the 1-process continuation from the 2-rank checkpoint equals both continuations
             _scalar(out["continued"]["value"], ranks[0]["continued"]["value"], "loaded continued value")

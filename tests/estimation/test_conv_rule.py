@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ewc_fast
-from tests.helpers import ALL, assert_close, cached_reference, ragged
+from tests.helpers import ALL, assert_close, cached_reference, cuda_marks, ragged
 from tests.helpers import run_case as _run_case
 
 FAST = ("fisher", "fisher_exact", "mas", "sig", "fisher_batched")
@@ -129,12 +129,21 @@ def make_case(name):
 CASES = ["depthwise_separable", "n_equals_spatial", "reuse_circular", "transposed", "transposed3d", "seed_cnn"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        ("torch", "cpu"),
+        ("cpp", "cpu"),
+        pytest.param("torch", "cuda", marks=cuda_marks(), id="torch-cuda"),
+        pytest.param("triton", "cuda", marks=cuda_marks(triton=True), id="triton-cuda"),
+    ],
+)
 @pytest.mark.parametrize("name", CASES)
-def test_conv_rules_match_float64_oracle(name, backend):
-    if backend not in ewc_fast.available_backends("cpu"):
+def test_conv_rules_match_float64_oracle(name, backend, device, cuda_strict):
+    # on a card: TF32 off (cuda_strict), so cuDNN's fp32 convolutions keep the fp32 tolerance
+    if device == "cpu" and backend not in ewc_fast.available_backends("cpu"):
         pytest.skip(f"{backend} backend unavailable")
-    res, methods = _run_case(make_case, name, backend)
+    res, methods = _run_case(make_case, name, backend, device)
     ref = cached_reference(make_case, name)
     for m in methods:
         assert_close(res[m], ref[m], what=f"{name}/{m}")

@@ -157,8 +157,8 @@ def test_permuted_mnist_sgd_anchor_multi_head(tmp_path, idx_data):
         "small-mlp",
         "--methods",
         "none,fisher_exact,fisher_batched",
-        "--lam",
-        "10",
+        "--method-lams",
+        "fisher_exact=10,fisher_batched=1000",
         "--n-importance",
         "50",
         "--no-epoch-eval",
@@ -174,12 +174,17 @@ def test_permuted_mnist_sgd_anchor_multi_head(tmp_path, idx_data):
         "previous",
         True,
     )
+    assert res["methods"]["fisher_exact"]["best_lam"] == 10.0
+    assert res["methods"]["fisher_batched"]["best_lam"] == 1000.0
+    assert res["meta"]["command"].startswith("ewc-fast permuted-mnist")
     for m in res["methods"].values():
         R = np.asarray(next(iter(m["lams"].values()))["summary"]["R_mean"])
         _check_matrix(R, 3)
     # momentum without SGD: a clear error naming the option, exit 2
     proc = _run("permuted-mnist", "--out", out, "--momentum", "0.9", *TINY, *idx_data, check=False)
     assert proc.returncode == 2 and "--optimizer sgd" in proc.stderr
+    proc = _run("permuted-mnist", "--out", out, "--method-lams", "fisher:3", *TINY, *idx_data, check=False)
+    assert proc.returncode == 2 and "METHOD=VALUE" in proc.stderr
 
 
 def test_permuted_mnist_from_idx_dir_blocks(tmp_path, capsys):

@@ -3,6 +3,7 @@ and the models they use."""
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,43 @@ def test_results_md_sections_from_the_command_outputs(tmp_path, est_out, exp_out
     m = ex["models"]["attention"]
     assert f"| attention | {m['n_params']} | {m['max_omega']:.4g} | plain | 50.0 | 0.5 |" in text
     assert "results/explosion/explosion.png" in text and "the brief" not in text
+
+
+def test_correlate_seeds_batched_fisher_latest_anchor(tmp_path, idx_data):  # noqa: F811
+    out = tmp_path / "co"
+    _run(
+        "correlate",
+        "--out",
+        out,
+        "--tasks",
+        "2",
+        "--epochs",
+        "1",
+        "--model",
+        "small-mlp",
+        "--runs",
+        "2",
+        "--batched-fisher",
+        "--anchor",
+        "latest",
+        "--n-importance",
+        "100",
+        *TINY,
+        *idx_data,
+    )
+    res = _json(out / "correlations.json")
+    assert {"FISB-MAS", "FISB-MAS²", "FISB-FIS", "FIS-MAS²"} <= set(res["pairs"])
+    assert res["seeds"] == [0, 1] and res["config"]["anchor"] == "latest"
+    per = {(r["stage"], r["param"], r["pair"]): [] for r in res["rows"]}
+    for run in res["per_seed"]:
+        for r in run["rows"]:
+            per[(r["stage"], r["param"], r["pair"])].append(r["pearson"])
+    for r in res["rows"]:
+        v = per[(r["stage"], r["param"], r["pair"])]
+        assert r["n_seeds"] == 2
+        if all(np.isfinite(v)):
+            assert (
+                r["pearson"] == pytest.approx(np.mean(v)) and r["pearson_min"] == min(v) and r["pearson_max"] == max(v)
+            )
+    if _has_plots():
+        assert (out / "correlation_heatmap_pearson.png").exists()

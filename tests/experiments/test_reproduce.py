@@ -215,6 +215,14 @@ def test_reproduce_quick_end_to_end(tmp_path):
         "default_lam",
     ):
         assert needle in text, needle
+    try:
+        import matplotlib  # noqa: F401
+
+        assert "Accuracy matrices and per-task curves of the table" in text
+        for png in ("table_accuracy_matrices.png", "table_task_curves.png", "correlation_heatmap_pearson.png"):
+            assert (res / png).exists() and f"results/{png}" in text, png
+    except ImportError:
+        pass
     # --render-only rebuilds the same file from the JSON alone
     (out / "RESULTS.md").unlink()
     assert main(["reproduce", "--render-only", "--out", str(out)]) == 0

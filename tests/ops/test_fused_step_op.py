@@ -3,8 +3,10 @@ against the float64 oracle :func:`ewc_fast.testing.fused_step.fused_step`; valid
 nothing written); torch.library.opcheck.
 
 Backends: "torch"; "cpp" with 1 and 2 threads; "triton" on CPU tensors in the Triton interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1). Results are compared per tensor by relative norm error
-(NaN/inf never pass); each tolerance says where it comes from.
+(tests/conftest.py sets TRITON_INTERPRET=1); "torch-cuda" / "triton-cuda" on CUDA tensors (marked
+``cuda``: skipped without a card, Triton also while TRITON_INTERPRET=1), the inputs copied there with
+their strides and the results copied back, so every check is the CPU one. Results are compared per
+tensor by relative norm error (NaN/inf never pass); each tolerance says where it comes from.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import fused_step as oracle
+from tests.helpers import cuda_marks, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -51,11 +54,32 @@ def assert_rel(x, ref, tol, what=""):
     assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.1e}"
 
 
-@pytest.fixture(params=["torch", "cpp-1t", "cpp-2t", "triton"])
-def backend(request):
-    name = request.param
+CASES_DEV = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
+    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@pytest.fixture(params=CASES_DEV)
+def case(request):
+    """(backend, device) of a test case."""
+    return request.param
+
+
+@pytest.fixture
+def device(case):
+    return case[1]
+
+
+@pytest.fixture
+def backend(case):
+    name, device = case
     if name in ("torch", "triton"):
-        reason = why_unavailable(name, torch.device("cpu"))
+        reason = why_unavailable(name, torch.device(device))
         if reason:
             pytest.skip(reason)
         yield name
@@ -113,7 +137,10 @@ CASES = [
 ]
 
 
-def _run(backend, algo, kw, dtype, *, ewc=True, si=True, wva=True, noncontig=False, si_variant="zenke", alpha=None):
+def _run(
+    backend, algo, kw, dtype, *, ewc=True, si=True, wva=True, noncontig=False, si_variant="zenke", alpha=None,
+    device="cpu",
+):  # fmt: skip
     kw = dict(kw)
     amsgrad = kw.pop("amsgrad", False)
     t = _make(SHAPES, dtype, algo, amsgrad=amsgrad, momentum=kw.get("momentum", 0.9), ewc=ewc, si=si, wva=wva,
@@ -123,17 +150,22 @@ def _run(backend, algo, kw, dtype, *, ewc=True, si=True, wva=True, noncontig=Fal
         t["params"], t["grads"], t["exp_avg"], t["exp_avg_sq"], t["max_exp_avg_sq"], algo=algo,
         omega=t["omega"], mu=t["mu"], si_omega=t["si_omega"], wva_accum=t["wva_accum"], **kw, **extra,
     )  # fmt: skip
+    d = on_device(t, device)  # the same strides on the card; results copied back below
     val = ops.fused_step_(
-        t["params"], t["grads"], t["exp_avg"], t["exp_avg_sq"], t["max_exp_avg_sq"], algo=algo,
-        omega=t["omega"], mu=t["mu"], si_omega=t["si_omega"], wva_accum=t["wva_accum"], backend=backend, **kw, **extra,
+        d["params"], d["grads"], d["exp_avg"], d["exp_avg_sq"], d["max_exp_avg_sq"], algo=algo,
+        omega=d["omega"], mu=d["mu"], si_omega=d["si_omega"], wva_accum=d["wva_accum"], backend=backend, **kw, **extra,
     )  # fmt: skip
-    return t, ref, val
+    for k in t:
+        for x, y in zip(t[k], d[k]):
+            if x is not y:
+                x.copy_(y)
+    return t, ref, val.cpu()
 
 
 @pytest.mark.parametrize("algo,kw", CASES)
 @pytest.mark.parametrize("dtype", [F32, F64, BF16])
-def test_matches_oracle(backend, algo, kw, dtype):
-    t, (p, m, v, vm, si, pen), val = _run(backend, algo, kw, dtype)
+def test_matches_oracle(backend, device, algo, kw, dtype):
+    t, (p, m, v, vm, si, pen), val = _run(backend, algo, kw, dtype, device=device)
     ct = _arith(dtype)
     tol_state = TOL_FP64 if ct == F64 else TOL_FP32
     for i in range(len(SHAPES)):
@@ -151,13 +183,13 @@ def test_matches_oracle(backend, algo, kw, dtype):
 
 
 @pytest.mark.parametrize("algo,kw", [CASES[0], CASES[5]])
-def test_bf16_and_fp16_agree_with_the_torch_twin(backend, algo, kw):
+def test_bf16_and_fp16_agree_with_the_torch_twin(backend, device, algo, kw):
     """Low-precision parameters: every backend computes the fp32 twin's values; the stored parameter
     may differ by one ulp where fp32 results differ in their last bit (operation order), and SI sees
     exactly the stored step, so it is compared through the stored parameters."""
     for dtype in (BF16, F16):
         t_ref, _, val_ref = _run("torch", algo, kw, dtype, si_variant="kutalev", alpha=0.3)
-        t, _, val = _run(backend, algo, kw, dtype, si_variant="kutalev", alpha=0.3)
+        t, _, val = _run(backend, algo, kw, dtype, si_variant="kutalev", alpha=0.3, device=device)
         for i in range(len(SHAPES)):
             assert_rel(t["params"][i], t_ref["params"][i], TOL_STORED[dtype], f"{dtype} params[{i}]")
             assert_rel(t["exp_avg"][i], t_ref["exp_avg"][i], TOL_FP32, f"{dtype} exp_avg[{i}]")
@@ -167,14 +199,14 @@ def test_bf16_and_fp16_agree_with_the_torch_twin(backend, algo, kw):
 
 
 @pytest.mark.parametrize("feature", ["none", "ewc", "si", "wva", "stab", "kutalev", "noncontig"])
-def test_features_separately(backend, feature):
+def test_features_separately(backend, device, feature):
     algo, kw = CASES[3]
     flags = dict(ewc=feature in ("ewc", "stab", "kutalev"), si=feature in ("si", "kutalev"), wva=feature == "wva")
     if feature == "noncontig":
         flags = dict(ewc=True, si=True, wva=True, noncontig=True)
     t, (p, m, v, vm, si, pen), val = _run(
         backend, algo, kw, F32, **flags, si_variant="kutalev" if feature == "kutalev" else "zenke",
-        alpha=0.2 if feature == "stab" else None,
+        alpha=0.2 if feature == "stab" else None, device=device,
     )  # fmt: skip
     for i in range(len(SHAPES)):
         assert_rel(t["params"][i], p[i], TOL_FP32, f"params[{i}]")
@@ -237,9 +269,9 @@ def _call(t, **kw):
         (lambda t: t["exp_avg_sq"].__setitem__(1, t["exp_avg_sq"][1].double()), {}, TypeError, "exp_avg_sq"),
         (lambda t: t["mu"].clear(), {}, ValueError, "omega and mu"),
         (lambda t: t["si_omega"].__setitem__(2, torch.zeros(5)), {}, ValueError, "shapes differ"),
-        (lambda t: t["grads"].__setitem__(0, t["params"][0]), {}, ValueError, "overlap"),
-        (lambda t: t["si_omega"].__setitem__(3, t["omega"][3]), {}, ValueError, "overlap"),
-        (lambda t: t["exp_avg"].__setitem__(4, t["exp_avg_sq"][4][:]), {}, ValueError, "overlap"),
+        (lambda t: t["grads"].__setitem__(0, t["params"][0]), {}, ValueError, "share memory|overlap"),
+        (lambda t: t["si_omega"].__setitem__(3, t["omega"][3]), {}, ValueError, "share memory|overlap"),
+        (lambda t: t["exp_avg"].__setitem__(4, t["exp_avg_sq"][4][:]), {}, ValueError, "share memory|overlap"),
     ],
 )
 def test_bad_input_is_refused_before_any_write(mutate, kw, err, match):

@@ -10,7 +10,10 @@ outputs finite, relative Frobenius error within a tolerance justified per dtype:
   the oracle uses the rounded inputs, so the same bound holds. TOL32 = 1e-5.
 * fp64 inputs with fp64 outputs: the same argument with u = 1.1e-16. TOL64 = 1e-12.
 
-Triton runs in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes.
+Triton runs in the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes;
+the ``cuda`` parameters (torch and Triton on CUDA tensors; skipped without a card, Triton also while
+TRITON_INTERPRET=1) run the same checks on the card, inputs copied with their strides
+(``tests.helpers.on_device``) and outputs copied back.
 """
 
 from __future__ import annotations
@@ -25,17 +28,27 @@ import torch
 from ewc_fast.ops import backends as _backend
 from ewc_fast.ops import persample_conv_sq_
 from ewc_fast.testing.conv import reference_persample_conv_sq
+from tests.helpers import cuda_marks, on_device
 
 TOL32 = 1e-5
 TOL64 = 1e-12
 
 _NO_CPP = _backend.why_unavailable("cpp", "cpu") is not None
 _NO_TRITON = _backend.why_unavailable("triton", "cpu") is not None
+#: (backend, threads, device)
 BACKENDS = [
-    pytest.param(("torch", None), id="torch"),
-    pytest.param(("cpp", 1), id="cpp-1thread", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
-    pytest.param(("cpp", 2), id="cpp-2threads", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
-    pytest.param(("triton", None), id="triton-interp", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton")),
+    pytest.param(("torch", None, "cpu"), id="torch"),
+    pytest.param(("cpp", 1, "cpu"), id="cpp-1thread", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
+    pytest.param(("cpp", 2, "cpu"), id="cpp-2threads", marks=pytest.mark.skipif(_NO_CPP, reason="no C++ ext")),
+    pytest.param(("triton", None, "cpu"), id="triton-interp", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton")),
+    pytest.param(("torch", None, "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", None, "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+#: the backends fast enough for the larger cases (not the CPU interpreter)
+FAST = [b for b in BACKENDS if b.values[0][::2] != ("triton", "cpu")]
+TRITON_DEVICES = [
+    pytest.param("cpu", id="interp", marks=pytest.mark.skipif(_NO_TRITON, reason="no Triton")),
+    pytest.param("cuda", id="cuda", marks=cuda_marks(triton=True)),
 ]
 
 
@@ -70,12 +83,16 @@ class Case:
 
 
 def _call(backend, sq, ab, G, X, case):
-    name, threads = backend
+    name, threads, device = backend
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        persample_conv_sq_(sq, ab, G, X, backend=name, **case.kw())
+        dsq, dab, dG, dX = on_device((sq, ab, G, X), device)
+        persample_conv_sq_(dsq, dab, dG, dX, backend=name, **case.kw())
+        for out, dev in ((sq, dsq), (ab, dab)):
+            if out is not None and dev is not out:
+                out.copy_(dev)
     finally:
         torch.set_num_threads(old)
 
@@ -135,9 +152,18 @@ def test_fp32_cases(backend, case):
     _check(backend, case, G, X)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0][0] != "triton"])
-@pytest.mark.parametrize("case", CPU_CASES, ids=repr)
-def test_fp32_larger_cases_cpu_backends(backend, case):
+# the edges of the CUDA tile (kernels/persample_conv.py CUDA_CONFIG = 64 x 64 x 32): O, J = C/groups * prod(K)
+# and L one past a tile / a T block, and exact multiples
+EDGE_CASES = [
+    Case(2, 13, 65, (37,), (5,)),  # O = 65, J = 65, L = 33
+    Case(3, 8, 64, (10, 10), (2, 4), padding=(0, 1)),  # O = 64, J = 64, L = 9 x 9
+    Case(2, 8, 129, (10, 10), (3, 3), padding=(1, 1)),  # O = 129, J = 72, L = 100
+]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", CPU_CASES + EDGE_CASES, ids=repr)
+def test_fp32_larger_cases_fast_backends(backend, case):
     G, X = case.inputs(torch.float32, seed=2)
     _check(backend, case, G, X)
 
@@ -212,21 +238,23 @@ def test_cpp_deterministic_across_runs_and_split():
     outs = []
     for _ in range(2):
         sq = torch.zeros(4, 3, 3, 3)
-        _call(("cpp", 2), sq, None, G, X, case)
+        _call(("cpp", 2, "cpu"), sq, None, G, X, case)
         outs.append(sq)
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.skipif(_NO_TRITON, reason="no Triton")
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_triton_split_paths(splits):
+def test_triton_split_paths(device, splits):
     from ewc_fast.kernels.persample_conv import launch
 
     case = CASES[2]
     G, X = case.inputs(torch.float32, seed=12)
     ref_sq, ref_ab = reference_persample_conv_sq(G, X, case.K, **case.kw())
     sq, ab = torch.zeros(ref_sq.shape), torch.zeros(ref_sq.shape)
-    launch(sq, ab, G, X, case.stride, case.padding, case.dilation, case.groups, splits=splits)
+    dsq, dab, dG, dX = on_device((sq, ab, G, X), device)
+    launch(dsq, dab, dG, dX, case.stride, case.padding, case.dilation, case.groups, splits=splits)
+    sq, ab = dsq.cpu(), dab.cpu()
     assert _rel_err(sq, ref_sq) <= TOL32 and _rel_err(ab, ref_ab) <= TOL32
 
 

@@ -174,7 +174,7 @@ def test_fp32_shapes(backend, shape):
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_larger_shapes_cpu_backends(backend, shape):
+def test_fp32_larger_shapes_fast_backends(backend, shape):
     G, A = _inputs(*shape, torch.float32, seed=sum(shape))
     _check(backend, G, A)
 

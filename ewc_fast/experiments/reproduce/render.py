@@ -22,7 +22,7 @@ from ..records import read_json
 from .correlations import CORR_CLAIMS_PAIRS, correlation_claims, final_weight_correlations
 from .protocol import RESULTS_SUBDIR
 from .pruning import THEIR_TASK1_SCALE
-from .science import render_science
+from .science import correlate_figures, render_science, table_figures
 
 __all__ = ["render_results", "format_minutes"]
 
@@ -473,11 +473,13 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
     ]
     if t:
         L += _render_table(t)
+        L += table_figures(res_dir, t)
         L += _PROTOCOL_NOTES.splitlines() + [""]
         if notes.get("table"):
             L += ["### Discussion", ""] + notes["table"] + [""]
     if c:
         L += _render_correlate(c)
+        L += correlate_figures(res_dir, c)
         if notes.get("correlate"):
             L += notes["correlate"] + [""]
     if p:
@@ -503,7 +505,10 @@ def render_results(out_dir: Path, extra_sections: list[str] | None = None) -> st
         "",
         "- `results/table.json`, `results/correlate.json`, `results/prune.json`: every run's numbers, "
         "configuration, timings and machine description.",
-        "- `results/*.png`: correlation surfaces and mean pruning curves.",
+        "- `results/*.png`: correlation surfaces and heat-maps, mean pruning curves, the table's accuracy "
+        "matrices and per-task curves.",
+        "- `results/<experiment>/` (`prune_layer/`, `estimators/`, `explosion/`, `conv/`, `anchoring/`, "
+        "`overlap/`, `correlate_seeds/`): the JSON, CSV and PNG files written by that experiment's own command.",
         "",
     ]
     text = "\n".join(L)

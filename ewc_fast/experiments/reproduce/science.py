@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
+from .. import plots
+from ..correlate import surfaces
 from ..prune import value_at
 from ..records import read_json
 from .pruning import PRUNE_REFERENCE
 
-__all__ = ["SCIENCE_DIRS", "LAYER_REFERENCE", "render_science"]
+__all__ = ["SCIENCE_DIRS", "LAYER_REFERENCE", "render_science", "table_figures", "correlate_figures"]
 
 #: section → (folder under results/, JSON file name)
 SCIENCE_DIRS = {
@@ -26,8 +30,10 @@ SCIENCE_DIRS = {
     "estimators": ("estimators", "estimators.json"),
     "explosion": ("explosion", "explosion.json"),
     "conv": ("conv", "permuted_mnist.json"),
-    "anchoring": ("anchoring", "permuted_mnist.json"),
+    "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
+    "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
+    "correlate_seeds": ("correlate_seeds", "correlations.json"),
 }
 
 #: accuracy at 90 % pruned *by layer* (Kutalev & Lapina 2021, 10 runs)
@@ -243,6 +249,82 @@ def _render_overlap(r: dict, rel: str) -> list[str]:
     return L
 
 
+def table_figures(res_dir: Path, t: dict, rel: str = "results") -> list[str]:
+    """The main table's mean accuracy matrices R[i, j] and per-task curves (accuracy of every task
+    after each task trained, mean over the runs), drawn from ``table.json``; markdown lines."""
+    mats, curves = {}, {}
+    for row in t["rows"].values():
+        runs = row.get("runs") or []
+        if not runs:
+            continue
+        R = np.mean([np.asarray(r["R"], dtype=float) for r in runs], axis=0)
+        mats[row["label"]] = R.tolist()
+        curves[row["label"]] = [{"stage": i, "epoch": 1, "acc": R[i].tolist()} for i in range(R.shape[0])]
+    if not mats:
+        return []
+    a = plots.accuracy_heatmaps(
+        mats, Path(res_dir) / "table_accuracy_matrices.png", title="mean accuracy matrix R[i, j] of each table row"
+    )
+    b = plots.task_curves(
+        curves,
+        t["n_tasks"],
+        1,
+        Path(res_dir) / "table_task_curves.png",
+        title="test accuracy of each task after each task trained (mean over the runs)",
+    )
+    L = ["### Accuracy matrices and per-task curves of the table", ""]
+    if a:
+        L.append(f"![accuracy matrices]({rel}/table_accuracy_matrices.png)")
+    if b:
+        L.append(f"![per-task curves]({rel}/table_task_curves.png)")
+    return L + [""] if (a or b) else []
+
+
+def correlate_figures(res_dir: Path, c: dict, rel: str = "results") -> list[str]:
+    """Heat-maps (tasks learned × layer, colour bar) of the Pearson and Spearman correlations in
+    ``correlate.json``; markdown lines."""
+    L = []
+    for kind in ("pearson", "spearman"):
+        vals, layers = surfaces(c, kind)
+        p = plots.correlation_heatmaps(vals, layers, Path(res_dir) / f"correlation_heatmap_{kind}.png", kind=kind)
+        if p:
+            L.append(f"![{kind} correlations, heat-map]({rel}/correlation_heatmap_{kind}.png)")
+    return (
+        ["Heat-map form (each cell: the correlation after that many tasks on that layer's weights):", ""] + L + [""]
+        if L
+        else []
+    )
+
+
+def _render_correlate_seeds(r: dict, rel: str) -> list[str]:
+    c = r.get("config", {})
+    T = r["n_tasks"]
+    L = ["## 10. Correlations of the importances over several seeds, the authors' anchoring, the batched Fisher", ""]
+    L += _meta_lines(r)
+    L += [
+        f"- protocol: as section 2 but {T} tasks, **{len(r['seeds'])} seeds** ({', '.join(map(str, r['seeds']))}), the "
+        f"MAS penalty anchored `{c.get('anchor', '?')}` (summed importances at the latest optimum, as the authors' EWC "
+        "code), SIG summed over tasks on raw pixels in [0, 1]; FISB = the square of the batch-mean gradient over "
+        f"batches of {c.get('importance_batch', '?')} samples (what the paper's eq. 2 approximates).",
+        "",
+        f"Pearson correlation after task {T}, mean over seeds [min, max]:",
+        "",
+    ]
+    params = [p for p in r["params"] if p.endswith("weight")]
+    L += ["| pair | " + " | ".join(p.rsplit(".", 1)[0] for p in params) + " |", "|---|" + "---|" * len(params)]
+    last = {(x["param"], x["pair"]): x for x in r["rows"] if x["stage"] == T - 1}
+    for pair in r["pairs"]:
+        cells = []
+        for p in params:
+            x = last.get((p, pair))
+            cells.append(
+                "—" if x is None else f"{x['pearson']:+.2f} [{x['pearson_min']:+.2f}, {x['pearson_max']:+.2f}]"
+            )
+        L.append(f"| {pair} | " + " | ".join(cells) + " |")
+    L += ["", f"![correlations over seeds]({rel}/correlate_seeds/correlation_heatmap_pearson.png)", ""]
+    return L
+
+
 def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results") -> list[str]:
     """The sections of every :data:`SCIENCE_DIRS` folder present under ``res_dir`` (markdown lines)."""
     notes = notes or {}
@@ -267,13 +349,14 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
                 res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
             ),
         )
-    if res["anchoring"]:
-        add(
-            "anchoring",
-            _render_permuted(
-                res["anchoring"], "## 8. Penalty for all previous tasks vs only the previous one", rel, "anchoring"
-            ),
-        )
+    if res["anchoring_all"] or res["anchoring_previous"]:
+        lines = ["## 8. Penalty for all previous tasks vs only the previous one", ""]
+        for key, sub in (("anchoring_all", "all"), ("anchoring_previous", "previous")):
+            if res[key]:
+                lines += _render_permuted(res[key], f"### anchoring `{sub}`", rel, f"anchoring/{sub}")
+        add("anchoring", lines)
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
+    if res["correlate_seeds"]:
+        add("correlate_seeds", _render_correlate_seeds(res["correlate_seeds"], rel))
     return L

@@ -267,8 +267,9 @@ def fused_step_(
     wva_lam = check_finite_scalar(op, "wva_lam", wva_lam, low=0.0)
     common_device(op, params)
     mutated = ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "si_omega")
-    check_no_overlap(op, {k: v for k, v in full.items() if k in mutated}, {k: v for k, v in full.items()})
-    check_writable(op, **{k: v for k, v in full.items() if k in mutated})
+    written = {k: v for k, v in full.items() if k in mutated}
+    check_no_overlap(op, written, {k: v for k, v in full.items() if k not in mutated})
+    check_writable(op, **written)
     return _fused_step(
         params, grads, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
         opt["omega"], opt["mu"], opt["si_omega"], opt["wva_accum"],

@@ -1,0 +1,189 @@
+"""Benchmark of the fused optimizers (:mod:`ewc_fast.optim`): one step with EWC and SI inside vs
+torch's own optimizer step alone and vs today's three-pass path.
+
+Per size (ragged tensors, like a model's layers), measured round-robin in the same run:
+
+* ``torch``: ``torch.optim.AdamW(fused=True)`` (resp. ``SGD(momentum, fused=True)``) step alone;
+* ``today``: ``EWC.apply_()`` + the same torch step with ``SynapticIntelligence`` attached through its
+  hooks (Zenke: ``apply_`` hands SI a snapshot of the task gradient; the post-step hook runs
+  ``si_accumulate_``);
+* ``ours``: ``ewc_fast.optim.AdamW`` (resp. ``SGD``) with ``ewc=`` and ``si=``: one pass;
+* ``copy``: ``dst.copy_(src)`` of the same number of fp32 values (the machine's copy bandwidth, 8 B/param).
+
+Bytes per parameter (fp32 params/grads/state, fp32 Omega, fp64 mu, fp32 SI omega) -- the model next to
+every number: torch AdamW 28 (read theta, g, m, v; write theta, m, v); today 28 + 24 (penalty: read g,
+theta, Omega, mu; write g) + 8 (SI's snapshot of g) + 24 (si_accumulate: read omega, g, theta, prev;
+write omega, prev) = 84; ours 48 (read theta, g, m, v, Omega, mu, omega; write theta, m, v, omega).
+SGD momentum: torch 20, today 76, ours 40. "Share of copy bandwidth" = (bytes/param * N / time) divided
+by the copy's (8 * N / time_copy).
+
+Also a whole training step (forward + backward + step of an MLP) with ours (EWC) with and without SI,
+for SI's share of a training step.
+
+Run: ``python -m benchmarks.bench_optim [--sizes 10e6 100e6] [--threads 1 2] [--repeats 7]
+[--out benchmarks/results/optim.json]``. Pin threads on a shared machine; results: benchmarks/RESULTS_OPTIM.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+from torch import nn
+
+import ewc_fast
+from ewc_fast import optim
+from ewc_fast.experiments.records import write_json
+
+from ._timing import measure_interleaved
+from .bench_consolidation import ragged_sizes, si_workload
+
+BYTES = {
+    "adamw": {"torch": 28, "today": 84, "ours": 48},
+    "sgd": {"torch": 20, "today": 76, "ours": 40},
+}
+
+
+class Flat(nn.Module):
+    """A 'model' that is just ragged parameters (the optimizer step does not care about layers)."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(s) * 0.1) for s in sizes])
+
+
+def _consolidated(model: nn.Module) -> ewc_fast.EWC:
+    ewc = ewc_fast.EWC(model, lam=1.0)
+    with torch.no_grad():
+        ewc.consolidate({n: torch.rand_like(p) for n, p in model.named_parameters()})
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    return ewc
+
+
+def bench_step(total: int, algo: str, repeats: int) -> dict:
+    model = Flat(ragged_sizes(total))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    ewc = _consolidated(model)
+    si = ewc_fast.SynapticIntelligence(model)
+    params = list(model.parameters())
+    if algo == "adamw":
+        t_opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True)
+        ours = optim.AdamW(params, lr=1e-6, weight_decay=0.0, ewc=ewc, si=si)
+    else:
+        t_opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9, fused=True)
+        ours = optim.SGD(params, lr=1e-6, momentum=0.9, ewc=ewc, si=si)
+    src = torch.randn(total)
+    dst = torch.empty_like(src)
+    grads0 = [p.grad.clone() for p in params]
+
+    def reset(name):
+        # today's apply_ adds the penalty to .grad: restore the task gradient (untimed); hooks only for "today"
+        if name == "today":
+            if not si.attached:
+                si.attach(t_opt)
+        elif si.attached:
+            si.detach()
+        with torch.no_grad():
+            torch._foreach_copy_([p.grad for p in params], grads0)
+
+    def today():
+        ewc.apply_()
+        t_opt.step()
+
+    fns = {"copy": lambda: dst.copy_(src), "torch": t_opt.step, "today": today, "ours": ours.step}
+    res = measure_interleaved(fns, repeats=repeats, warmup=2, setup=reset)
+    if si.attached:
+        si.detach()
+    copy_bw = 8 * total / res["copy"].median_s
+    out = {"params": total, "algo": algo, "copy_GBps": copy_bw / 1e9}
+    for name in ("torch", "today", "ours"):
+        t = res[name].median_s
+        b = BYTES[algo][name]
+        out[name] = {
+            "median_ms": t * 1e3,
+            "min_ms": res[name].min_s * 1e3,
+            "max_ms": res[name].max_s * 1e3,
+            "bytes_per_param": b,
+            "GBps": b * total / t / 1e9,
+            "share_of_copy": (b * total / t) / copy_bw,
+        }
+    out["ours_over_torch"] = out["ours"]["median_ms"] / out["torch"]["median_ms"]
+    out["today_over_ours"] = out["today"]["median_ms"] / out["ours"]["median_ms"]
+    return out
+
+
+def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
+    """A whole training step (forward, backward, fused AdamW step with EWC) with and without SI."""
+    model, x, y, _, loss_fn = si_workload(width, depth, batch, "cpu")
+    ewc = _consolidated(model)
+    si = ewc_fast.SynapticIntelligence(model)
+    with_si = optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, ewc=ewc, si=si)
+    without = optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, ewc=ewc)
+
+    def step(opt):
+        def run():
+            opt.zero_grad(set_to_none=False)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        return run
+
+    res = measure_interleaved({"ewc": step(without), "ewc+si": step(with_si)}, repeats=repeats, warmup=2)
+    n = sum(p.numel() for p in model.parameters())
+    a, b = res["ewc"].median_s, res["ewc+si"].median_s
+    return {
+        "params": n,
+        "batch": batch,
+        "ewc_ms": a * 1e3,
+        "ewc_si_ms": b * 1e3,
+        "si_overhead": b / a - 1.0,
+        "spread_ms": {k: [v.min_s * 1e3, v.max_s * 1e3] for k, v in res.items()},
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--algos", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
+    ap.add_argument("--train-width", type=int, default=2048, help="MLP width of the training-step row (0: skip)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "rows": [], "train": []}
+    for nt in args.threads:
+        torch.set_num_threads(nt)
+        for size in args.sizes:
+            for algo in args.algos:
+                row = bench_step(int(size), algo, args.repeats)
+                row["threads"] = nt
+                results["rows"].append(row)
+                print(
+                    f"[{nt}t] {algo:5s} N={int(size):>11,d} copy {row['copy_GBps']:.1f} GB/s | "
+                    + " | ".join(
+                        f"{k} {row[k]['median_ms']:.1f} ms ({row[k]['bytes_per_param']} B, "
+                        f"{100 * row[k]['share_of_copy']:.0f}% copy bw)"
+                        for k in ("torch", "today", "ours")
+                    )
+                    + f" | ours/torch {row['ours_over_torch']:.2f}x, today/ours {row['today_over_ours']:.2f}x",
+                    flush=True,
+                )
+        if args.train_width:
+            tr = bench_train_step(args.train_width, 2, 64, args.repeats)
+            tr["threads"] = nt
+            results["train"].append(tr)
+            print(
+                f"[{nt}t] train step ({tr['params']:,} params, batch 64): EWC {tr['ewc_ms']:.1f} ms, "
+                f"EWC+SI {tr['ewc_si_ms']:.1f} ms, SI overhead {100 * tr['si_overhead']:+.1f}%",
+                flush=True,
+            )
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
