@@ -56,6 +56,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ._shard import local
+
 __all__ = ["ExclusionEndpoint", "ExclusionRegistry", "ZENKE_REGISTRY"]
 
 _NONE, _SNAP, _REC = 0, 1, 2  # per slot: nothing reported, snapshot held, contributions recorded
@@ -92,8 +94,12 @@ class ExclusionEndpoint:
             return False
         ref, version, task = seen
         g = self._params[j].grad
-        if self._mode[j] == _SNAP:  # sealed right after the penalty was added
-            return g is None or ref is None or ref() is not g or g._version != version
+        if self._mode[j] == _SNAP:  # sealed right after the penalty was added (the local shard of a DTensor)
+            if g is None or ref is None:
+                return True
+            with torch.no_grad():  # no-grad to_local() is the shard itself, as sealed
+                g = local(g)
+            return ref() is not g or g._version != version
         # records: several in one backward pass add up; a later pass must find the same .grad
         if task == torch._C._current_graph_task_id():  # same pass (-1: outside any backward)
             return False

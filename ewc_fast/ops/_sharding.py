@@ -25,15 +25,27 @@ Nothing here is public API.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-try:  # torch.distributed may be absent from a build
+_DT = "torch.distributed.tensor"
+
+
+def _dtensor_module():
+    """``torch.distributed.tensor`` if it has been imported (any DTensor implies it: FSDP2 imports it),
+    else None. Not imported here: importing it costs seconds, and plain-tensor users never need it."""
+    return sys.modules.get(_DT)
+
+
+def _api():
+    """``(DTensor, Replicate, Shard)``; called only once a DTensor was seen."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment, misc]
+
+    return DTensor, Replicate, Shard
+
 
 __all__ = [
     "is_sharded",
@@ -54,12 +66,14 @@ __all__ = [
 
 def is_sharded(t) -> bool:
     """Whether ``t`` is a ``DTensor``."""
-    return DTensor is not None and isinstance(t, DTensor)
+    mod = _dtensor_module()
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def any_sharded(tensors) -> bool:
     """Whether one of ``tensors`` is a ``DTensor``."""
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    mod = _dtensor_module()
+    return mod is not None and any(isinstance(t, mod.DTensor) for t in tensors)
 
 
 def local(t: Tensor) -> Tensor:
@@ -77,6 +91,7 @@ def check_layout(owner: str, name: str, p: Tensor) -> None:
     ``Shard(d)`` / ``Replicate()``."""
     if not is_sharded(p):
         return
+    _, Replicate, Shard = _api()
     for pl in p.placements:
         if type(pl) not in (Shard, Replicate):
             raise TypeError(
@@ -92,7 +107,7 @@ def state_like(p: Tensor, dtype: torch.dtype) -> Tensor:
     if not is_sharded(p):
         return torch.zeros(p.shape, dtype=dtype, device=p.device)
     loc = torch.zeros(p.to_local().shape, dtype=dtype, device=p.device)
-    return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return _api()[0].from_local(loc, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def clone_state(p: Tensor) -> Tensor:
@@ -100,7 +115,7 @@ def clone_state(p: Tensor) -> Tensor:
     if not is_sharded(p):
         return p.detach().clone(memory_format=torch.contiguous_format)
     loc = p.to_local().detach().clone(memory_format=torch.contiguous_format)
-    return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return _api()[0].from_local(loc, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def like_param(owner: str, label: str, t: Tensor, p: Tensor) -> Tensor:
@@ -109,6 +124,7 @@ def like_param(owner: str, label: str, t: Tensor, p: Tensor) -> Tensor:
     a ``DTensor`` with other placements is redistributed; for a plain parameter a ``DTensor`` is
     gathered (``full_tensor()``). Values and dtype are kept."""
     if is_sharded(p):
+        DTensor, Replicate, _ = _api()
         if is_sharded(t):
             if t.device_mesh != p.device_mesh:
                 raise ValueError(f"{owner}: {label} is a DTensor on another device mesh than its parameter")
@@ -133,7 +149,7 @@ def copy_like(owner: str, label: str, t: Tensor, p: Tensor, dtype: torch.dtype |
     if not is_sharded(t):
         return t.to(device=p.device, dtype=dtype, copy=True)
     loc = t.to_local().to(device=p.device, dtype=dtype, copy=True)
-    return DTensor.from_local(loc, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return _api()[0].from_local(loc, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
 
 def same_layout(a: Tensor, b: Tensor) -> bool:
@@ -144,7 +160,8 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 def _shard_dims(p: Tensor) -> tuple[int, ...]:
-    return tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+    shard = _api()[2]
+    return tuple(i for i, pl in enumerate(p.placements) if isinstance(pl, shard))
 
 
 def value_groups(params: Sequence[Tensor]) -> list[tuple[object, list[int]]]:

@@ -105,7 +105,8 @@ def _may_self_overlap(t: torch.Tensor) -> bool:
 def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
     """Refuse written tensors that overlap themselves or any other argument.
 
-    ``written`` / ``read``: ``name -> list of tensors`` (or one tensor). Every written tensor must
+    ``written`` / ``read``: ``name -> list of tensors`` (or one tensor, or ``None``); ``read`` may
+    also hold the written lists (they are taken once, as written). Every written tensor must
     have no internal overlap (no stride-0 / expanded element shared by two indices: the result would
     depend on the write order) and share no memory with any other tensor of either dict (the same
     tensor twice in one list races between threads; an output aliasing an input reads values already
@@ -120,7 +121,7 @@ def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
     entries = []
     for is_written, group in ((True, written), (False, read or {})):
         for name, tensors in group.items():
-            if tensors is None:
+            if tensors is None or (not is_written and name in written):
                 continue
             if isinstance(tensors, torch.Tensor):
                 tensors = [tensors]
@@ -163,7 +164,8 @@ def check_no_overlap(op: str, written: dict, read: dict | None = None) -> None:
             if other is not None:
                 w, o = (name, other) if is_written else (other, name)
                 raise ValueError(
-                    f"{op}: {w} (written in place) and {o} share memory; pass separate tensors (.clone() one of them)"
+                    f"{op}: {w} (written in place) and {o} share memory (overlap); pass separate tensors "
+                    "(.clone() one of them)"
                 )
             if end > end_any:
                 end_any, holder_any = end, name

@@ -31,9 +31,11 @@ from .._registry import define_op, op_device, resolve_impl
 from .._validate import (
     PARAM_DTYPES,
     STATE_DTYPES,
+    bump_versions,
     check_finite_scalar,
     check_no_overlap,
     check_tensor_lists,
+    check_writable,
     common_device,
     contiguous_in,
     contiguous_inout,
@@ -143,6 +145,7 @@ def _fused_step(
         s = impl.fused_step(
             p, contiguous_in(grads), m, v, vm, contiguous_in(omega), contiguous_in(mu), w, contiguous_in(wva_accum), h
         )
+    bump_versions(params, exp_avg, exp_avg_sq, max_exp_avg_sq, si_omega)  # raw-pointer writes: tell autograd
     if not omega:
         return torch.zeros((), dtype=torch.float64, device=device)
     return (0.5 * lam) * (s.to(device=device, dtype=torch.float64) + c)
@@ -266,6 +269,7 @@ def fused_step_(
     mutated = ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "si_omega")
     written = {k: v for k, v in full.items() if k in mutated}
     check_no_overlap(op, written, {k: v for k, v in full.items() if k not in mutated})
+    check_writable(op, **written)
     return _fused_step(
         params, grads, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
         opt["omega"], opt["mu"], opt["si_omega"], opt["wva_accum"],
