@@ -81,7 +81,7 @@ fi
 
 # ------------------------------------------------------------------------------------------- tests
 if want tests; then
-TEST_PATHS="tests/ops tests/estimation/test_layers.py tests/estimation/test_conv_rule.py tests/estimation/test_hf.py tests/consolidation"
+TEST_PATHS="tests/ops tests/optim/test_optimizers.py tests/estimation/test_layers.py tests/estimation/test_conv_rule.py tests/estimation/test_hf.py tests/consolidation"
 XDIST=
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_JOBS:-8}"; fi
 PER_TEST=

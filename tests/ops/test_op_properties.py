@@ -1,7 +1,9 @@
 """Property tests (hypothesis) of the consolidation ops on every backend against the float64 oracles
 of :mod:`ewc_fast.testing.consolidation`: random shapes (sizes 1..9, 0-3 dims), dtypes, layouts
 (contiguous, transposed, stride-2 slices) and tensor counts; plus aliasing (a written argument sharing
-memory with another argument) always refused with every tensor unchanged.
+memory with another argument) always refused with every tensor unchanged. On a CUDA machine the torch
+and Triton backends also run every property on CUDA tensors (ids ``torch-cuda`` / ``triton-cuda``,
+marked ``cuda``; skipped at once without a card).
 
 Fast and reproducible: ``derandomize=True`` (the examples are a function of the test), few examples,
 no deadline; the Triton interpreter gets fewer and smaller ones.
@@ -24,13 +26,36 @@ from hypothesis import strategies as st  # noqa: E402
 from ewc_fast import ops  # noqa: E402
 from ewc_fast.ops.backends import why_unavailable  # noqa: E402
 from ewc_fast.testing import consolidation as reference  # noqa: E402
-from tests.helpers import assert_unchanged, frozen  # noqa: E402
+from tests.helpers import assert_unchanged, cuda_marks, frozen, on_device  # noqa: E402
 
 P = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 S = (torch.float32, torch.float64)
 ARITH = 1e-6
 STORED = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-BACKENDS = ["torch", "cpp", "triton"]
+#: (backend, device): the CPU backends, then torch and Triton on CUDA tensors (marked ``cuda``: skipped
+#: at once without a card, Triton also while TRITON_INTERPRET=1). The inputs are drawn on the CPU (same
+#: generator, same examples), copied to the card with their strides, and the results compared there
+#: with the same oracles and bounds: every bound is a worst case over summation orders (a count of
+#: roundings), so a different reduction order on the card cannot exceed it; TF32 is off (``cuda_strict``).
+BACKENDS = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpp", "cpu"), id="cpp"),
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def case(request):
+    """(backend, device) of a test, skipped with the reason when the backend cannot run there."""
+    backend, device = request.param
+    reason = why_unavailable(backend, torch.device(device))
+    if reason:
+        pytest.skip(reason)
+    if device == "cuda":
+        request.getfixturevalue("cuda_strict")
+    return backend, device
 
 
 def _settings(backend):
@@ -41,12 +66,6 @@ def _settings(backend):
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
-
-
-def _need(backend):
-    reason = why_unavailable(backend, torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
 
 
 @st.composite
@@ -74,7 +93,7 @@ def _make(spec, dtype, g, kind="normal", scale=1.0):
 
 
 def _check(got, ref, terms, dtype, what, extra=0.0):
-    got, ref = got.detach().double(), ref.double()
+    got, ref = got.detach().to("cpu", torch.float64), ref.to("cpu", torch.float64)
     assert torch.isfinite(got).all(), f"{what}: non-finite"
     err = float((got - ref).norm())
     bound = (ARITH + STORED[dtype] + extra) * float(terms.norm()) + 1e-30
@@ -82,12 +101,11 @@ def _check(got, ref, terms, dtype, what, extra=0.0):
 
 
 def _f64(t):
-    return t.detach().double()
+    return t.detach().to("cpu", torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_penalty_apply_matches_reference(backend):
-    _need(backend)
+def test_penalty_apply_matches_reference(case):
+    backend, device = case
 
     @_settings(backend)
     @given(
@@ -106,6 +124,7 @@ def test_penalty_apply_matches_reference(backend):
         lam, alpha = 1.5, (0.1 if stab else None)
         want_g, want_v = reference.penalty_apply(grads, params, omega, mu, lam, alpha=alpha, c=0.25)
         before = [_f64(x) for x in grads]
+        grads, params, omega, mu = on_device((grads, params, omega, mu), device)
         v = ops.penalty_apply_(grads, params, omega, mu, lam, alpha=alpha, c=0.25, backend=backend)
         total_terms = torch.zeros(())
         for i, (x, r, b, p, o, m) in enumerate(zip(grads, want_g, before, params, omega, mu)):
@@ -126,9 +145,8 @@ def test_penalty_apply_matches_reference(backend):
     prop()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_consolidate_matches_reference(backend):
-    _need(backend)
+def test_consolidate_matches_reference(case):
+    backend, device = case
 
     @_settings(backend)
     @given(
@@ -146,6 +164,7 @@ def test_consolidate_matches_reference(backend):
         fisher = [_make(s, fdt, g, "pos", 2.0) for s in specs]
         anchor = [_make(s, fdt, g) for s in specs]
         want_o, want_m, want_inc = reference.consolidate(omega, mu, fisher, anchor, gamma, online=online)
+        omega, mu, fisher, anchor = on_device((omega, mu, fisher, anchor), device)
         inc = ops.consolidate_(omega, mu, fisher, anchor, gamma, online=online, backend=backend)
         for i, (o, m, ro, rm) in enumerate(zip(omega, mu, want_o, want_m)):
             # fp64 arithmetic, stored once in the state dtype (fp32: 2^-24)
@@ -163,9 +182,8 @@ def test_consolidate_matches_reference(backend):
     prop()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_si_ops_match_reference(backend):
-    _need(backend)
+def test_si_ops_match_reference(case):
+    backend, device = case
 
     @_settings(backend)
     @given(
@@ -183,6 +201,7 @@ def test_si_ops_match_reference(backend):
         prev = [_make(s, pdt, g) for s in specs]
         want_w, want_q = reference.si_accumulate(w, grads, params, prev)
         w0 = [_f64(x) for x in w]
+        w, grads, params, prev = on_device((w, grads, params, prev), device)
         ops.si_accumulate_(w, grads, params, prev, backend=backend)
         for i in range(len(specs)):
             term = w0[i].abs() + _f64(grads[i]).abs() * (_f64(params[i]).abs() + want_q[i].abs())
@@ -190,8 +209,10 @@ def test_si_ops_match_reference(backend):
             assert torch.equal(_f64(prev[i]), want_q[i]), f"prev_params[{i}] must be the params exactly"
         start = [_make(s, pdt, g) for s in specs]
         out = [_make(s, sdt, g) for s in specs]
-        want_w, want_s, want_o = reference.si_consolidate(w, params, start, out, 0.1, clip=clip)
+        cpu = [[x.detach().cpu() for x in xs] for xs in (w, params)]  # the oracle on CPU copies
+        want_w, want_s, want_o = reference.si_consolidate(*cpu, start, out, 0.1, clip=clip)
         o0 = [_f64(x) for x in out]
+        start, out = on_device((start, out), device)
         ops.si_consolidate_(w, params, start, out, 0.1, clip=clip, backend=backend)
         for i in range(len(specs)):
             term = o0[i].abs() + _f64(want_w[i]).abs() + (want_o[i] - o0[i]).abs()
@@ -201,9 +222,8 @@ def test_si_ops_match_reference(backend):
     prop()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_wva_attenuate_matches_reference(backend):
-    _need(backend)
+def test_wva_attenuate_matches_reference(case):
+    backend, device = case
 
     @_settings(backend)
     @given(
@@ -220,6 +240,7 @@ def test_wva_attenuate_matches_reference(backend):
         acc = [_make(s, sdt, g, "pos", 4.0) for s in specs]
         want = reference.wva_attenuate(params, old, acc, 0.7)
         terms = [_f64(q).abs() + (_f64(p) - _f64(q)).abs() for p, q in zip(params, old)]
+        params, old, acc = on_device((params, old, acc), device)
         ops.wva_attenuate_(params, old, acc, 0.7, backend=backend)
         for i in range(len(specs)):
             _check(params[i], want[i], terms[i], pdt, f"params[{i}]")
@@ -251,10 +272,9 @@ def _call(op, args, backend):
     return f(args["params"], args["old_params"], args["accum"], 1.0, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", sorted(_ALIAS_CASES))
-def test_aliasing_a_written_argument_is_refused_with_everything_unchanged(op, backend):
-    _need(backend)
+def test_aliasing_a_written_argument_is_refused_with_everything_unchanged(op, case):
+    backend, device = case
     written, read = _ALIAS_CASES[op]
     names = list(written) + list(read)
 
@@ -265,6 +285,7 @@ def test_aliasing_a_written_argument_is_refused_with_everything_unchanged(op, ba
         f64 = torch.float64  # one dtype everywhere (fp64 is allowed in every list), so any pair can alias
         args = {k: [torch.rand(size, generator=g, dtype=f64) for _ in range(n)] for k in names}
         args.update({k: [torch.rand(size, generator=g, dtype=f64) for _ in range(n)] for k in ("omega", "mu", "accum")})
+        args = on_device(args, device)  # before the aliasing below (a copy would undo it)
         w = data.draw(st.sampled_from(written))
         wi = data.draw(st.integers(0, n - 1))
         other = data.draw(st.sampled_from(names))
@@ -273,7 +294,7 @@ def test_aliasing_a_written_argument_is_refused_with_everything_unchanged(op, ba
         if overlap == "same":
             args[other][oi] = args[w][wi]
         else:  # overlapping views of one buffer
-            buf = torch.rand(2 * size, generator=g, dtype=f64)
+            buf = torch.rand(2 * size, generator=g, dtype=f64).to(device)
             args[w][wi], args[other][oi] = buf[:size], buf[size - 1 : 2 * size - 1]
         if other == w and oi == wi:
             return
@@ -297,9 +318,8 @@ def _persample_check(sq, ab, G, A, ref, n_products, what):
     _check(ab, want_ab, terms_ab, torch.float64, f"{what} abs_out", extra=extra)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_persample_sq_matches_reference(backend):
-    _need(backend)
+def test_persample_sq_matches_reference(case):
+    backend, device = case
 
     def ref(G, A):
         P = torch.einsum("nto,nti->noi", G.double(), A.double())
@@ -321,15 +341,15 @@ def test_persample_sq_matches_reference(backend):
         A = A if A is not None else torch.randn(N, T, In, generator=g).to(dtype)
         sq = torch.zeros(O, In, dtype=odt)
         ab = torch.zeros(In, O, dtype=odt).t() if transposed else torch.zeros(O, In, dtype=odt)
-        ops.persample_sq_(sq, ab, G, A, backend=backend)
+        sq, ab, Gd, Ad = on_device((sq, ab, G, A), device)
+        ops.persample_sq_(sq, ab, Gd, Ad, backend=backend)
         _persample_check(sq, ab, G, A, ref, T, "persample_sq_")
 
     prop()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_persample_conv_sq_matches_reference(backend):
-    _need(backend)
+def test_persample_conv_sq_matches_reference(case):
+    backend, device = case
     from ewc_fast.testing.conv import reference_persample_conv_sq
 
     @_settings(backend)
@@ -358,7 +378,8 @@ def test_persample_conv_sq_matches_reference(backend):
 
         sq = torch.zeros(o, c, *kernel, dtype=torch.float64)
         ab = torch.zeros(o, c, *kernel, dtype=torch.float32)
-        ops.persample_conv_sq_(sq, ab, G, X, stride=stride, backend=backend)
+        sq, ab, Gd, Xd = on_device((sq, ab, G, X), device)
+        ops.persample_conv_sq_(sq, ab, Gd, Xd, stride=stride, backend=backend)
         _persample_check(sq, ab, G, X, ref, L**d, "persample_conv_sq_")
 
     prop()

@@ -2,7 +2,11 @@
 single-tensor step on ``loss + EWC.penalty()`` (or after ``EWC.apply_``), SI through its optimizer
 hooks, WVA through ``wva_attenuate_`` in its hooks -- over several steps with an lr schedule, param
 groups with different hyper-parameters, weight decay, momentum / nesterov, amsgrad, skipped steps
-(GradScaler with an inf), clipping, state_dict round trips, bf16 parameters; on every backend.
+(GradScaler with an inf), clipping, state_dict round trips, bf16 parameters; on every backend. On a
+CUDA machine the torch and Triton backends also run on CUDA tensors (ids ``torch-cuda`` /
+``triton-cuda``, marked ``cuda``: skipped at once without a card, Triton also while
+TRITON_INTERPRET=1) against the same slow path (torch.optim + hooks) run on the same device, TF32 off
+(``cuda_strict``), so the model's forward/backward is the same in both runs and only the step differs.
 
 Tolerances: float64 runs agree to 1e-10 relative (a few fp64 ulps per step, several steps; any wrong
 term is >= 1e-4). float32 runs: the fused kernels and torch's kernels round differently (operation
@@ -20,17 +24,42 @@ from torch import nn
 import ewc_fast
 from ewc_fast import optim
 from ewc_fast.ops.backends import why_unavailable
+from tests.helpers import cuda_marks
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+# the same on CUDA: both runs share the device's forward/backward, the steps are elementwise (no
+# reduction but the penalty value and the clipping norm, a few fp32/fp64 roundings in any order)
 TOL = {F64: 1e-10, F32: 2e-5}
 
+CASES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpp", "cpu"), id="cpp"),
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
 
-@pytest.fixture(params=["torch", "cpp", "triton"])
-def backend(request):
-    reason = why_unavailable(request.param, torch.device("cpu"))
+
+@pytest.fixture(params=CASES)
+def case(request):
+    """(backend, device) of a test case, skipped with the reason when the backend cannot run there."""
+    name, device = request.param
+    reason = why_unavailable(name, torch.device(device))
     if reason:
         pytest.skip(reason)
-    return request.param
+    if device == "cuda":
+        request.getfixturevalue("cuda_strict")
+    return name, device
+
+
+@pytest.fixture
+def backend(case):
+    return case[0]
+
+
+@pytest.fixture
+def device(case):
+    return case[1]
 
 
 def _rel(a, b):
@@ -53,24 +82,30 @@ def _si_close(s1, s2, tol):
         assert err <= tol, f"SI omega {n}: {err:.2e} > {tol:.1e}"
 
 
-def _setup(dtype, *, seed=0, si_variant="zenke", wva=False):
+def _setup(dtype, *, seed=0, si_variant="zenke", wva=False, device="cpu"):
+    """Model (on ``device``), EWC with two consolidated tasks, SI, WVA (if ``wva``) and a batch; every
+    random value is drawn on the CPU (the same on every device) and copied there."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(device, dtype)
     gen = torch.Generator().manual_seed(seed + 1)
+
+    def draw(f, shape):
+        return f(shape, generator=gen, dtype=F64).to(device, dtype)
+
     ewc = ewc_fast.EWC(model, lam=3.0)
     for _ in range(2):  # two tasks: c != 0, mu a weighted mean of anchors
-        imp = {n: torch.rand(p.shape, generator=gen, dtype=F64).to(dtype) for n, p in model.named_parameters()}
+        imp = {n: draw(torch.rand, p.shape) for n, p in model.named_parameters()}
         ewc.consolidate(imp)
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=F64).to(dtype))
+                p.add_(0.3 * draw(torch.randn, p.shape))
     si = ewc_fast.SynapticIntelligence(model, xi=0.1, variant=si_variant)
     w = None
     if wva:
         w = ewc_fast.WVA(model, lam=0.8)
-        w.consolidate({n: torch.rand(p.shape, generator=gen, dtype=F64).to(dtype) for n, p in model.named_parameters()})
-    x = torch.randn(16, 5, generator=gen, dtype=F64).to(dtype)
-    y = torch.randn(16, 1, generator=gen, dtype=F64).to(dtype)
+        w.consolidate({n: draw(torch.rand, p.shape) for n, p in model.named_parameters()})
+    x = draw(torch.randn, (16, 5))
+    y = draw(torch.randn, (16, 1))
     return model, ewc, si, w, (x, y)
 
 
@@ -90,8 +125,8 @@ def _torch_opt(name, groups):
     return getattr(torch.optim, name)(groups, foreach=False)
 
 
-def _train_reference(name, hp, dtype, steps, *, si_variant="zenke", wva=False, penalty="autograd"):
-    model, ewc, si, w, (x, y) = _setup(dtype, si_variant=si_variant, wva=wva)
+def _train_reference(name, hp, dtype, steps, *, si_variant="zenke", wva=False, penalty="autograd", device="cpu"):
+    model, ewc, si, w, (x, y) = _setup(dtype, si_variant=si_variant, wva=wva, device=device)
     opt = _torch_opt(name, _groups(model, *hp))
     if w is not None:
         w.attach(opt)  # before SI: SI sees the attenuated step
@@ -110,8 +145,8 @@ def _train_reference(name, hp, dtype, steps, *, si_variant="zenke", wva=False, p
     return model, si
 
 
-def _train_fused(name, hp, dtype, steps, backend, *, si_variant="zenke", wva=False):
-    model, ewc, si, w, (x, y) = _setup(dtype, si_variant=si_variant, wva=wva)
+def _train_fused(name, hp, dtype, steps, backend, *, si_variant="zenke", wva=False, device="cpu"):
+    model, ewc, si, w, (x, y) = _setup(dtype, si_variant=si_variant, wva=wva, device=device)
     opt = getattr(optim, name)(_groups(model, *hp), ewc=ewc, si=si, wva=w, backend=backend)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     values = []
@@ -128,11 +163,11 @@ def _train_fused(name, hp, dtype, steps, backend, *, si_variant="zenke", wva=Fal
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_matches_the_slow_way(backend, config, dtype):
+def test_matches_the_slow_way(backend, device, config, dtype):
     name, *hp = CONFIGS[config]
     steps = 5
-    ref_model, ref_si = _train_reference(name, hp, dtype, steps)
-    model, si, _ = _train_fused(name, hp, dtype, steps, backend)
+    ref_model, ref_si = _train_reference(name, hp, dtype, steps, device=device)
+    model, si, _ = _train_fused(name, hp, dtype, steps, backend, device=device)
     _close_model(model, ref_model, TOL[dtype], config)
     _si_close(si, ref_si, TOL[dtype])
     assert si.steps == ref_si.steps == steps
@@ -144,12 +179,14 @@ def test_matches_the_slow_way(backend, config, dtype):
 
 
 @pytest.mark.parametrize("config", ["sgd-momentum", "adamw"])
-def test_wva_and_kutalev_si_match_the_hook_path(backend, config):
+def test_wva_and_kutalev_si_match_the_hook_path(backend, device, config):
     """WVA (hooks: snapshot + wva_attenuate_ after the step) and Kutalev's SI (total gradient, read
     after EWC.apply_) against the fused step, float64."""
     name, *hp = CONFIGS[config]
-    ref_model, ref_si = _train_reference(name, hp, F64, 4, si_variant="kutalev", wva=True, penalty="apply_")
-    model, si, _ = _train_fused(name, hp, F64, 4, backend, si_variant="kutalev", wva=True)
+    ref_model, ref_si = _train_reference(
+        name, hp, F64, 4, si_variant="kutalev", wva=True, penalty="apply_", device=device
+    )
+    model, si, _ = _train_fused(name, hp, F64, 4, backend, si_variant="kutalev", wva=True, device=device)
     _close_model(model, ref_model, TOL[F64], config)
     _si_close(si, ref_si, TOL[F64])
 
@@ -193,12 +230,12 @@ def test_grad_scaler_skipped_step_changes_nothing():
     assert results[1][1].steps == results[0][1].steps == 3
 
 
-def test_clip_grad_norm_clips_task_and_penalty_gradient_together(backend):
+def test_clip_grad_norm_clips_task_and_penalty_gradient_together(backend, device):
     """opt.clip_grad_norm_ equals EWC.apply_ + torch.nn.utils.clip_grad_norm_ + torch.optim step."""
     name, *hp = CONFIGS["sgd-momentum"]
     finals, norms = [], []
     for fused in (False, True):
-        model, ewc, _, _, (x, y) = _setup(F64)
+        model, ewc, _, _, (x, y) = _setup(F64, device=device)
         groups = _groups(model, *hp)
         opt = optim.SGD(groups, ewc=ewc, backend=backend) if fused else _torch_opt(name, groups)
         for _ in range(3):
@@ -216,12 +253,12 @@ def test_clip_grad_norm_clips_task_and_penalty_gradient_together(backend):
     _close_model(finals[1], finals[0], TOL[F64], "clip")
 
 
-def test_state_dict_round_trip_and_params_without_grad(backend):
+def test_state_dict_round_trip_and_params_without_grad(backend, device):
     """Resume from state_dict = uninterrupted run; parameters without .grad are not touched; bf16
     parameters keep fp32 state through a round trip."""
     name, *hp = CONFIGS["adam-amsgrad"]
-    model, ewc, si, _, (x, y) = _setup(F32)
-    model2, ewc2, si2, _, _ = _setup(F32)
+    model, ewc, si, _, (x, y) = _setup(F32, device=device)
+    model2, ewc2, si2, _, _ = _setup(F32, device=device)
     opt = optim.Adam(_groups(model, *hp), ewc=ewc, si=si, backend=backend)
     opt2 = optim.Adam(_groups(model2, *hp), ewc=ewc2, si=si2, backend=backend)
     for k in range(4):
@@ -238,21 +275,21 @@ def test_state_dict_round_trip_and_params_without_grad(backend):
         assert torch.equal(model[2].bias, bias)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
-    mb = nn.Linear(3, 2).to(BF16)
+    mb = nn.Linear(3, 2).to(device, BF16)
     ob = optim.AdamW(mb.parameters(), backend=backend)
-    mb(torch.randn(4, 3, dtype=BF16)).sum().backward()
+    mb(torch.randn(4, 3, dtype=BF16).to(device)).sum().backward()
     ob.step()
     ob2 = optim.AdamW(mb.parameters(), backend=backend)
     ob2.load_state_dict(ob.state_dict())
     assert all(t.dtype == F32 for s in ob2.state.values() for k, t in s.items() if k != "step")
 
 
-def test_bf16_params_every_backend_agrees_with_the_torch_twin(backend):
+def test_bf16_params_every_backend_agrees_with_the_torch_twin(backend, device):
     """bf16 parameters with fp32 state, several steps: every backend stores the torch twin's bf16 values
     (one bf16 ulp, 2^-7 relative, where fp32 results differ in their last bit before rounding)."""
     runs = []
     for b in ("torch", backend):
-        model, ewc, si, w, (x, y) = _setup(BF16, wva=True)
+        model, ewc, si, w, (x, y) = _setup(BF16, wva=True, device=device)
         opt = optim.SGD(_groups(model, *CONFIGS["sgd-momentum"][1:]), ewc=ewc, si=si, wva=w, backend=b)
         for _ in range(3):
             opt.zero_grad()
