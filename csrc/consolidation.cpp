@@ -20,6 +20,7 @@
 #include <optional>
 
 #include "consolidation.h"
+#include "isa.h"
 
 namespace ewcf {
 namespace {
@@ -124,8 +125,8 @@ inline arith_t<P> penalty_elem(P* __restrict__ g, const P* __restrict__ p, const
 // (vectorised, and shorter accumulation chains than one running sum), folded pairwise, plus the
 // scalar tail.
 template <class P, class O, class M, bool STAB>
-arith_t<P> penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
-                         const M* __restrict__ mu, int64_t n, arith_t<P> scale, arith_t<P> al) {
+inline arith_t<P> penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __restrict__ o,
+                                const M* __restrict__ mu, int64_t n, arith_t<P> scale, arith_t<P> al) {
     using A = arith_t<P>;
     constexpr int L = 16;
     A acc[L] = {};
@@ -139,18 +140,49 @@ arith_t<P> penalty_chunk(P* __restrict__ g, const P* __restrict__ p, const O* __
     return fold_lanes(acc) + tail;
 }
 
+// One entry point per instruction set (csrc/isa.h), chosen once per process; fp-contract=off and the
+// explicit lane order make them agree bit for bit (tests/ops/test_consolidation_ops.py).
+#define EWCF_PEN_PARAMS                                                                               \
+    P *__restrict__ g, const P *__restrict__ p, const O *__restrict__ o, const M *__restrict__ mu, int64_t n, \
+        arith_t<P> scale, arith_t<P> al
+template <class P, class O, class M, bool STAB>
+__attribute__((flatten, noinline)) arith_t<P> penalty_chunk_generic(EWCF_PEN_PARAMS) {
+    return penalty_chunk<P, O, M, STAB>(g, p, o, mu, n, scale, al);
+}
+#ifdef EWCF_X86_MULTI
+template <class P, class O, class M, bool STAB>
+EWCF_TARGET_AVX2 arith_t<P> penalty_chunk_avx2(EWCF_PEN_PARAMS) {
+    return penalty_chunk<P, O, M, STAB>(g, p, o, mu, n, scale, al);
+}
+template <class P, class O, class M, bool STAB>
+EWCF_TARGET_AVX512 arith_t<P> penalty_chunk_avx512(EWCF_PEN_PARAMS) {
+    return penalty_chunk<P, O, M, STAB>(g, p, o, mu, n, scale, al);
+}
+#endif
+template <class P, class O, class M, bool STAB>
+auto pick_penalty_chunk() -> arith_t<P> (*)(EWCF_PEN_PARAMS) {
+#ifdef EWCF_X86_MULTI
+    const int isa = mk::chosen_isa();
+    if (isa == 2) return &penalty_chunk_avx512<P, O, M, STAB>;
+    if (isa == 1) return &penalty_chunk_avx2<P, O, M, STAB>;
+#endif
+    return &penalty_chunk_generic<P, O, M, STAB>;
+}
+#undef EWCF_PEN_PARAMS
+
 template <class P, class O, class M>
 double penalty_run(const Ptrs& g, const Ptrs& p, const Ptrs& o, const Ptrs& mu, const std::vector<Chunk>& chunks,
                    arith_t<P> scale, bool stab, arith_t<P> al, int nthreads) {
     std::vector<double> part(chunks.size(), 0.0);
+    const auto chunk_stab = pick_penalty_chunk<P, O, M, true>();
+    const auto chunk_plain = pick_penalty_chunk<P, O, M, false>();
     parallel_chunks(chunks, nthreads, [&](int64_t c, const Chunk& ch) {
         const size_t t = size_t(ch.tensor);
         P* gp = as_ptr<P>(g[t]) + ch.begin;
         const P* pp = as_ptr<const P>(p[t]) + ch.begin;
         const O* op = as_ptr<const O>(o[t]) + ch.begin;
         const M* mp = as_ptr<const M>(mu[t]) + ch.begin;
-        part[size_t(c)] = double(stab ? penalty_chunk<P, O, M, true>(gp, pp, op, mp, ch.len, scale, al)
-                                      : penalty_chunk<P, O, M, false>(gp, pp, op, mp, ch.len, scale, al));
+        part[size_t(c)] = double((stab ? chunk_stab : chunk_plain)(gp, pp, op, mp, ch.len, scale, al));
     });
     double s = 0.0;
     for (double x : part) s += x;  // fp64, in chunk order

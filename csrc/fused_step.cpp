@@ -22,6 +22,7 @@
 #include <cmath>
 
 #include "fused_step.h"
+#include "isa.h"
 
 namespace ewcf {
 namespace {
@@ -131,17 +132,19 @@ template <class A, int L> inline A fold(A (&acc)[L]) {
 // One chunk, in sub-blocks of kSub elements: first d = A(theta - mu) (the fp64 difference) into an L1
 // buffer -- a plain conversion loop, so that the main loop has no fp64 operand and vectorises -- then
 // the element loop with 16 lane accumulators of the penalty sum (element b + l goes to lane l, across
-// sub-blocks), folded pairwise, plus the scalar tail. A separate, non-inlined function so that the
+// sub-blocks), folded pairwise, plus the scalar tail. Expanded inside non-inlined per-ISA entry points so that the
 // restrict qualifiers of its pointer arguments hold (every operand is a distinct buffer: the op layer
 // refuses overlapping in-place operands).
 constexpr int64_t kSub = 512;  // a multiple of the 16 lanes
 
+#define EWCF_CHUNK_PARAMS                                                                                      \
+    P *__restrict__ pp, const P *__restrict__ gp, arith_t<P> *__restrict__ mp, arith_t<P> *__restrict__ vp,    \
+        arith_t<P> *__restrict__ vmp, const arith_t<P> *__restrict__ op, const double *__restrict__ mup,       \
+        si_t<SIK> *__restrict__ sp, const arith_t<P> *__restrict__ ap, int64_t n, const Hyper<arith_t<P>> &hr
+#define EWCF_CHUNK_ARGS pp, gp, mp, vp, vmp, op, mup, sp, ap, n, hr
+
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
-__attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __restrict__ gp, arith_t<P>* __restrict__ mp,
-                                                arith_t<P>* __restrict__ vp, arith_t<P>* __restrict__ vmp,
-                                                const arith_t<P>* __restrict__ op, const double* __restrict__ mup,
-                                                si_t<SIK>* __restrict__ sp, const arith_t<P>* __restrict__ ap, int64_t n,
-                                                const Hyper<arith_t<P>>& hr) {
+inline arith_t<P> step_chunk(EWCF_CHUNK_PARAMS) {
     using A = arith_t<P>;
     using S = si_t<SIK>;
     const Hyper<A> h = hr;  // a local copy: no aliasing with the buffers
@@ -195,6 +198,39 @@ __attribute__((noinline)) arith_t<P> step_chunk(P* __restrict__ pp, const P* __r
     return fold(lanes) + tail;
 }
 
+// One entry point per instruction set (csrc/isa.h), chosen once per process. The arithmetic is the
+// same in each: fp-contract=off (above) keeps FMA out, and the penalty sum's lane order is explicit, so
+// the variants agree bit for bit (tests/ops/test_fused_step_op.py::test_cpp_instruction_set_variants).
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+using chunk_fn = arith_t<P> (*)(EWCF_CHUNK_PARAMS);
+
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+__attribute__((flatten, noinline)) arith_t<P> step_chunk_generic(EWCF_CHUNK_PARAMS) {
+    return step_chunk<P, ADAM, EWC, SIK, ST2, WVA>(EWCF_CHUNK_ARGS);
+}
+#ifdef EWCF_X86_MULTI
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+EWCF_TARGET_AVX2 arith_t<P> step_chunk_avx2(EWCF_CHUNK_PARAMS) {
+    return step_chunk<P, ADAM, EWC, SIK, ST2, WVA>(EWCF_CHUNK_ARGS);
+}
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+EWCF_TARGET_AVX512 arith_t<P> step_chunk_avx512(EWCF_CHUNK_PARAMS) {
+    return step_chunk<P, ADAM, EWC, SIK, ST2, WVA>(EWCF_CHUNK_ARGS);
+}
+#endif
+#undef EWCF_CHUNK_ARGS
+#undef EWCF_CHUNK_PARAMS
+
+template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
+chunk_fn<P, ADAM, EWC, SIK, ST2, WVA> pick_chunk() {
+#ifdef EWCF_X86_MULTI
+    const int isa = mk::chosen_isa();
+    if (isa == 2) return &step_chunk_avx512<P, ADAM, EWC, SIK, ST2, WVA>;
+    if (isa == 1) return &step_chunk_avx2<P, ADAM, EWC, SIK, ST2, WVA>;
+#endif
+    return &step_chunk_generic<P, ADAM, EWC, SIK, ST2, WVA>;
+}
+
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 double run(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptrs& vm, const Ptrs& om, const Ptrs& mu,
            const Ptrs& si, const Ptrs& acc, const std::vector<Chunk>& chunks, const Hyper<arith_t<P>>& h,
@@ -204,13 +240,14 @@ double run(const Ptrs& p, const Ptrs& g, const Ptrs& m, const Ptrs& v, const Ptr
     std::vector<double> part(chunks.size(), 0.0);
     const int64_t n = int64_t(chunks.size());
     if (nthreads < 1) nthreads = 1;
+    const auto step_chunk_isa = pick_chunk<P, ADAM, EWC, SIK, ST2, WVA>();
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (n > 1 && nthreads > 1)
 #endif
     for (int64_t c = 0; c < n; ++c) {
         const Chunk& ch = chunks[size_t(c)];
         const size_t t = size_t(ch.tensor);
-        part[size_t(c)] = double(step_chunk<P, ADAM, EWC, SIK, ST2, WVA>(
+        part[size_t(c)] = double(step_chunk_isa(
             at<P>(p, t, ch.begin), at<const P>(g, t, ch.begin), at<A>(m, t, ch.begin), at<A>(v, t, ch.begin),
             at<A>(vm, t, ch.begin), at<const A>(om, t, ch.begin), at<const double>(mu, t, ch.begin),
             at<S>(si, t, ch.begin), at<const A>(acc, t, ch.begin), ch.len, h));

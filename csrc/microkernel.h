@@ -1,11 +1,13 @@
 // Building blocks shared by the GEMM-shaped per-sample kernels (csrc/persample.cpp for Linear layers,
 // csrc/persample_conv.cpp for convolutions): element loading in the accumulation type, the MR x NR
 // register micro-kernel (GCC vector extensions) with its square / |.| epilogues, per-thread scratch,
-// tile flushing, the vector types and the run-time instruction-set choice (AVX-512 / AVX2+FMA / SSE2).
+// tile flushing and the vector types; the run-time instruction-set choice (AVX-512 / AVX2+FMA / SSE2) is
+// csrc/isa.h.
 // Everything here is inline and only expanded inside the target-specific `flatten` entry points of
 // the including .cpp, so each family compiles it once per instruction set.
 #pragma once
 #include "common.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -167,36 +169,5 @@ template <typename Acc> struct Vecs;
 template <> struct Vecs<float> { using V64 = vf64b; using V32 = vf32b; using V16 = vf16b; };
 template <> struct Vecs<double> { using V64 = vd64b; using V32 = vd32b; using V16 = vd16b; };
 
-// Instruction-set entry points. `flatten` inlines the whole kernel into the target-specific function,
-// so it is compiled (and vectorised) for that target.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
-#define EWCF_X86_MULTI 1
-#endif
-
-// 0 = generic, 1 = AVX2+FMA, 2 = AVX-512. EWC_FAST_CPP_ISA=generic|avx2|avx512 caps it (tests, benchmarks).
-inline int detect_isa() {
-    int isa = 0;
-#ifdef EWCF_X86_MULTI
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isa = 1;
-    if (isa == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-        isa = 2;
-#endif
-    return isa;
-}
-
-inline int chosen_isa() {
-    static const int isa = [] {
-        int best = detect_isa();
-        if (const char* env = std::getenv("EWC_FAST_CPP_ISA")) {
-            const std::string v(env);
-            int cap = v == "generic" ? 0 : v == "avx2" ? 1 : 2;
-            best = std::min(best, cap);
-        }
-        return best;
-    }();
-    return isa;
-}
 }  // namespace mk
 }  // namespace ewcf

@@ -16,6 +16,10 @@ each tolerance below says where it comes from.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -605,6 +609,49 @@ def test_cpp_thread_count_bit_identical(pd, sd):
         for l1, l2 in zip(x1[k], x2[k]):
             for a, b in zip(l1, l2):
                 assert torch.equal(a, b), k
+
+
+_ISA_CHILD = """
+import sys, torch
+from ewc_fast import ops
+from ewc_fast.ops._cpp_ext import ext
+from tests.ops.test_consolidation_ops import Maker
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+mk = Maker(11)
+specs = [((8200,), "c"), ((1,), "c"), ((33, 65), "t")]
+out = {}
+for pd, sd in [(F32, F32), (BF16, F64), (F16, F32), (F64, F64)]:
+    for alpha in (None, 0.2):
+        g = [mk(s, pd) for s in specs]
+        args = (g, [mk(s, pd) for s in specs], [mk(s, sd, "pos") for s in specs], [mk(s, sd) for s in specs])
+        val = ops.penalty_apply_(*args, 0.9, alpha=alpha, grad_scale=0.5, backend="cpp")
+        out[(str(pd), alpha)] = (val, [x.clone() for x in g])
+torch.save((ext().persample_isa(), out), sys.argv[1])
+"""
+
+
+def test_cpp_penalty_instruction_set_variants(tmp_path):
+    """penalty_apply_'s generic / AVX2 / AVX-512 builds (EWC_FAST_CPP_ISA caps the choice, made once per
+    process) give bit-identical gradients and sums: same operations and lane order, no FMA contraction."""
+    reason = why_unavailable("cpp", torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    root = str(Path(__file__).resolve().parents[2])
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
+        path = str(tmp_path / f"{isa}.pt")
+        run = subprocess.run([sys.executable, "-c", _ISA_CHILD, path], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        chosen, out = torch.load(path)
+        results[chosen] = out
+    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    for chosen, out in results.items():
+        for key, (val, g) in out.items():
+            assert val.item() == results[0][key][0].item(), (chosen, key)  # bitwise equal doubles
+            for a, b in zip(g, results[0][key][1]):
+                assert torch.equal(a, b), (chosen, key)
 
 
 # ================================================================================= torch.compile

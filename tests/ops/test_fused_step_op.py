@@ -11,6 +11,11 @@ tensor by relative norm error (NaN/inf never pass); each tolerance says where it
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -236,6 +241,53 @@ def test_several_chunks_cpp():
     assert torch.equal(outs[0][0], outs[1][0])
     for a, b in zip(outs[0][1]["params"], outs[1][1]["params"]):
         assert torch.equal(a, b)
+
+
+_ISA_CHILD = """
+import sys, torch
+from ewc_fast import ops
+from ewc_fast.ops._cpp_ext import ext
+from tests.ops.test_fused_step_op import _make
+out = {}
+for name, algo, dt, kw in [
+    ("adamw-ams-f32", "adamw", torch.float32, dict(lr=0.01, amsgrad=True, weight_decay=0.1, step=3)),
+    ("adam-f64", "adam", torch.float64, dict(lr=0.01, weight_decay=0.05, step=2)),
+    ("sgd-nesterov-bf16", "sgd", torch.bfloat16, dict(lr=0.1, momentum=0.9, nesterov=True, momentum_init=False)),
+    ("sgd-f16", "sgd", torch.float16, dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+]:
+    ams = kw.pop("amsgrad", False)
+    t = _make([(8200,), (1,), (33, 17)], dt, "sgd" if algo == "sgd" else "adam", amsgrad=ams, noncontig=True)
+    val = ops.fused_step_(t["params"], t["grads"], t["exp_avg"], t["exp_avg_sq"], t["max_exp_avg_sq"], algo=algo,
+                          omega=t["omega"], mu=t["mu"], lam=1.5, alpha=0.3, si_omega=t["si_omega"],
+                          wva_accum=t["wva_accum"], wva_lam=0.7, inv_scale=0.5, backend="cpp", **kw)
+    out[name] = (val, t)
+torch.save((ext().persample_isa(), out), sys.argv[1])
+"""
+
+
+def test_cpp_instruction_set_variants(tmp_path):
+    """The generic / AVX2 / AVX-512 builds of the step (EWC_FAST_CPP_ISA caps the choice, made once per
+    process) give bit-identical results: same operations in the same order, no FMA contraction."""
+    if why_unavailable("cpp", torch.device("cpu")):
+        pytest.skip("no C++ extension")
+    root = str(Path(__file__).resolve().parents[2])
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
+        path = str(tmp_path / f"{isa}.pt")
+        run = subprocess.run([sys.executable, "-c", _ISA_CHILD, path], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        chosen, out = torch.load(path)
+        results[chosen] = out
+    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    base = results[0]
+    for chosen, out in results.items():
+        for name, (val, t) in out.items():
+            assert torch.equal(val, base[name][0]), (chosen, name)
+            for k, xs in t.items():
+                for x, y in zip(xs, base[name][1][k]):
+                    assert torch.equal(x, y), (chosen, name, k)
 
 
 # --- validation: clear errors, nothing written ------------------------------------------------------
