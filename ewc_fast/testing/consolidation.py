@@ -34,8 +34,8 @@ def _f64(tensors) -> list[torch.Tensor]:
 
 
 # =====================================================================================================
-# Consolidation ops (reference for ewc_fast.ops.consolidation; formulas: docs/ARCHITECTURE.md,
-# ../shared/NOTES.md section 3)
+# Consolidation ops (reference for ewc_fast.ops.consolidation; formulas: docs/ARCHITECTURE.md and
+# docs/CONSOLIDATION.md)
 # =====================================================================================================
 
 
@@ -144,7 +144,7 @@ def expanded_penalty_fp32(params, tasks, lam: float) -> tuple[float, list[torch.
 
     ``(lam/2) * sum_i (theta^2 A - 2 theta B + C)`` with ``A = sum_K F_K``, ``B = sum_K F_K theta*_K``,
     ``C = sum_K F_K theta*_K^2`` (all fp32), gradient ``lam*(theta*A - B)``. This is the form of seed
-    ``002_*`` (with its missing factor 2 restored, ../shared/NOTES.md section 3); it cancels
+    ``002_*`` (with its missing factor 2 restored, docs/CONSOLIDATION.md); it cancels
     catastrophically when theta is close to the anchors. Kept here so tests can show why
     ``(Omega, mu, c)`` is stored instead.
     """
