@@ -15,8 +15,11 @@
   parametrisation: ``"cpu"`` always, ``"cuda"`` (marked ``cuda``, skipped at once without a CUDA device
   or, for Triton, while ``TRITON_INTERPRET=1``) -- and copies that keep a tensor's strides. The fixture
   ``cuda_strict`` (tests/conftest.py) turns TF32 off for a test.
+* :data:`BACKEND_CASES` / :func:`backend_for` -- the (backend, device) cases of the op tests and the
+  backend each one runs (``cpp-1t`` / ``cpp-2t``: the C++ kernels with 1 / 2 OpenMP threads).
 """
 
+import contextlib
 import importlib.util
 import os
 
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 import ewc_fast
+from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing.importance import reference_importance
 
 #: relative error allowed per parameter in fp32 against the float64 oracle (fp32 rounding of sums
@@ -72,6 +76,38 @@ def device_params(triton: bool = False) -> list:
 
 #: ``@pytest.mark.parametrize("device", DEVICES)``: cpu always, cuda marked ``cuda`` (skipped without one)
 DEVICES = device_params()
+
+#: (backend, device) cases of the op tests: torch, C++ with 1 and 2 OpenMP threads, Triton (the
+#: interpreter on the CPU), and torch / Triton on CUDA (marked ``cuda``)
+BACKEND_CASES = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
+    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
+    pytest.param(("triton", "cpu"), id="triton"),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+]
+
+
+@contextlib.contextmanager
+def backend_for(case, *, skip_unavailable: bool = True):
+    """The backend name of a :data:`BACKEND_CASES` case (``torch``, ``cpp`` or ``triton``), with torch's
+    (= OpenMP's) thread count set to 1 / 2 for ``cpp-1t`` / ``cpp-2t`` and restored afterwards. Skips
+    the test with the reason when the backend cannot run on the case's device; with
+    ``skip_unavailable=False`` only the C++ backend is checked (the test checks the others itself)."""
+    name, device = case
+    base = name.split("-")[0]
+    if skip_unavailable or base == "cpp":
+        reason = why_unavailable(base, torch.device(device))
+        if reason:
+            pytest.skip(reason)
+    old = torch.get_num_threads()
+    if base == "cpp":
+        torch.set_num_threads(int(name[4]))
+    try:
+        yield base
+    finally:
+        torch.set_num_threads(old)
 
 
 def same_layout(t: torch.Tensor, device, *, force: bool = False) -> torch.Tensor:

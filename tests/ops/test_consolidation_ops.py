@@ -28,7 +28,7 @@ import ewc_fast
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import consolidation as reference
-from tests.helpers import cuda_marks, on_device
+from tests.helpers import BACKEND_CASES, backend_for, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 PARAM_DTYPES = (F32, F64, BF16, F16)
@@ -91,17 +91,7 @@ def _triton_missing(fn: str, device: str = "cpu") -> str | None:
     return None
 
 
-CASES = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
-    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
-
-
-@pytest.fixture(params=CASES)
+@pytest.fixture(params=BACKEND_CASES)
 def case(request):
     """(backend, device) of a test case."""
     return request.param
@@ -115,23 +105,10 @@ def device(case):
 
 @pytest.fixture
 def backend(case):
-    """Backend name; cpp-1t / cpp-2t run the C++ kernels with 1 / 2 torch (= OpenMP) threads."""
-    name = case[0]
-    if name == "triton":
-        yield "triton"
-        return
-    if name == "torch":
-        yield "torch"
-        return
-    reason = why_unavailable("cpp", torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(name[4]))
-    try:
-        yield "cpp"
-    finally:
-        torch.set_num_threads(old)
+    """Backend name; cpp-1t / cpp-2t run the C++ kernels with 1 / 2 torch (= OpenMP) threads. Triton
+    kernels that are missing are skipped per op by :func:`need`."""
+    with backend_for(case, skip_unavailable=False) as name:
+        yield name
 
 
 def need(backend: str, device: str, fn: str) -> None:

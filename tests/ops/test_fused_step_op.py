@@ -22,7 +22,7 @@ import torch
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import fused_step as oracle
-from tests.helpers import cuda_marks, on_device
+from tests.helpers import BACKEND_CASES, backend_for, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -59,17 +59,7 @@ def assert_rel(x, ref, tol, what=""):
     assert rel <= tol, f"{what}: relative error {rel:.3e} > {tol:.1e}"
 
 
-CASES_DEV = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
-    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
-
-
-@pytest.fixture(params=CASES_DEV)
+@pytest.fixture(params=BACKEND_CASES)
 def case(request):
     """(backend, device) of a test case."""
     return request.param
@@ -82,22 +72,8 @@ def device(case):
 
 @pytest.fixture
 def backend(case):
-    name, device = case
-    if name in ("torch", "triton"):
-        reason = why_unavailable(name, torch.device(device))
-        if reason:
-            pytest.skip(reason)
+    with backend_for(case) as name:
         yield name
-        return
-    reason = why_unavailable("cpp", torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(name[4]))
-    try:
-        yield "cpp"
-    finally:
-        torch.set_num_threads(old)
 
 
 def _arith(dtype):

@@ -13,21 +13,11 @@ import pytest
 import torch
 
 from ewc_fast import ops
-from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import consolidation as reference
-from tests.helpers import assert_unchanged, cuda_marks, frozen, on_device
-
-CASES = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
-    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
+from tests.helpers import BACKEND_CASES, assert_unchanged, backend_for, frozen, on_device
 
 
-@pytest.fixture(params=CASES)
+@pytest.fixture(params=BACKEND_CASES)
 def case(request):
     """(backend, device) of a test case."""
     return request.param
@@ -40,18 +30,8 @@ def device(case):
 
 @pytest.fixture
 def backend(case):
-    name, device = case
-    base = name.split("-")[0]
-    reason = why_unavailable(base, torch.device(device))
-    if reason:
-        pytest.skip(reason)
-    old = torch.get_num_threads()
-    if base == "cpp":
-        torch.set_num_threads(int(name[4]))
-    try:
-        yield base
-    finally:
-        torch.set_num_threads(old)
+    with backend_for(case) as name:
+        yield name
 
 
 def _g(seed=0):
