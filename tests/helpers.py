@@ -15,8 +15,9 @@
   parametrisation: ``"cpu"`` always, ``"cuda"`` (marked ``cuda``, skipped at once without a CUDA device
   or, for Triton, while ``TRITON_INTERPRET=1``) -- and copies that keep a tensor's strides. The fixture
   ``cuda_strict`` (tests/conftest.py) turns TF32 off for a test.
-* :data:`BACKEND_CASES` / :func:`backend_for` -- the (backend, device) cases of the op tests and the
-  backend each one runs (``cpp-1t`` / ``cpp-2t``: the C++ kernels with 1 / 2 OpenMP threads).
+* :func:`backend_cases` / :data:`BACKEND_CASES` / :func:`backend_for` / :func:`available_case` -- the
+  (backend, device) cases of the op tests, the backend each one runs and the skip of an
+  unavailable one (``cpp-1t`` / ``cpp-2t``: the C++ kernels with 1 / 2 OpenMP threads).
 """
 
 import contextlib
@@ -77,16 +78,37 @@ def device_params(triton: bool = False) -> list:
 #: ``@pytest.mark.parametrize("device", DEVICES)``: cpu always, cuda marked ``cuda`` (skipped without one)
 DEVICES = device_params()
 
-#: (backend, device) cases of the op tests: torch, C++ with 1 and 2 OpenMP threads, Triton (the
-#: interpreter on the CPU), and torch / Triton on CUDA (marked ``cuda``)
-BACKEND_CASES = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp-1t", "cpu"), id="cpp-1t"),
-    pytest.param(("cpp-2t", "cpu"), id="cpp-2t"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
+
+def backend_cases(cpp_threads: tuple[int, ...] | None = (1, 2)) -> list:
+    """(backend, device) cases of the op tests: torch, C++ (``cpp-1t`` / ``cpp-2t`` with 1 / 2 OpenMP
+    threads, or one ``cpp`` case for ``cpp_threads=None``), Triton (the interpreter on the CPU), and
+    torch / Triton on CUDA (marked ``cuda``)."""
+    if cpp_threads:
+        cpp = [pytest.param((f"cpp-{n}t", "cpu"), id=f"cpp-{n}t") for n in cpp_threads]
+    else:
+        cpp = [pytest.param(("cpp", "cpu"), id="cpp")]
+    return [
+        pytest.param(("torch", "cpu"), id="torch"),
+        *cpp,
+        pytest.param(("triton", "cpu"), id="triton"),
+        pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
+        pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
+    ]
+
+
+BACKEND_CASES = backend_cases()
+
+
+def available_case(request) -> tuple[str, str]:
+    """The (backend, device) parameter of a ``case`` fixture built on :func:`backend_cases`, skipped with
+    the reason when the backend cannot run on that device; CUDA cases run with TF32 off (``cuda_strict``)."""
+    name, device = request.param
+    reason = why_unavailable(name.split("-")[0], torch.device(device))
+    if reason:
+        pytest.skip(reason)
+    if device == "cuda":
+        request.getfixturevalue("cuda_strict")
+    return name, device
 
 
 @contextlib.contextmanager

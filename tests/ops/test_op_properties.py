@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from ewc_fast import ops  # noqa: E402
-from ewc_fast.ops.backends import why_unavailable  # noqa: E402
 from ewc_fast.testing import consolidation as reference  # noqa: E402
-from tests.helpers import assert_unchanged, cuda_marks, frozen, on_device  # noqa: E402
+from tests.helpers import assert_unchanged, available_case, backend_cases, frozen, on_device  # noqa: E402
 
 P = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 S = (torch.float32, torch.float64)
@@ -37,25 +36,13 @@ STORED = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 2.0**-8, torch
 #: generator, same examples), copied to the card with their strides, and the results compared there
 #: with the same oracles and bounds: every bound is a worst case over summation orders (a count of
 #: roundings), so a different reduction order on the card cannot exceed it; TF32 is off (``cuda_strict``).
-BACKENDS = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp", "cpu"), id="cpp"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
+BACKENDS = backend_cases(cpp_threads=None)
 
 
 @pytest.fixture(params=BACKENDS)
 def case(request):
-    """(backend, device) of a test, skipped with the reason when the backend cannot run there."""
-    backend, device = request.param
-    reason = why_unavailable(backend, torch.device(device))
-    if reason:
-        pytest.skip(reason)
-    if device == "cuda":
-        request.getfixturevalue("cuda_strict")
-    return backend, device
+    """(backend, device) of a test case, skipped with the reason when the backend cannot run there."""
+    return available_case(request)
 
 
 def _settings(backend):

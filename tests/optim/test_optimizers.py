@@ -23,33 +23,20 @@ from torch import nn
 
 import ewc_fast
 from ewc_fast import optim
-from ewc_fast.ops.backends import why_unavailable
-from tests.helpers import cuda_marks
+from tests.helpers import available_case, backend_cases
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 # the same on CUDA: both runs share the device's forward/backward, the steps are elementwise (no
 # reduction but the penalty value and the clipping norm, a few fp32/fp64 roundings in any order)
 TOL = {F64: 1e-10, F32: 2e-5}
 
-CASES = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("cpp", "cpu"), id="cpp"),
-    pytest.param(("triton", "cpu"), id="triton"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=cuda_marks(triton=True)),
-]
+CASES = backend_cases(cpp_threads=None)
 
 
 @pytest.fixture(params=CASES)
 def case(request):
     """(backend, device) of a test case, skipped with the reason when the backend cannot run there."""
-    name, device = request.param
-    reason = why_unavailable(name, torch.device(device))
-    if reason:
-        pytest.skip(reason)
-    if device == "cuda":
-        request.getfixturevalue("cuda_strict")
-    return name, device
+    return available_case(request)
 
 
 @pytest.fixture
