@@ -15,6 +15,7 @@ from torch import nn
 
 import ewc_fast
 from ewc_fast.estimation import fallback as fallback_mod
+from ewc_fast.estimation.provenance import BDim
 from ewc_fast.estimation.rules.attention import MultiheadAttentionRule
 from ewc_fast.testing.importance import reference_importance
 from tests.helpers import ALL, TRITON, assert_close, cached_reference, ragged
@@ -291,6 +292,31 @@ def test_sig_is_magnitude_for_mha():
     assert torch.equal(res["mha.in_proj_weight"], model.mha.in_proj_weight.detach().abs())
 
 
+class FirstLayer(nn.Module):
+    """MHA on the model input itself: no captured module below it, so its projections' outputs are
+    the frontier the backward stops at."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, HEADS, batch_first=False, add_bias_kv=True)
+        self.fc = nn.Linear(E, 3)
+
+    def forward(self, x):  # x (N, T, E)
+        a, _ = self.mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)
+        return self.fc(a.mean(0))
+
+
+def test_mha_on_the_model_input(no_fallback):
+    torch.manual_seed(3)
+    model = FirstLayer()
+    x, y = torch.randn(8, 4, E), torch.randint(0, 3, (8,))
+    data = ragged(x, y)
+    res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    ref = reference_importance(model, data, ("fisher", "mas"))
+    for m in ("fisher", "mas"):
+        assert_close(res[m], ref[m], what=m)
+
+
 class Unbatched(nn.Module):
     def __init__(self):
         super().__init__()
@@ -307,3 +333,28 @@ def test_unbatched_inputs_raise():
     # iterating over the batch splits the samples apart: their provenance is lost, a clear refusal
     with pytest.raises(ValueError, match="unbind along the sample dimension"):
         ewc_fast.estimate_importance(Unbatched(), [(x, torch.zeros(4, dtype=torch.long))], "fisher", progress=False)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_watch_records_the_projections(batch_first):
+    """What the watch sees inside one call: the packed self-attention projection as PyTorch's blockwise
+    copy (kept by autograd anyway, so the projection output itself is not held), a q projection plus a
+    stacked kv copy when key is value, and the context (L*N, E)."""
+    from ewc_fast.estimation.rules.attention_watch import MHAWatch
+
+    m = nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+    watch = MHAWatch()
+    watch.add(m)
+    x, kv = torch.randn(3, 4, E), torch.randn(3, 4, E)  # (N, T, E) or (T, N, E): N == T - 1 either way
+    n = 3 if batch_first else 4
+    with watch:
+        m(x, x, x)
+        tensors, dims, rec = watch.take(m, n)
+        assert rec.entries == [("proj", 0, 3 * E, "in_proj_weight", "stacked")] and dims == [BDim(2)]
+        assert tuple(tensors[0].shape) == ((3, 4, 3, E) if batch_first else (3, 3, 4, E))
+        assert tuple(rec.ctx.shape) == (12, E)
+        m(x, kv, kv)
+        tensors, dims, rec = watch.take(m, n)
+        assert rec.entries == [("proj", 0, E, "in_proj_weight"), ("proj", E, 2 * E, "in_proj_weight", "stacked")]
+        assert dims == [BDim(1), BDim(2)]
+        assert watch.take(m, n) == ((), [], None)  # taken once

@@ -185,7 +185,9 @@ class MultiheadAttentionRule(Rule):
                     if entry[1] in names:
                         add_bias(entry[1], gi.reshape(c, 1, 1, -1))
                     continue
-                _, r0, rows, pname = entry
+                _, r0, rows, pname = entry[:4]
+                if len(entry) > 4:  # stacked blocks (c, k, T, E) -> (c, T, k*E)
+                    gi = gi.transpose(1, 2).reshape(c, gi.shape[2], rows)
                 if "in_proj_bias" in names:
                     b_in = torch.zeros(c, 3 * E, dtype=dt, device=gi.device) if b_in is None else b_in
                     b_in[:, r0 : r0 + rows] += gi.sum(1)
@@ -248,7 +250,8 @@ class MultiheadAttentionRule(Rule):
         names = list(bufs)
         # the pairs are views of captured tensors; what is copied per chunk is their dtype cast and,
         # for several calls, their concatenation: (L + S) tokens x (3E + kdim + vdim) per call, bounded
-        tokens = sum(sum(t.shape[0] for t in c.inner if t.dim() == 3) for c in calls)  # (T, N, rows) each
+        # inner tensors: (T, N, rows) or stacked (k, T, N, E); bias repeats (1, N, E) count 1
+        tokens = sum(sum(t.shape[t.dim() - 3] for t in c.inner) for c in calls)
         width = 4 * module.embed_dim + module.kdim + module.vdim
         step = chunk_rows(n, 4 * max(1, tokens) * width)
         for lo in range(0, n, step):

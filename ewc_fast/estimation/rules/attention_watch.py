@@ -74,8 +74,10 @@ def watch_available() -> bool:
 @dataclass
 class Record:
     """What one call of a watched module did. ``entries`` is aligned with ``tensors`` (the inner
-    tensors): ``("proj", r0, rows, name)`` for an input projection covering rows r0:r0+rows of the
-    3E stacked q/k/v rows (parameter ``name``), ``("bias", name)`` for a bias_k/bias_v repeat.
+    tensors): ``("proj", r0, rows, name)`` for an input projection P (T, N, rows) covering rows
+    r0:r0+rows of the 3E stacked q/k/v rows (parameter ``name``), with a trailing ``"stacked"`` when
+    the tensor is PyTorch's blockwise copy of P (rows / E, T, N, E) instead; ``("bias", name)`` for
+    a bias_k/bias_v repeat.
     ``ctx`` is the context C (L*N, E) (row l*N + n) or None, ``N`` the batch size inside the call."""
 
     module: nn.Module
@@ -121,7 +123,10 @@ class MHAWatch(TorchFunctionMode, InnerCapture):  # the mode first: its __enter_
         rec, self.last = self.last, None
         if rec is None or rec.module is not module:
             return (), [], None
-        dims = [BDim(1) if t.dim() == 3 and t.shape[1] == n else Unknown(_bad_batch(t, n)) for t in rec.tensors]
+        dims = []
+        for t in rec.tensors:  # (T, N, rows), or (k, T, N, E) for a stacked projection (_stacked)
+            d = t.dim() - 2
+            dims.append(BDim(d) if d in (1, 2) and t.shape[d] == n else Unknown(_bad_batch(t, n)))
         tensors, rec.tensors = tuple(rec.tensors), []
         return tensors, dims, rec
 
@@ -173,6 +178,8 @@ class MHAWatch(TorchFunctionMode, InnerCapture):  # the mode first: its __enter_
                     rec.tensors.append(out)
                     rec.N = x.shape[1] if x.dim() == 3 else 1
                     return
+        elif func is Tensor.contiguous and args and isinstance(out, Tensor) and out is not args[0]:
+            self._stacked(args[0], out)
         elif func is Tensor.repeat and args:
             for name in ("bias_k", "bias_v"):
                 if args[0] is getattr(m, name, None):
@@ -180,10 +187,36 @@ class MHAWatch(TorchFunctionMode, InnerCapture):  # the mode first: its __enter_
                     rec.tensors.append(out)
                     return
 
+    def _stacked(self, x: Tensor, out: Tensor) -> None:
+        """PyTorch's packed projection copies its output P (T, N, k*E) into blocks (k, T, N, E) (then
+        q, k, v are views of the copy, which autograd keeps for the attention's backward). Watch the
+        copy instead of P, so that P is not kept alive: same gradient, blocks stacked in front."""
+        rec = self.rec
+        for i, (entry, p) in enumerate(zip(rec.entries, rec.tensors)):
+            if entry[0] != "proj" or len(entry) > 4 or p.dim() != 3 or _root(x) is not _root(p):
+                continue
+            k = x.shape[0] if x.dim() == 4 else 0
+            E = p.shape[2] // max(k, 1)
+            if (
+                k > 0
+                and k * E == p.shape[2]
+                and tuple(x.shape) == (k, p.shape[0], p.shape[1], E)
+                and x.stride() == (E * p.stride(2), p.stride(0), p.stride(1), p.stride(2))
+                and x.storage_offset() == p.storage_offset()
+            ):  # x[j, t, n, e] = P[t, n, j*E + e]
+                rec.entries[i] = entry + ("stacked",)
+                rec.tensors[i] = out
+            return
+
+
+def _root(t: Tensor) -> Tensor:
+    """The tensor whose storage a view chain started from (``t`` itself if not a view)."""
+    return t if t._base is None else t._base
+
 
 def _bad_batch(t: Tensor, n: int) -> str:
     return (
-        f"nn.MultiheadAttention ran on a batch of {t.shape[1] if t.dim() == 3 else 'none'} (tensor "
+        f"nn.MultiheadAttention ran on a batch of {t.shape[t.dim() - 2] if t.dim() in (3, 4) else 'none'} (tensor "
         f"{tuple(t.shape)}, sequence-first inside), not the {n} samples: it would mix the samples "
         "(pass the samples along its batch dimension)"
     )
