@@ -111,14 +111,14 @@ class Capture:
         """Append one call (args detached, provenance of every tensor) and return what the forward
         continues with (aliases of the output tensors; clones in safe mode)."""
         tr = self.tracker
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves, in_spec = tree_flatten((args, kwargs))
         dims_in = [tr.get(t) for t in leaves]
         if self.safe:
             det = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
         else:
             det = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
         in_dims = {id(d): bd for d, bd in zip(det, dims_in) if isinstance(d, Tensor) and bd is not None}
-        args_d, kwargs_d = _unflatten(det, args, kwargs)
+        args_d, kwargs_d = in_spec.unflatten(det)
         outs, spec = tree_flatten(output)
         out_dims = [tr.get(t) for t in outs]
         new, handed = [], []
@@ -226,7 +226,7 @@ class Capture:
 
         for lst in self.calls.values():
             for i, c in enumerate(lst):
-                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func)
+                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func, c.cache)
 
     def clear(self) -> None:
         for v in self.calls.values():
@@ -242,8 +242,3 @@ class Capture:
             h.remove()
         self.handles = []
         self.tracker = None
-
-
-def _unflatten(det, args, kwargs):
-    _, spec = tree_flatten((args, kwargs))
-    return spec.unflatten(det)

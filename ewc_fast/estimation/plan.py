@@ -83,15 +83,19 @@ class ModuleStack:
 
 def param_args(args, kwargs, ids: set[int]):
     """(position or keyword, parameter) of every trainable parameter passed directly to a function."""
+    # runs for every torch call of a forward: the id test first (an nn.Parameter isinstance test is a
+    # Python-level metaclass check, 10x slower)
     out = []
     for i, a in enumerate(args):
-        if isinstance(a, nn.Parameter) and id(a) in ids:
-            out.append((i, a))
+        if id(a) in ids:
+            if isinstance(a, nn.Parameter):
+                out.append((i, a))
         elif isinstance(a, (list, tuple)):
-            out.extend((("list", i), x) for x in a if isinstance(x, nn.Parameter) and id(x) in ids)
-    for k, a in kwargs.items():
-        if isinstance(a, nn.Parameter) and id(a) in ids:
-            out.append((k, a))
+            out.extend((("list", i), x) for x in a if id(x) in ids and isinstance(x, nn.Parameter))
+    if kwargs:
+        for k, a in kwargs.items():
+            if id(a) in ids and isinstance(a, nn.Parameter):
+                out.append((k, a))
     return out
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .dims import BDim, Unknown
+from .dims import BDim, IdMap, Unknown
 
 __all__ = ["getitem", "index_items", "setitem"]
 
@@ -18,7 +17,7 @@ class _Scratch:
 
     def __init__(self, n: int):
         self.n = n
-        self.prov = WeakIdKeyDictionary()
+        self.prov = IdMap()
 
 
 def index_items(idx, ndim):
