@@ -88,6 +88,7 @@ __all__ = [
     "run_sequence",
     "run_experiment",
     "summarize_runs",
+    "mean_curve",
     "importance_subset",
     "estimate",
     "unit_importance",
@@ -407,6 +408,28 @@ def summarize_runs(results: list[RunResult]) -> dict:
         "train_time_s": float(np.sum([r.train_time_s for r in results])),
         "importance_time_s": float(np.sum([r.importance_time_s for r in results])),
     }
+
+
+def mean_curve(runs: Sequence[dict]) -> list[dict]:
+    """The per-epoch accuracy curve of several runs (each ``run["curve"]``: points ``{stage, epoch,
+    acc}``, ``acc[j]`` = test accuracy of task j) averaged over the runs: points ``{stage, epoch, acc,
+    acc_min, acc_max}`` (the runs' range per task; absent for one run). The runs must have the same
+    points, else ``ValueError``."""
+    curves = [r["curve"] for r in runs]
+    if not curves:
+        return []
+    keys = [(c["stage"], c["epoch"]) for c in curves[0]]
+    for k, c in enumerate(curves[1:], start=1):
+        if [(p["stage"], p["epoch"]) for p in c] != keys:
+            raise ValueError(f"mean_curve: run {k} was evaluated at other (stage, epoch) points than run 0")
+    acc = np.asarray([[p["acc"] for p in c] for c in curves], dtype=float)  # runs × points × tasks
+    out = []
+    for i, (stage, epoch) in enumerate(keys):
+        point = {"stage": stage, "epoch": epoch, "acc": acc[:, i].mean(axis=0).tolist()}
+        if len(curves) > 1:
+            point.update(acc_min=acc[:, i].min(axis=0).tolist(), acc_max=acc[:, i].max(axis=0).tolist())
+        out.append(point)
+    return out
 
 
 def run_experiment(

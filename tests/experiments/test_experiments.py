@@ -238,3 +238,21 @@ def test_loop_fisher_matches_estimate_importance():
     t = time_importance(m, x, y, batch_size=16)
     assert t["max_rel_diff"] < 1e-3 and t["n_samples"] == 40
     assert max_relative_difference(ref, ref) == 0.0
+
+
+def test_mean_curve_mean_and_range_over_runs():
+    def run(a, b):
+        return {"curve": [{"stage": 0, "epoch": 1, "acc": [a, 0.1]}, {"stage": 1, "epoch": 1, "acc": [b, 0.5]}]}
+
+    got = C.mean_curve([run(0.9, 0.6), run(0.7, 0.2), run(0.8, 0.4)])
+    assert [(p["stage"], p["epoch"]) for p in got] == [(0, 1), (1, 1)]
+    np.testing.assert_allclose(got[0]["acc"], [0.8, 0.1])
+    np.testing.assert_allclose(got[1]["acc"], [0.4, 0.5])
+    assert got[1]["acc_min"] == [0.2, 0.5] and got[1]["acc_max"] == [0.6, 0.5]
+    one = C.mean_curve([run(0.9, 0.6)])
+    assert one[1]["acc"] == [0.6, 0.5] and "acc_min" not in one[1]  # no range from a single run
+    assert C.mean_curve([]) == []
+    bad = run(0.5, 0.5)
+    bad["curve"] = bad["curve"][:1]
+    with pytest.raises(ValueError, match="run 1"):
+        C.mean_curve([run(0.9, 0.6), bad])
