@@ -125,3 +125,29 @@ def test_band_needs_the_run_curves(tmp_path):
     _write(tmp_path / "prune_layer/weights-only/prune.json", prune)
     with pytest.raises(ValueError, match="no min–max band"):  # an older prune.json: refused, not shown as exact
         render_science(tmp_path)
+
+
+def test_conv_section_reference_column_and_lam_scan(tmp_path):
+    def result(method, lams):
+        part = _pm_part("latest", method, 0, 0.5)
+        part["config"].update(model="kutalev-cnn", batch_size=100, epochs=1, stabilize=True)
+        part["n_train"] = 6000  # 60 steps of 100 per task
+        del part["meta"]  # an output without the command line: the wall time alone is shown
+        entries = {}
+        for lam, a in lams:
+            e = _pm_part("latest", method, 0, a)["methods"][method]["lams"]["200"]
+            e["lam"] = lam
+            e["summary"]["R_mean"] = [[a, 0.1], [a - 0.1, a + 0.1]]
+            entries[f"{lam:g}"] = e
+        part["methods"] = {method: {"best_lam": lams[0][0], "lams": entries}}
+        return part
+
+    _write(tmp_path / "conv/permuted_mnist.json", result("fisher", [(675.0, 0.4)]))
+    _write(tmp_path / "conv/scan/fisher/permuted_mnist.json", result("fisher", [(6.75, 0.6), (675.0, 0.4)]))
+    text = "\n".join(render_science(tmp_path))
+    assert "(60 steps per task)" in text
+    # learned = mean of R[i][i] = (a + a + 0.1) / 2; theirs from Kutalev & Lapina 2021's conv rows
+    assert "| fisher | 675 | 0.4000 | 0.0000 | -0.1000 | 0.450 | 675 → 0.585 |" in text
+    assert "### λ scan of the conv net" in text
+    assert "| fisher | 6.75 | 0.6000 | 0.0000 | -0.1000 | 0.650 | 675 → 0.585 |" in text
+    assert text.count("| fisher | 675 | 0.4000") == 2  # the main run and the scan's point at their λ

@@ -27,6 +27,8 @@ __all__ = [
     "SCIENCE_DIRS",
     "ANCHORING_MODES",
     "LAYER_REFERENCE",
+    "CONV_REFERENCE",
+    "CONV_SCANS",
     "render_science",
     "table_figures",
     "correlate_figures",
@@ -50,6 +52,12 @@ ANCHORING_MODES = {
     "all": "penalty for all previous tasks",
     "previous": "penalty for the previous task only",
 }
+
+#: Kutalev & Lapina 2021's conv-net rows (stabilised EWC, 10 permuted-MNIST tasks): method → (λ, accuracy)
+CONV_REFERENCE = {"fisher": (675.0, 0.585), "mas": (300.0, 0.601), "si": (24.0, 0.507)}
+
+#: λ scans of the conv net (section 7): folders under ``results/conv/scan/``, one ``permuted-mnist`` output each
+CONV_SCANS = ("none", "fisher", "mas")
 
 #: accuracy at 90 % pruned *by layer* (Kutalev & Lapina 2021, 10 runs)
 LAYER_REFERENCE = {"|w|": 0.677, "SIG": 0.625}
@@ -222,33 +230,57 @@ def _render_explosion(r: dict, rel: str) -> list[str]:
     return L
 
 
-def _render_permuted(r: dict, title: str, rel: str, folder: str) -> list[str]:
+def _render_permuted(
+    r: dict, title: str, rel: str, folder: str, reference: dict | None = None, figures: bool = True
+) -> list[str]:
+    """A ``permuted-mnist`` result: protocol, one row per method at its best λ (mean [min, max] over
+    the runs; *learned* = mean of R[i][i], the accuracy on each task right after training it);
+    ``reference``: method → (their λ, their accuracy), a column."""
     c = r["config"]
-    L = [title, ""]
+    L = [title, ""] if title else []
     L += _meta_lines(r)
     L += [
         f"- protocol: {r['n_tasks']} {r['task_kind']} tasks, model `{c['model']}`, {c['optimizer']} lr {c['lr']:g}"
         + (f" momentum {c['momentum']:g}" if c["optimizer"] == "sgd" else "")
-        + f", {c['epochs']} epoch(s)/task, batch {c['batch_size']}, {r['n_train']} training images, anchoring "
-        f"`{c['anchor']}`, stabilised: {c['stabilize']}; {r['runs']} run(s).",
+        + f", {c['epochs']} epoch(s)/task, batch {c['batch_size']}, {r['n_train']} training images "
+        f"({_steps(r)} steps per task), anchoring `{c['anchor']}`, stabilised: {c['stabilize']}; {r['runs']} run(s).",
         "",
-        "| method | λ (ours) | final mean accuracy | ± std | BWT |",
-        "|---|---|---|---|---|",
+        "| method | λ (ours) | final mean accuracy | ± std | BWT | learned (mean R[i][i]) |"
+        + (" theirs: λ → accuracy |" if reference else ""),
+        "|---|---|---|---|---|---|" + ("---|" if reference else ""),
     ]
     for m, v in r["methods"].items():
-        entry = v["lams"][f"{v['best_lam']:g}"]
-        best = entry["summary"]
-        L.append(
-            f"| {m} | {v['best_lam']:g} | {best['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | "
-            f"{best['final_mean_acc_std']:.4f} | {best['bwt']:+.4f} |"
-        )
-    L += [
-        "",
-        f"![accuracy matrices]({rel}/{folder}/accuracy_matrices.png)",
-        f"![per-task curves]({rel}/{folder}/task_curves.png)",
-        "",
-    ]
-    return L
+        for key, entry in v["lams"].items():
+            if len(v["lams"]) > 1 or key == f"{v['best_lam']:g}":
+                L.append(_permuted_row(m, entry, reference))
+    if figures:
+        L += [
+            "",
+            f"![accuracy matrices]({rel}/{folder}/accuracy_matrices.png)",
+            f"![per-task curves]({rel}/{folder}/task_curves.png)",
+        ]
+    return L + [""]
+
+
+def _steps(r: dict) -> int:
+    c = r["config"]
+    if c.get("steps_per_task"):
+        return int(c["steps_per_task"])
+    return int(math.ceil(r["n_train"] / c["batch_size"])) * int(c["epochs"])
+
+
+def _permuted_row(m: str, entry: dict, reference: dict | None) -> str:
+    s = entry["summary"]
+    R = np.asarray(s["R_mean"], dtype=float) if "R_mean" in s else None
+    learned = f"{float(np.mean(np.diag(R))):.3f}" if R is not None else "—"
+    row = (
+        f"| {m} | {entry['lam']:g} | {s['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | "
+        f"{s['final_mean_acc_std']:.4f} | {s['bwt']:+.4f} | {learned} |"
+    )
+    if reference is not None:
+        ref = reference.get(m)
+        row += f" {ref[0]:g} → {ref[1]:.3f} |" if ref else " — |"
+    return row
 
 
 def _range(runs: list[dict] | None, key: str) -> str:
@@ -478,12 +510,21 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
     if res["explosion"]:
         add("explosion", _render_explosion(res["explosion"], rel))
     if res["conv"]:
-        add(
+        lines = _render_permuted(
+            res["conv"],
+            "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC",
+            rel,
             "conv",
-            _render_permuted(
-                res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
-            ),
+            reference=CONV_REFERENCE,
         )
+        scans = [
+            (m, x) for m in CONV_SCANS if (x := read_json(Path(res_dir) / "conv" / "scan" / m / "permuted_mnist.json"))
+        ]
+        if scans:
+            lines += ["### λ scan of the conv net", ""]
+            for m, x in scans:
+                lines += [f"`{m}`:", ""] + _render_permuted(x, "", rel, f"conv/scan/{m}", CONV_REFERENCE, figures=False)
+        add("conv", lines)
     modes = {m: r for m in ANCHORING_MODES if (r := _read_runs(Path(res_dir) / "anchoring" / m)) is not None}
     if modes:
         add("anchoring", _render_anchoring(modes, Path(res_dir), rel))
