@@ -10,6 +10,11 @@ Argument groups (each command picks the ones it needs):
   learning rate, gradient clipping and the importance pass;
 * :func:`add_lam_args` — ``--lam`` / ``--lam-convention`` / ``--stabilize`` (/ ``--lam-grid``).
 
+Running a command that wraps one experiment function: :func:`config_from_args` (the experiment's
+configuration dataclass from the same-named options, a bad value exits naming it),
+:func:`run_recorded` (data, output folder, the run, ``meta``) and :func:`write_results` (CSV, plot,
+JSON, logged).
+
 λ convention: ``--lam`` is in ewc_fast's convention, penalty (λ/2)·ΣΩ(θ−μ)², unless
 ``--lam-convention kutalev`` (Kutalev & Lapina's code: λ'·ΣΩ(θ−μ)², λ = 2λ'); see
 :func:`ewc_fast.experiments.continual.to_ewc_lam` and ``docs/CONSOLIDATION.md``.
