@@ -148,6 +148,7 @@ def test_conv_section_reference_column_and_lam_scan(tmp_path):
     assert "(60 steps per task)" in text
     # learned = mean of R[i][i] = (a + a + 0.1) / 2; theirs from Kutalev & Lapina 2021's conv rows
     assert "| fisher | 675 | 0.4000 | 0.0000 | -0.1000 | 0.450 | 675 → 0.585 |" in text
-    assert "### λ scan of the conv net" in text
-    assert "| fisher | 6.75 | 0.6000 | 0.0000 | -0.1000 | 0.650 | 675 → 0.585 |" in text
-    assert text.count("| fisher | 675 | 0.4000") == 2  # the main run and the scan's point at their λ
+    assert "### Smaller runs and λ scans of the conv net" in text
+    # sorted by steps, tasks, anchoring, then method and λ
+    i = text.index("| 60 | 2 | `latest` | fisher | 6.75 | 0.6000 | -0.1000 | 0.650 | 1 | 675 → 0.585 |")
+    assert text.index("| 60 | 2 | `latest` | fisher | 675 | 0.4000 | -0.1000 | 0.450 | 1 | 675 → 0.585 |") > i

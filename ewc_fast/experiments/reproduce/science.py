@@ -28,7 +28,6 @@ __all__ = [
     "ANCHORING_MODES",
     "LAYER_REFERENCE",
     "CONV_REFERENCE",
-    "CONV_SCANS",
     "render_science",
     "table_figures",
     "correlate_figures",
@@ -55,9 +54,6 @@ ANCHORING_MODES = {
 
 #: Kutalev & Lapina 2021's conv-net rows (stabilised EWC, 10 permuted-MNIST tasks): method → (λ, accuracy)
 CONV_REFERENCE = {"fisher": (675.0, 0.585), "mas": (300.0, 0.601), "si": (24.0, 0.507)}
-
-#: λ scans of the conv net (section 7): folders under ``results/conv/scan/``, one ``permuted-mnist`` output each
-CONV_SCANS = ("none", "fisher", "mas")
 
 #: accuracy at 90 % pruned *by layer* (Kutalev & Lapina 2021, 10 runs)
 LAYER_REFERENCE = {"|w|": 0.677, "SIG": 0.625}
@@ -259,6 +255,39 @@ def _render_permuted(
             f"![accuracy matrices]({rel}/{folder}/accuracy_matrices.png)",
             f"![per-task curves]({rel}/{folder}/task_curves.png)",
         ]
+    return L + [""]
+
+
+def _render_conv_scans(scans: list[dict]) -> list[str]:
+    """Smaller runs and λ scans of the conv net (every ``results/conv/scan/*/permuted_mnist.json``),
+    one table: a row per run size × anchoring × method × λ, sorted."""
+    L = [
+        "### Smaller runs and λ scans of the conv net",
+        "",
+        "Every row: one `permuted-mnist` output under `results/conv/scan/` (command and wall time in its `meta`).",
+        "",
+        "| steps per task | tasks | anchoring | method | λ (ours) | final mean accuracy | BWT | learned (mean R[i][i]) "
+        "| runs | theirs: λ → accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for r in scans:
+        c = r["config"]
+        for m, v in r["methods"].items():
+            for entry in v["lams"].values():
+                s = entry["summary"]
+                R = np.asarray(s["R_mean"], dtype=float)
+                ref = CONV_REFERENCE.get(m)
+                rows.append(
+                    (
+                        (_steps(r), r["n_tasks"], c["anchor"], m != "none", m, entry["lam"]),
+                        f"| {_steps(r)} | {r['n_tasks']} | `{c['anchor']}` | {m} | {entry['lam']:g} | "
+                        f"{s['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | {s['bwt']:+.4f} | "
+                        f"{float(np.mean(np.diag(R))):.3f} | {s['n_runs']} | "
+                        + (f"{ref[0]:g} → {ref[1]:.3f} |" if ref else "— |"),
+                    )
+                )
+    L += [row for _, row in sorted(rows, key=lambda x: x[0])]
     return L + [""]
 
 
@@ -517,13 +546,9 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
             "conv",
             reference=CONV_REFERENCE,
         )
-        scans = [
-            (m, x) for m in CONV_SCANS if (x := read_json(Path(res_dir) / "conv" / "scan" / m / "permuted_mnist.json"))
-        ]
+        scans = [read_json(f) for f in sorted((Path(res_dir) / "conv" / "scan").glob("*/permuted_mnist.json"))]
         if scans:
-            lines += ["### λ scan of the conv net", ""]
-            for m, x in scans:
-                lines += [f"`{m}`:", ""] + _render_permuted(x, "", rel, f"conv/scan/{m}", CONV_REFERENCE, figures=False)
+            lines += _render_conv_scans(scans)
         add("conv", lines)
     modes = {m: r for m in ANCHORING_MODES if (r := _read_runs(Path(res_dir) / "anchoring" / m)) is not None}
     if modes:
