@@ -68,6 +68,8 @@ class Call:
     out_dims: list | None = None
     #: the torch function of a function-level call (None for a module call)
     func: Any = None
+    #: what rules recompute from the inputs and reuse across the seeds of a batch (norms: x_hat)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
     inner: tuple = ()
     inner_dims: list = field(default_factory=list)
     watched: Any = None
