@@ -28,6 +28,7 @@ results: benchmarks/RESULTS_OPTIM.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -181,7 +182,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-repeats", type=int, default=21, help="paired rounds of the training-step rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "rows": [], "train": []}
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    results = {"machine": machine, "rows": [], "train": []}
     for nt in args.threads:
         torch.set_num_threads(nt)
         for size in args.sizes:
@@ -212,6 +214,8 @@ def main(argv=None) -> dict:
                     f"bytes model {100 * tr['si_overhead_predicted']:+.1f}%)",
                     flush=True,
                 )
+    machine["loadavg_end"] = os.getloadavg()
+    print(f"load average (1/5/15 min): start {machine['loadavg_start']}, end {machine['loadavg_end']}", flush=True)
     if args.out:
         write_json(args.out, results)
     return results
