@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from .workloads import Workload, _gauss
@@ -160,6 +161,28 @@ def _seed_cnn(size):
         b,
         sequence=True,
     )
+
+
+def largest_activation_bytes(wl: Workload) -> int:
+    """Bytes of the largest output of a single layer (a module without children) over one batch: the
+    "one layer's activations" of the CNN memory target (benchmarks/compare/targets.py)."""
+    model = wl.make_model()
+    x, _ = wl.make_batches()[0]
+    best = 0
+
+    def hook(_m, _inp, out):
+        nonlocal best
+        if isinstance(out, torch.Tensor):
+            best = max(best, out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return best
 
 
 #: name -> factory(size), merged into benchmarks.workloads

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import device_guard, triton_interpreter
+from .persample_common import clamp_splits, default_splits, flush, numerics, outputs
 
 #: fixed (BLOCK_O, BLOCK_I, BLOCK_T) under the CPU interpreter: large blocks, few programs
 INTERPRETER_CONFIG = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_T": 32}
@@ -166,23 +167,9 @@ def _persample_kernel(
     rows = o_idx[:, None]
     cols = i_idx[None, :]
     if DO_SQ:
-        _flush(SQ + rows * s_sq_o + cols * s_sq_i, acc_sq, mask, n_splits, WIDE_SQ)
+        flush(SQ + rows * s_sq_o + cols * s_sq_i, acc_sq, mask, n_splits, WIDE_SQ)
     if DO_ABS:
-        _flush(AB + rows * s_ab_o + cols * s_ab_i, acc_ab, mask, n_splits, WIDE_AB)
-
-
-@triton.jit
-def _flush(ptrs, acc, mask, n_splits, WIDE: tl.constexpr):
-    out_ty = ptrs.dtype.element_ty
-    if n_splits > 1:
-        tl.atomic_add(ptrs, acc.to(out_ty), mask=mask, sem="relaxed")
-    else:
-        cur = tl.load(ptrs, mask=mask, other=0.0)
-        if WIDE:  # an fp64 output or fp64 accumulator: add in fp64, round once
-            new = (cur.to(tl.float64) + acc.to(tl.float64)).to(out_ty)
-        else:
-            new = cur + acc.to(out_ty)
-        tl.store(ptrs, new, mask=mask)
+        flush(AB + rows * s_ab_o + cols * s_ab_i, acc_ab, mask, n_splits, WIDE_AB)
 
 
 # CUDA configs (BLOCK_O, BLOCK_I, BLOCK_T, num_warps, num_stages) per kind of launch. Chosen from
@@ -265,12 +252,6 @@ def _needs_idx64(*tensors) -> bool:
     return any(_span(t) >= 2**30 for t in tensors)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs (exercises the split / atomic path on small problems)
-
-
 PRECISIONS = ("ieee", "tf32")
 
 
@@ -292,19 +273,15 @@ def launch(
     I = A.shape[2]
     if N == 0 or T == 0 or O == 0 or I == 0:
         return
-    do_sq = sq_out is not None
-    do_abs = abs_out is not None
-    sq = sq_out if do_sq else abs_out  # a dummy pointer for an absent output (never touched)
-    ab = abs_out if do_abs else sq_out
-    acc64 = G.dtype == torch.float64
+    sq, ab, do_sq, do_abs = outputs(sq_out, abs_out)
     # bf16 under the interpreter: numpy has no bf16 matmul, so the fused path upcasts tiles to fp32
-    upcast = triton_interpreter() and G.dtype == torch.bfloat16 and T > 1
-    prec = "ieee" if G.dtype == torch.float32 or (T == 1 and not acc64) or upcast else None
+    flags = numerics(G, sq, ab, upcast_ok=T > 1)
+    acc64 = flags["ACC_F64"]
+    prec = "ieee" if G.dtype == torch.float32 or (T == 1 and not acc64) or flags["UPCAST"] else None
     if precision == "tf32" and G.dtype == torch.float32 and not triton_interpreter():
         prec = "tf32"
     gemm = T == 1
     device = G.device
-    target = _target_programs(device)
     key_n = triton.next_power_of_2(N)
     key_t = triton.next_power_of_2(T)
 
@@ -313,20 +290,17 @@ def launch(
         if splits is not None:
             s = splits
         else:
-            s = 1 if tiles >= target else triton.cdiv(target, tiles)
+            s = default_splits(tiles, device)
             if gemm:  # keep at least a few blocks of samples per split
                 s = min(s, triton.cdiv(N, 64))
-        return (tiles, max(1, min(int(s), N, 65535)))
+        return (tiles, clamp_splits(s, N))
 
     kwargs = dict(
         DO_SQ=do_sq,
         DO_ABS=do_abs,
         GEMM=gemm,
-        ACC_F64=acc64,
         PREC=prec,
-        WIDE_SQ=acc64 or sq.dtype == torch.float64,
-        WIDE_AB=acc64 or ab.dtype == torch.float64,
-        UPCAST=upcast,
+        **flags,
         IDX64=_needs_idx64(G, A, sq, ab),
     )
     kernel = _kernel

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import device_guard, triton_interpreter
+from .persample_common import clamp_splits, default_splits, flush, numerics, outputs
 
 #: (BLOCK_O, BLOCK_J, BLOCK_L, num_warps) on CUDA and under the CPU interpreter
 CUDA_CONFIG = (64, 64, 32, 4)
@@ -153,34 +154,14 @@ def _persample_conv_kernel(
     mask = mask_o[:, None] & mask_j[None, :]
     out_off = rows[:, None] * J + offs_j[None, :]
     if DO_SQ:
-        _flush(SQ + out_off, acc_sq, mask, n_splits, WIDE_SQ)
+        flush(SQ + out_off, acc_sq, mask, n_splits, WIDE_SQ)
     if DO_ABS:
-        _flush(AB + out_off, acc_ab, mask, n_splits, WIDE_AB)
-
-
-@triton.jit
-def _flush(ptrs, acc, mask, n_splits, WIDE: tl.constexpr):
-    out_ty = ptrs.dtype.element_ty
-    if n_splits > 1:
-        tl.atomic_add(ptrs, acc.to(out_ty), mask=mask, sem="relaxed")
-    else:
-        cur = tl.load(ptrs, mask=mask, other=0.0)
-        if WIDE:  # an fp64 output or fp64 accumulator: add in fp64, round once
-            new = (cur.to(tl.float64) + acc.to(tl.float64)).to(out_ty)
-        else:
-            new = cur + acc.to(out_ty)
-        tl.store(ptrs, new, mask=mask)
+        flush(AB + out_off, acc_ab, mask, n_splits, WIDE_AB)
 
 
 def _pad3(vals, fill):
     vals = list(vals)
     return [fill] * (3 - len(vals)) + vals
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs (exercises the split / atomic path on small problems)
 
 
 def launch(sq_out, abs_out, G, X, stride, padding, dilation, groups, *, splits: int | None = None) -> None:
@@ -198,20 +179,13 @@ def launch(sq_out, abs_out, G, X, stride, padding, dilation, groups, *, splits: 
     for v in ref.shape[2:]:
         Kp *= v
     J = Cg * Kp
-    do_sq = sq_out is not None
-    do_abs = abs_out is not None
-    sq = sq_out if do_sq else abs_out  # a dummy pointer for an absent output (never touched)
-    ab = abs_out if do_abs else sq_out
-    acc64 = G.dtype == torch.float64
-    upcast = triton_interpreter() and G.dtype == torch.bfloat16
-    prec = "ieee" if G.dtype == torch.float32 or upcast else None
+    sq, ab, do_sq, do_abs = outputs(sq_out, abs_out)
+    flags = numerics(G, sq, ab)
+    prec = "ieee" if G.dtype == torch.float32 or flags["UPCAST"] else None
     bo, bj, bl, warps = INTERPRETER_CONFIG if triton_interpreter() else CUDA_CONFIG
     n_o, n_j = triton.cdiv(Og, bo), triton.cdiv(J, bj)
     tiles = groups * n_o * n_j
-    if splits is None:
-        target = _target_programs(G.device)
-        splits = 1 if tiles >= target else triton.cdiv(target, tiles)
-    splits = max(1, min(int(splits), N, 65535))
+    splits = clamp_splits(default_splits(tiles, G.device) if splits is None else splits, N)
     S = _pad3(X.shape[2:], 1)
     L = _pad3(G.shape[2:], 1)
     K = _pad3(ref.shape[2:], 1)
@@ -259,11 +233,8 @@ def launch(sq_out, abs_out, G, X, stride, padding, dilation, groups, *, splits: 
             n_j,
             DO_SQ=do_sq,
             DO_ABS=do_abs,
-            ACC_F64=acc64,
             PREC=prec,
-            WIDE_SQ=acc64 or sq.dtype == torch.float64,
-            WIDE_AB=acc64 or ab.dtype == torch.float64,
-            UPCAST=upcast,
+            **flags,
             BLOCK_O=bo,
             BLOCK_J=bj,
             BLOCK_L=bl,
