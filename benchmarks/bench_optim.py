@@ -17,17 +17,20 @@ write omega, prev) = 84; ours 48 (read theta, g, m, v, Omega, mu, omega; write t
 SGD momentum: torch 20, today 76, ours 40. "Share of copy bandwidth" = (bytes/param * N / time) divided
 by the copy's (8 * N / time_copy).
 
-Also a whole training step (forward + backward + step of an MLP) with ours (EWC) with and without SI,
-for SI's share of a training step.
+Also a whole training step (forward + backward + step of an MLP, several batch sizes) with ours (EWC)
+with and without SI, paired per round, for SI's share of a training step (see :func:`bench_train_step`).
 
 Run: ``python -m benchmarks.bench_optim [--sizes 10e6 100e6] [--threads 1 2] [--repeats 7]
-[--out benchmarks/results/optim.json]``. Pin threads on a shared machine; results: benchmarks/RESULTS_OPTIM.md.
+[--train-batch 64 256 1024] [--out benchmarks/results/optim.json]``. Pin threads on a shared machine;
+results: benchmarks/RESULTS_OPTIM.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -116,14 +119,22 @@ def bench_step(total: int, algo: str, repeats: int) -> dict:
 
 
 def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
-    """A whole training step (forward, backward, fused AdamW step with EWC) with and without SI."""
+    """SI's own share of a whole training step: forward + backward + fused AdamW step with EWC, with SI
+    vs without SI (the same optimizer class, the same model and batch).
+
+    Paired and interleaved: each round runs both contenders once, in alternating order, plus the two
+    optimizer steps alone (gradients in place); the overhead is the median over rounds of the per-round
+    ratio (with SI / without SI) - 1, next to the ratio of the medians. Bytes model: SI adds 8 B/param
+    (read + write fp32 omega) to the 40 B/param of the EWC step, so it should cost
+    (8/40) * t(step alone) of a whole step of t(whole), i.e. predicted overhead = 0.2 * t_step / t_whole.
+    """
     model, x, y, _, loss_fn = si_workload(width, depth, batch, "cpu")
     ewc = _consolidated(model)
     si = ewc_fast.SynapticIntelligence(model)
     with_si = optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, ewc=ewc, si=si)
     without = optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, ewc=ewc)
 
-    def step(opt):
+    def whole(opt):
         def run():
             opt.zero_grad(set_to_none=False)
             loss_fn(model(x), y).backward()
@@ -131,16 +142,31 @@ def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
 
         return run
 
-    res = measure_interleaved({"ewc": step(without), "ewc+si": step(with_si)}, repeats=repeats, warmup=2)
+    fns = {"ewc": whole(without), "ewc+si": whole(with_si), "step ewc": without.step, "step ewc+si": with_si.step}
+    times: dict = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(2 + repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            if r >= 2:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = statistics.median(b / a for a, b in zip(times["ewc"], times["ewc+si"]))
     n = sum(p.numel() for p in model.parameters())
-    a, b = res["ewc"].median_s, res["ewc+si"].median_s
     return {
         "params": n,
+        "width": width,
         "batch": batch,
-        "ewc_ms": a * 1e3,
-        "ewc_si_ms": b * 1e3,
-        "si_overhead": b / a - 1.0,
-        "spread_ms": {k: [v.min_s * 1e3, v.max_s * 1e3] for k, v in res.items()},
+        "repeats": repeats,
+        "ewc_ms": med["ewc"] * 1e3,
+        "ewc_si_ms": med["ewc+si"] * 1e3,
+        "step_ewc_ms": med["step ewc"] * 1e3,
+        "step_ewc_si_ms": med["step ewc+si"] * 1e3,
+        "si_overhead": paired - 1.0,
+        "si_overhead_of_medians": med["ewc+si"] / med["ewc"] - 1.0,
+        "si_overhead_predicted": 0.2 * med["step ewc"] / med["ewc"],
+        "spread_ms": {k: [min(v) * 1e3, max(v) * 1e3] for k, v in times.items()},
     }
 
 
@@ -150,7 +176,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--algos", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
-    ap.add_argument("--train-width", type=int, default=2048, help="MLP width of the training-step row (0: skip)")
+    ap.add_argument("--train-width", type=int, default=2048, help="MLP width of the training-step rows (0: skip)")
+    ap.add_argument("--train-batch", type=int, nargs="+", default=[64, 256, 1024], help="batch sizes of those rows")
+    ap.add_argument("--train-repeats", type=int, default=21, help="paired rounds of the training-step rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     results = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "rows": [], "train": []}
@@ -172,14 +200,18 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
         if args.train_width:
-            tr = bench_train_step(args.train_width, 2, 64, args.repeats)
-            tr["threads"] = nt
-            results["train"].append(tr)
-            print(
-                f"[{nt}t] train step ({tr['params']:,} params, batch 64): EWC {tr['ewc_ms']:.1f} ms, "
-                f"EWC+SI {tr['ewc_si_ms']:.1f} ms, SI overhead {100 * tr['si_overhead']:+.1f}%",
-                flush=True,
-            )
+            for batch in args.train_batch:
+                tr = bench_train_step(args.train_width, 2, batch, args.train_repeats)
+                tr["threads"] = nt
+                results["train"].append(tr)
+                print(
+                    f"[{nt}t] train step ({tr['params']:,} params, batch {batch}): EWC {tr['ewc_ms']:.1f} ms, "
+                    f"EWC+SI {tr['ewc_si_ms']:.1f} ms (steps alone {tr['step_ewc_ms']:.1f} / "
+                    f"{tr['step_ewc_si_ms']:.1f} ms), SI overhead {100 * tr['si_overhead']:+.1f}% "
+                    f"(of medians {100 * tr['si_overhead_of_medians']:+.1f}%, "
+                    f"bytes model {100 * tr['si_overhead_predicted']:+.1f}%)",
+                    flush=True,
+                )
     if args.out:
         write_json(args.out, results)
     return results

@@ -1,9 +1,9 @@
 """Hugging Face workloads of the comparison benchmark: third-party models as users bring them.
 
-Tiny random configs of five transformers families (built offline from a config, no download), each
-a classification problem like every workload of :mod:`benchmarks.workloads` (integer labels,
-per-sample cross-entropy of the logits), so that every contender and the oracle compute the same
-quantities:
+Tiny random configs of five transformers families (built offline from a config, no download; one
+table of options per family, :data:`_FAMILIES` / :data:`_EXTRA`), each a classification problem like
+every workload of :mod:`benchmarks.workloads` (integer labels, per-sample cross-entropy of the logits)
+except the language model, so that every contender and the oracle compute the same quantities:
 
 * ``hf-gpt2``: ``GPT2ForSequenceClassification`` (``Conv1D`` projections, learned ``(1, T)``
   position embeddings, logits of the last token picked by an advanced index);
@@ -14,7 +14,11 @@ quantities:
   ``(T, T)`` bucket matrix, T5's RMS layer norm, gated-free ReLU feed-forward). The encoder-decoder
   ``T5ForSequenceClassification`` picks its sentence vector with a boolean ``eos`` mask, which mixes
   the samples' positions (data-dependent shapes), so the encoder is benchmarked;
-* ``hf-vit``: ``ViTForImageClassification`` on 64x128 images in 8x8 patches (128 patches + cls token).
+* ``hf-vit``: ``ViTForImageClassification`` on 64x128 images in 8x8 patches (128 patches + cls token);
+* ``hf-gpt2-lm``: ``GPT2LMHeadModel`` with ``lm_head.weight`` tied to ``wte.weight`` (one parameter used
+  by an ``nn.Embedding`` and by ``F.linear`` in the head: ewc_fast's tied path sums the per-sample
+  gradients of both uses before squaring), next-token labels (the inputs), per-sample loss the sum of
+  the shifted token NLLs (:func:`causal_lm_token_nll`, the model's own loss up to the mean).
 
 Full size: d=256, 4 layers, 4 heads, FFN 1024 (Llama: 688, 2 key/value heads), vocabulary 8000,
 T=128, 3-6M parameters; 16 samples in batches of 8. Dropout probabilities are 0 (train and eval mode
@@ -29,11 +33,13 @@ The oracle of these workloads is the float64 per-sample loop (``oracle="loop"``,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
@@ -47,15 +53,19 @@ def _wl():
     return workloads
 
 
-HF_WORKLOADS = ("hf-gpt2", "hf-llama", "hf-bert", "hf-t5", "hf-vit")
+HF_WORKLOADS = ("hf-gpt2", "hf-llama", "hf-bert", "hf-t5", "hf-vit", "hf-gpt2-lm")
 
 
 class HFLogits(nn.Module):
-    """``model(**{key: x}).logits``: a Hugging Face model as a tensor-in, logits-out module."""
+    """``model(**{key: x}).logits``: a Hugging Face model as a tensor-in, logits-out module.
+    ``causal_lm``: the wrapper says it is a causal language model (``loss_type``), as the model it wraps
+    does, so that ewc_fast's default loss shifts the labels like the workload's loss."""
 
-    def __init__(self, model: nn.Module, key: str = "input_ids"):
+    def __init__(self, model: nn.Module, key: str = "input_ids", causal_lm: bool = False):
         super().__init__()
         self.model, self.key = model, key
+        if causal_lm:
+            self.loss_type = "ForCausalLM"
 
     def forward(self, x):
         return self.model(**{self.key: x}).logits
@@ -101,79 +111,98 @@ def _ids(vocab: int, t: int):
     return fn
 
 
+#: config class, model class and the keyword names of each family (d, layers, heads, FFN, vocabulary,
+#: positions); None: the family has no such option
+_FAMILIES = {
+    "gpt2": (
+        "GPT2Config",
+        "GPT2ForSequenceClassification",
+        ("n_embd", "n_layer", "n_head", "n_inner", "vocab_size", "n_positions"),
+    ),
+    "gpt2-lm": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        ("n_embd", "n_layer", "n_head", "n_inner", "vocab_size", "n_positions"),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForSequenceClassification",
+        (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ),
+    ),
+    "t5": ("T5Config", "T5EncoderModel", ("d_model", "num_layers", "num_heads", "d_ff", "vocab_size", None)),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", None, None),
+    ),
+}
+#: family-specific options besides the common ones (dropout off everywhere: train and eval mode agree)
+_EXTRA = {
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=10, pad_token_id=0),
+    "gpt2-lm": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
+    "llama": dict(num_labels=10, pad_token_id=0),
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10),
+    "t5": dict(dropout_rate=0.0),
+    "vit": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10, num_channels=3),
+}
+
+
+def _config(T, family: str, k: dict):
+    """The tiny random config of ``family`` at the sizes ``k`` (:func:`_dims`)."""
+    cfg_cls, _, keys = _FAMILIES[family]
+    ffn = k["ffn_llama"] if family == "llama" else k["ffn"]
+    values = (k["d"], k["layers"], k["heads"], ffn, k["vocab"], k["t"])
+    kw = {key: v for key, v in zip(keys, values) if key is not None}
+    kw.update(_EXTRA[family])
+    if family == "llama":
+        kw["num_key_value_heads"] = max(1, k["heads"] // 2)
+    if family == "t5":
+        kw["d_kv"] = k["d"] // k["heads"]
+    if family == "vit":
+        kw.update(image_size=k["img"], patch_size=k["patch"])
+    return getattr(T, cfg_cls)(**kw)
+
+
 def _build(family: str, k: dict) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         T = _transformers()
-        d, layers, heads, ffn, vocab, t = k["d"], k["layers"], k["heads"], k["ffn"], k["vocab"], k["t"]
-        if family == "gpt2":
-            cfg = T.GPT2Config(
-                vocab_size=vocab,
-                n_positions=t,
-                n_embd=d,
-                n_layer=layers,
-                n_head=heads,
-                n_inner=ffn,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                num_labels=10,
-                pad_token_id=0,
-            )
-            return HFLogits(T.GPT2ForSequenceClassification(cfg))
-        if family == "llama":
-            cfg = T.LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=d,
-                intermediate_size=k["ffn_llama"],
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2),
-                max_position_embeddings=t,
-                num_labels=10,
-                pad_token_id=0,
-            )
-            return HFLogits(T.LlamaForSequenceClassification(cfg))
-        if family == "bert":
-            cfg = T.BertConfig(
-                vocab_size=vocab,
-                hidden_size=d,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                intermediate_size=ffn,
-                max_position_embeddings=t,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-                num_labels=10,
-            )
-            return HFLogits(T.BertForSequenceClassification(cfg))
+        cfg = _config(T, family, k)
+        model = getattr(T, _FAMILIES[family][1])(cfg)
         if family == "t5":
-            cfg = T.T5Config(
-                vocab_size=vocab,
-                d_model=d,
-                d_kv=d // heads,
-                d_ff=ffn,
-                num_layers=layers,
-                num_heads=heads,
-                dropout_rate=0.0,
-            )
-            return T5EncoderClassifier(T.T5EncoderModel(cfg), d, 10)
-        if family == "vit":
-            cfg = T.ViTConfig(
-                image_size=k["img"],
-                patch_size=k["patch"],
-                num_channels=3,
-                hidden_size=d,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                intermediate_size=ffn,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-                num_labels=10,
-            )
-            return HFLogits(T.ViTForImageClassification(cfg), "pixel_values")
-        raise KeyError(family)
+            return T5EncoderClassifier(model, k["d"], 10)
+        if family == "gpt2-lm":
+            assert model.lm_head.weight is model.transformer.wte.weight  # the tied parameter under test
+            return HFLogits(model, causal_lm=True)
+        return HFLogits(model, "pixel_values" if family == "vit" else "input_ids")
 
     return make
+
+
+def causal_lm_token_nll(logits, target):
+    """Per-sample loss of the causal-LM workload: sum over positions t of -log p(target[t + 1] | x_<=t),
+    shape (N,) (the labels shifted by one, as the model's own loss and ewc_fast's default for causal LMs)."""
+    n, c = logits.shape[0], logits.shape[-1]
+    tok = F.cross_entropy(logits[:, :-1].reshape(-1, c), target[:, 1:].reshape(-1), reduction="none")
+    return tok.view(n, -1).sum(1)
 
 
 def _hf(family: str, size: str) -> Workload:
@@ -190,13 +219,14 @@ def _hf(family: str, size: str) -> Workload:
     else:
         names = {
             "gpt2": "GPT2ForSequenceClassification",
+            "gpt2-lm": "GPT2LMHeadModel (wte tied to lm_head), causal-LM labels = the inputs, token NLLs summed",
             "llama": "LlamaForSequenceClassification",
             "bert": "BertForSequenceClassification",
             "t5": "T5EncoderModel + mean pool + linear head",
         }
         title = f"{names[family]}, d={d}, {layers} layers, vocabulary {k['vocab']}, T={t}"
         inputs = _ids(k["vocab"], t)
-    wl = _wl().Workload(
+    wl = (_lm_workload() if family == "gpt2-lm" else _wl().Workload)(
         f"hf-{family}",
         title,
         "hf",
@@ -209,6 +239,20 @@ def _hf(family: str, size: str) -> Workload:
         oracle="loop",
     )
     return wl
+
+
+@functools.cache
+def _lm_workload() -> type:
+    """A :class:`~benchmarks.workloads.Workload` whose labels are its inputs (next-token prediction)
+    and whose per-sample loss is :func:`causal_lm_token_nll` (made late: see :func:`_wl`)."""
+
+    class LMWorkload(_wl().Workload):
+        loss_per_sample = staticmethod(causal_lm_token_nll)
+
+        def make_batches(self, device="cpu", dtype=torch.float32):
+            return [(x, x.clone()) for x, _ in super().make_batches(device, dtype)]
+
+    return LMWorkload
 
 
 HF_FACTORIES: dict[str, Callable[[str], Workload]] = {

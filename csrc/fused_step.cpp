@@ -1,10 +1,10 @@
 // Fused optimizer step: per element, one read of theta, g, the optimizer state, Omega, mu, SI's
 // omega and WVA's A, and one write of theta, the state and SI's omega.
 //
-// Loop structure (step_chunk): each chunk is walked in sub-blocks of kSub elements; per sub-block,
-// three simple loops that GCC vectorises -- the penalty loop (g + lam*W*d and W*d^2 into L1 buffers),
-// the update loop (optimizer + WVA), SI's loop (omega -= g_si*(theta_new - theta_old), theta_old
-// buffered). The buffers stay in L1, so main-memory traffic is that of a single pass.
+// Loop structure (step_chunk): one pass; each chunk is walked in groups of 16 elements, each group one
+// vectorised loop over every stream (penalty, optimizer update, WVA, SI) after a software prefetch of
+// every stream a few KiB ahead. Nothing is re-read: main-memory traffic is one read of each input
+// and one write of each output.
 //
 // Numerics follow ewc_fast/ops/fused_step/_torch.py operation by operation (torch.optim's
 // single-tensor formulas: lerp for the first moment, mul + addcmul for the second, addcdiv for the
@@ -53,44 +53,60 @@ template <class T> T* at(const Ptrs& l, size_t t, int64_t begin) {
 }
 
 // Scalars of one call, in the arithmetic type A (fp32 scalars in fp32 arithmetic, as torch's fp32
-// kernels see Python scalars).
+// kernels see Python scalars). The run-time choices that only select between values are A-typed
+// flags (1 or 0) compared with 0 inside the element loop: GCC 12 vectorises such a select, while a
+// select on a loaded bool leaves the whole fused loop scalar ("relevant stmt not supported").
 template <class A> struct Hyper {
     A lr, beta1, beta2, eps, wd, damp1, step_size, bc2_sqrt, decay, lerp_w, lerp_w1, addcmul_w;
     A pen, al, wva_lam, inv_scale;
-    bool has_wd, adamw, momentum, mom_init, nesterov, amsgrad, stab, wva, si_total;
+    A f_l2, f_decay, f_mom_init, f_nesterov, f_stab, f_si_total;  // flags: 1 or 0
 };
 
 // SIK: 0 no SI, 1 fp32 SI omega, 2 fp64 SI omega.
 template <int SIK> using si_t = std::conditional_t<SIK == 2, double, float>;
 
+template <class A, int L> inline A fold(A (&acc)[L]) {
+    for (int w = L / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
 // Template flags: everything that decides which memory is touched (ADAM, EWC, SIK, ST2 = amsgrad for
 // Adam / momentum for SGD, WVA), so that the element loop has no conditional load or store and
-// vectorises; value-only choices (stabilised W, weight decay, nesterov, ...) stay run-time selects.
+// vectorises; value-only choices (stabilised W, weight decay, nesterov, ...) are selects on the
+// A-typed flags of Hyper. One element, every step of the module comment; `pen_out` receives W*d^2.
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 inline void step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* __restrict__ m,
-                            arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
-                            const arith_t<P>* __restrict__ dd, si_t<SIK>* __restrict__ si,
-                            const arith_t<P>* __restrict__ acc, int64_t i, const Hyper<arith_t<P>>& h) {
+                      arith_t<P>* __restrict__ v, arith_t<P>* __restrict__ vmax, const arith_t<P>* __restrict__ om,
+                      const double* __restrict__ mu, si_t<SIK>* __restrict__ si, const arith_t<P>* __restrict__ acc,
+                      int64_t i, const Hyper<arith_t<P>>& h, arith_t<P>& pen_out) {
     using A = arith_t<P>;
     const A th = load_as<A>(p[i]);
     const A g = load_as<A>(gr[i]) * h.inv_scale;
     A gt = g;
-    if constexpr (EWC) gt = dd[i];  // g + pen*W*d, formed by the penalty loop of step_chunk
+    if constexpr (EWC) {  // g + pen*W*d with d = A(theta - mu), the difference in fp64
+        const A d = A(to_f64<P>(p[i]) - mu[i]);
+        A w = om[i];
+        const A ws = w / (A(1) + h.al * w);
+        w = h.f_stab > A(0) ? ws : w;
+        const A wd = w * d;
+        pen_out = wd * d;
+        gt = g + h.pen * wd;
+    }
     A gg = gt;
     A nw;
     if constexpr (!ADAM) {
-        if (h.has_wd) gg = gg + h.wd * th;
+        gg = h.f_l2 > A(0) ? gg + h.wd * th : gg;
         if constexpr (ST2) {
-            A buf = h.mom_init ? gg : m[i] * h.beta1 + h.damp1 * gg;
+            const A upd = m[i] * h.beta1 + h.damp1 * gg;
+            const A buf = h.f_mom_init > A(0) ? gg : upd;
             m[i] = buf;
-            gg = h.nesterov ? gg + h.beta1 * buf : buf;
+            gg = h.f_nesterov > A(0) ? gg + h.beta1 * buf : buf;
         }
         nw = th + (-h.lr) * gg;
     } else {
-        A base = th;
-        if (h.has_wd) {
-            if (h.adamw) base = th * h.decay; else gg = gg + h.wd * th;
-        }
+        const A base = h.f_decay > A(0) ? th * h.decay : th;  // AdamW's decoupled decay
+        gg = h.f_l2 > A(0) ? gg + h.wd * th : gg;             // Adam's L2 term
         const A mo = m[i];
         const A diff = gg - mo;
         const A mn = h.lerp_w < A(0.5) ? mo + h.lerp_w * diff : gg - diff * h.lerp_w1;
@@ -116,26 +132,29 @@ inline void step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* _
         using S = si_t<SIK>;
         // subtract in promote(S, A), rounded once to S (torch's in-place type promotion)
         using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
-        const A gsi = h.si_total ? gt : g;
+        const A gsi = h.f_si_total > A(0) ? gt : g;
         const A prod = gsi * (load_as<A>(stored) - th);
         si[i] = S(Q(si[i]) - Q(prod));
     }
     p[i] = stored;
 }
 
-template <class A, int L> inline A fold(A (&acc)[L]) {
-    for (int w = L / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
-}
+// One chunk in a single pass: groups of L = 16 elements, each one vectorised loop over every stream,
+// preceded by a software prefetch of every stream kAhead elements further on (one per cache line:
+// with 7 to 11 streams the hardware prefetcher alone leaves the core short of lines in flight). The
+// penalty terms W*d^2 of a group go to 16 lane accumulators (element b + l to lane l), folded
+// pairwise at the end; the ragged tail (< 16 elements, a tensor's last chunk only) is added in order
+// to `tail`. Expanded inside non-inlined per-ISA entry points so that the restrict qualifiers of its
+// pointer arguments hold (every operand is a distinct buffer: the op layer refuses overlapping
+// in-place operands). A prefetch past the end of a buffer is harmless (a hint; it never faults).
+constexpr int64_t kAhead = 512;  // elements: 2 KiB ahead per fp32 stream
 
-// One chunk, in sub-blocks of kSub elements: first d = A(theta - mu) (the fp64 difference) into an L1
-// buffer -- a plain conversion loop, so that the main loop has no fp64 operand and vectorises -- then
-// the element loop with 16 lane accumulators of the penalty sum (element b + l goes to lane l, across
-// sub-blocks), folded pairwise, plus the scalar tail. Expanded inside non-inlined per-ISA entry points so that the
-// restrict qualifiers of its pointer arguments hold (every operand is a distinct buffer: the op layer
-// refuses overlapping in-place operands).
-constexpr int64_t kSub = 512;  // a multiple of the 16 lanes
+template <class T> inline void prefetch_group(const T* q) {
+    if (q == nullptr) return;
+    constexpr int kBytes = int(16 * sizeof(T));
+    for (int off = 0; off < kBytes; off += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(q + kAhead) + off, 0, 3);
+}
 
 #define EWCF_CHUNK_PARAMS                                                                                      \
     P *__restrict__ pp, const P *__restrict__ gp, arith_t<P> *__restrict__ mp, arith_t<P> *__restrict__ vp,    \
@@ -146,54 +165,37 @@ constexpr int64_t kSub = 512;  // a multiple of the 16 lanes
 template <class P, bool ADAM, bool EWC, int SIK, bool ST2, bool WVA>
 inline arith_t<P> step_chunk(EWCF_CHUNK_PARAMS) {
     using A = arith_t<P>;
-    using S = si_t<SIK>;
     const Hyper<A> h = hr;  // a local copy: no aliasing with the buffers
     constexpr int L = 16;
     A lanes[L] = {};
     A tail = A(0);
-    alignas(64) A dbuf[kSub];
-    alignas(64) A pbuf[kSub];
-    alignas(64) A tbuf[kSub];
-    for (int64_t b0 = 0; b0 < n; b0 += kSub) {
-        const int64_t m = std::min(kSub, n - b0);
-        P* p = pp + b0;
-        const P* g = gp + b0;
-        A* mo = mp ? mp + b0 : nullptr;
-        A* v = vp ? vp + b0 : nullptr;
-        A* vm = vmp ? vmp + b0 : nullptr;
-        const A* o = op ? op + b0 : nullptr;
-        S* si = sp ? sp + b0 : nullptr;
-        const A* a = ap ? ap + b0 : nullptr;
-        if constexpr (EWC) {  // the penalty loop (vectorises like penalty_apply's): gt and W*d^2
-            const double* mu = mup + b0;
-            for (int64_t i = 0; i < m; ++i) {
-                const A d = A(to_f64<P>(p[i]) - mu[i]);
-                A w = o[i];
-                const A ws = w / (A(1) + h.al * w);
-                w = h.stab ? ws : w;
-                const A wd = w * d;
-                pbuf[i] = wd * d;
-                dbuf[i] = load_as<A>(g[i]) * h.inv_scale + h.pen * wd;
-            }
-            const int64_t nb = m - m % L;
-            for (int64_t b = 0; b < nb; b += L)
-                for (int l = 0; l < L; ++l) lanes[l] += pbuf[b + l];
-            for (int64_t i = nb; i < m; ++i) tail += pbuf[i];
+    const int64_t nb = n - n % L;
+    for (int64_t b = 0; b < nb; b += L) {
+        prefetch_group(pp + b);
+        prefetch_group(gp + b);
+        if (mp) prefetch_group(mp + b);
+        if (vp) prefetch_group(vp + b);
+        if (vmp) prefetch_group(vmp + b);
+        if constexpr (EWC) {
+            prefetch_group(op + b);
+            prefetch_group(mup + b);
         }
-        if constexpr (SIK != 0)  // theta before the step, for SI's loop below
-            for (int64_t i = 0; i < m; ++i) tbuf[i] = load_as<A>(p[i]);
+        if constexpr (SIK != 0) prefetch_group(sp + b);
+        if constexpr (WVA) prefetch_group(ap + b);
+        A pen[L];
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) step_elem<P, ADAM, EWC, 0, ST2, WVA>(p, g, mo, v, vm, o, dbuf, nullptr, a, i, h);
-        if constexpr (SIK != 0) {  // SI: omega -= g_si * (theta_new - theta), subtracted in promote(S, A)
-            using Q = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<A, double>, double, float>;
-            const bool total = EWC && h.si_total;  // Kutalev: the total gradient (= g without EWC)
-            for (int64_t i = 0; i < m; ++i) {
-                const A gi = load_as<A>(g[i]) * h.inv_scale;
-                const A gsi = total ? dbuf[i] : gi;
-                const A prod = gsi * (load_as<A>(p[i]) - tbuf[i]);
-                si[i] = S(Q(si[i]) - Q(prod));
-            }
-        }
+        for (int l = 0; l < L; ++l)
+            step_elem<P, ADAM, EWC, SIK, ST2, WVA>(pp + b, gp + b, mp ? mp + b : nullptr, vp ? vp + b : nullptr,
+                                                   vmp ? vmp + b : nullptr, EWC ? op + b : nullptr,
+                                                   EWC ? mup + b : nullptr, SIK ? sp + b : nullptr,
+                                                   WVA ? ap + b : nullptr, l, h, pen[l]);
+        if constexpr (EWC)
+            for (int l = 0; l < L; ++l) lanes[l] += pen[l];
+    }
+    for (int64_t i = nb; i < n; ++i) {
+        A pen = A(0);
+        step_elem<P, ADAM, EWC, SIK, ST2, WVA>(pp, gp, mp, vp, vmp, op, mup, sp, ap, i, h, pen);
+        if constexpr (EWC) tail += pen;
     }
     return fold(lanes) + tail;
 }
@@ -307,15 +309,15 @@ template <class A> Hyper<A> make_hyper(const py::dict& d) {
     h.al = A(f("al"));
     h.wva_lam = A(f("wva_lam"));
     h.inv_scale = A(f("inv_scale"));
-    h.has_wd = f("weight_decay") != 0.0;
-    h.adamw = d["algo"].cast<int>() == 2;
-    h.momentum = b("momentum");
-    h.mom_init = b("momentum_init");
-    h.nesterov = b("nesterov");
-    h.amsgrad = b("amsgrad");
-    h.stab = b("stab");
-    h.wva = b("wva");
-    h.si_total = b("si_total");
+    const bool has_wd = f("weight_decay") != 0.0;
+    const int algo = d["algo"].cast<int>();
+    auto flag = [](bool x) { return x ? A(1) : A(0); };
+    h.f_l2 = flag(has_wd && algo != 2);   // SGD / Adam: g + wd*theta
+    h.f_decay = flag(has_wd && algo == 2);  // AdamW: theta*(1 - lr*wd)
+    h.f_mom_init = flag(b("momentum_init"));
+    h.f_nesterov = flag(b("nesterov"));
+    h.f_stab = flag(b("stab"));
+    h.f_si_total = flag(b("si_total"));
     return h;
 }
 

@@ -10,6 +10,11 @@ Argument groups (each command picks the ones it needs):
   learning rate, gradient clipping and the importance pass;
 * :func:`add_lam_args` — ``--lam`` / ``--lam-convention`` / ``--stabilize`` (/ ``--lam-grid``).
 
+Running a command that wraps one experiment function: :func:`config_from_args` (the experiment's
+configuration dataclass from the same-named options, a bad value exits naming it),
+:func:`run_recorded` (data, output folder, the run, ``meta``) and :func:`write_results` (CSV, plot,
+JSON, logged).
+
 λ convention: ``--lam`` is in ewc_fast's convention, penalty (λ/2)·ΣΩ(θ−μ)², unless
 ``--lam-convention kutalev`` (Kutalev & Lapina's code: λ'·ΣΩ(θ−μ)², λ = 2λ'); see
 :func:`ewc_fast.experiments.continual.to_ewc_lam` and ``docs/CONSOLIDATION.md``.
@@ -18,6 +23,7 @@ Argument groups (each command picks the ones it needs):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -30,7 +36,7 @@ from ..experiments import plots
 from ..experiments.continual import RunConfig, default_lam, from_ewc_lam, to_ewc_lam
 from ..experiments.data import MNIST, load_mnist
 from ..experiments.models import MODEL_NAMES
-from ..experiments.records import machine_info
+from ..experiments.records import machine_info, write_csv, write_json
 
 __all__ = [
     "log",
@@ -46,6 +52,9 @@ __all__ = [
     "out_dir",
     "report_written",
     "command_meta",
+    "config_from_args",
+    "run_recorded",
+    "write_results",
     "resolve_lams",
     "single_lam",
     "base_run_config",
@@ -254,6 +263,43 @@ def report_written(paths: Iterable) -> None:
     for p in paths:
         if p:
             log(f"wrote {p}")
+
+
+def config_from_args(command: str, cls: type, args: argparse.Namespace, **overrides):
+    """The experiment configuration dataclass ``cls`` with every field that ``args`` has an attribute
+    of the same name for taken from it (the others keep their defaults), then ``overrides``. The
+    dataclass validates itself: a ``ValueError`` exits with ``ewc-fast <command>: error: …``."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    kw.update(overrides)
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise SystemExit(f"ewc-fast {command}: error: {e}") from e
+
+
+def run_recorded(args: argparse.Namespace, experiment: Callable[[MNIST], dict]) -> tuple[dict, MNIST, Path]:
+    """Load ``--data``, create ``--out``, run ``experiment(data)`` and add ``data`` (the source) and
+    ``meta`` (:func:`command_meta`, wall time from before the data was loaded) to its result dict;
+    returns (result, data, output folder)."""
+    t0 = time.perf_counter()
+    data = load_data(args)
+    out = out_dir(args)
+    res = experiment(data)
+    res["data"] = data.source
+    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
+    return res, data, out
+
+
+def write_results(out: Path, stem: str, res: dict, rows: list[dict], plot: Callable[[dict, Path], Path | None]) -> None:
+    """Write ``OUT/<stem>.csv`` (``rows``), ``<stem>.png`` (``plot(res, path)``) and, last, the
+    complete ``<stem>.json``; log what was written."""
+    report_written(
+        [
+            write_csv(out / f"{stem}.csv", rows),
+            plot(res, out / f"{stem}.png"),
+            write_json(out / f"{stem}.json", res),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------

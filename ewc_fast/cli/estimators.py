@@ -9,21 +9,18 @@ and per best-λ summary) and ``estimators.png``.
 from __future__ import annotations
 
 import argparse
-import time
 
 from ..experiments import plots
 from ..experiments.estimators import ESTIMATORS, REFERENCE, EstimatorConfig, run_estimators
-from ..experiments.records import write_csv, write_json
 from .common import (
     add_common_args,
     choice_list,
-    command_meta,
+    config_from_args,
     float_list,
-    load_data,
     log,
-    out_dir,
     positive_int,
-    report_written,
+    run_recorded,
+    write_results,
 )
 
 NAME = "estimators"
@@ -69,29 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid and the best-λ seeds, print the comparison, write JSON / CSV / plot."""
-    try:
-        ec = EstimatorConfig(
-            iterations=args.iterations,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            model=args.model,
-            n_importance=args.n_importance,
-            importance_batch=args.importance_batch,
-            lams=args.lam_grid,
-            estimators=args.estimators,
-            grid_runs=args.grid_runs,
-            runs=args.runs,
-            seed=args.seed,
-            backend=args.backend,
-        )
-    except ValueError as e:
-        raise SystemExit(f"ewc-fast estimators: error: {e}") from e
-    t0 = time.perf_counter()
-    data = load_data(args)
-    out = out_dir(args)
-    res = run_estimators(data, ec, log=log, progress=not args.no_progress)
-    res["data"] = data.source
-    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
+    ec = config_from_args(NAME, EstimatorConfig, args, lams=args.lam_grid)
+    res, data, out = run_recorded(args, lambda data: run_estimators(data, ec, log=log, progress=not args.no_progress))
     res["n_train"], res["n_test"] = int(data.x_train.shape[0]), int(data.x_test.shape[0])
     rows = []
     log(f"\n{'estimator':>10s} {'best λ':>8s} {'acc %':>8s} {'min–max':>13s} {'theirs':>7s} {'est. s/task':>11s}")
@@ -105,10 +81,5 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"estimator": name, "kind": "best", "lam": v["best_lam"], **s})
         for g in v.get("grid", {}).values():
             rows.append({"estimator": name, "kind": "grid", "lam": g["lam"], **g["summary"]})
-    paths = [
-        write_csv(out / "estimators.csv", rows),
-        plots.estimator_comparison(res, out / "estimators.png"),
-        write_json(out / "estimators.json", res),
-    ]
-    report_written(paths)
+    write_results(out, "estimators", res, rows, plots.estimator_comparison)
     return 0

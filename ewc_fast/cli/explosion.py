@@ -9,22 +9,19 @@ row per model × variant × α·λ·max Ω) and ``explosion.png``.
 from __future__ import annotations
 
 import argparse
-import time
 
 from ..experiments import plots
 from ..experiments.explosion import VARIANTS, ExplosionConfig, run_explosion
 from ..experiments.models import MODEL_NAMES
-from ..experiments.records import write_csv, write_json
 from .common import (
     add_common_args,
     choice_list,
-    command_meta,
+    config_from_args,
     float_list,
-    load_data,
     log,
-    out_dir,
     positive_int,
-    report_written,
+    run_recorded,
+    write_results,
 )
 
 NAME = "explosion"
@@ -58,31 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid, print the thresholds, write JSON / CSV / plot."""
-    try:
-        ec = ExplosionConfig(
-            models=args.models,
-            values=args.values,
-            variants=args.variants,
-            importance=args.importance,
-            lr=args.lr,
-            clip_norm=args.clip_norm,
-            epochs_a=args.epochs_a,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            n_importance=args.n_importance,
-            eval_every=args.eval_every,
-            n_eval=args.n_eval,
-            blowup=args.blowup,
-            seed=args.seed,
-        )
-    except ValueError as e:
-        raise SystemExit(f"ewc-fast explosion: error: {e}") from e
-    t0 = time.perf_counter()
-    data = load_data(args)
-    out = out_dir(args)
-    res = run_explosion(data, ec, log=log)
-    res["data"] = data.source
-    res["meta"] = command_meta(args, data, time.perf_counter() - t0)
+    ec = config_from_args(NAME, ExplosionConfig, args)
+    res, _, out = run_recorded(args, lambda data: run_explosion(data, ec, log=log))
     rows = []
     for name, m in res["models"].items():
         log(f"\n{name}: max Ω = {m['max_omega']:.4g}")
@@ -102,10 +76,5 @@ def run(args: argparse.Namespace) -> int:
                     "max_grad_norm": max((g for g in r["grad_norm"] if g is not None), default=None),
                 }
             )
-    paths = [
-        write_csv(out / "explosion.csv", rows),
-        plots.explosion_curves(res, out / "explosion.png"),
-        write_json(out / "explosion.json", res),
-    ]
-    report_written(paths)
+    write_results(out, "explosion", res, rows, plots.explosion_curves)
     return 0

@@ -12,7 +12,7 @@ import argparse
 import time
 
 from ..experiments import plots
-from ..experiments.continual import ANCHORS, IMPORTANCE_METHODS, METHODS, run_experiment
+from ..experiments.continual import ANCHORS, IMPORTANCE_METHODS, METHODS, mean_curve, run_experiment
 from ..experiments.demo import format_matrix
 from ..experiments.records import write_json
 from .common import (
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             f"BWT {s['bwt']:+.4f}  FWT {s['fwt']:+.4f}\n"
         )
         mats[label] = s["R_mean"]
-        curves[label] = best["runs"][0]["curve"]
+        curves[label] = mean_curve(best["runs"])  # mean over the runs, their range as a band
         grid[m] = {
             v["lam"]: (v["summary"]["final_mean_acc"], v["summary"]["final_mean_acc_std"]) for v in r["lams"].values()
         }

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .batches import forward
-from .plan import ModuleStack, Plan, function_key, param_args, role_name
+from .plan import ModuleStack, Plan, Use, function_key, param_args, role_name, rule_owned, use_of
 from .provenance import Tracker
 from .rules import Call
 from .rules.functional import function_role
@@ -59,7 +59,7 @@ class Capture:
     """Records the planned calls of a forward (module doc); ``calls[key]`` lists the calls of a
     module (key ``id(module)``) or function call site (:func:`~.plan.function_key`), in call order."""
 
-    def __init__(self, model: nn.Module, plan: Plan, trainable_ids: set[int]):
+    def __init__(self, model: nn.Module, plan: Plan, trainable_ids: set[int], modules=None):
         self.model, self.plan, self.ids = model, plan, trainable_ids
         self.active = False
         self.safe = False
@@ -68,23 +68,57 @@ class Capture:
         self.meetings: list[Meeting] = []
         self.tracker: Tracker | None = None
         self.func_params = {id(p) for t in plan.functions.values() for p in t.roles.values()}
-        self.handles = [
-            m.register_forward_hook(self._hook(id(m)), with_kwargs=True, prepend=True) for m in plan.modules()
-        ]
+        #: first batch (:meth:`first`): the uses discovered, and id(module) -> ids of the parameters its rule handles
+        self.uses: list[Use] | None = None
+        self.owned: dict[int, set[int]] = {}
+        modules = plan.modules() if modules is None else modules
+        self.handles = [m.register_forward_hook(self._hook(id(m)), with_kwargs=True, prepend=True) for m in modules]
+
+    @classmethod
+    def first(cls, model: nn.Module, trainable_ids: set[int]) -> Capture:
+        """The first batch's capture, made before any plan: its forward discovers the uses of the
+        trainable parameters (:func:`~.plan.build_plan` makes the plan from :attr:`uses`) and captures
+        every call a plan without fallback can need (every module with a rule for a trainable parameter,
+        every call of a function with a rule taking one outside its rule module); :meth:`take_over`
+        then keeps the planned ones, so no separate discovery forward runs."""
+        owned = rule_owned(model, trainable_ids)
+        modules = [m for m in model.modules() if id(m) in owned]
+        cap = cls(model, Plan([], [], []), trainable_ids, modules)
+        cap.calls = {id(m): [] for m in modules}
+        cap.uses, cap.owned = [], owned
+        return cap
+
+    def take_over(self, first: Capture) -> bool:
+        """Adopt the calls, provenance and meetings that ``first`` (:meth:`first`) recorded in the first
+        batch's forward, restricted to this capture's plan. False (nothing adopted) if the plan needs
+        calls that forward did not capture (a torch.func fallback module): the batch must be re-run."""
+        keys = self.plan.keys()
+        if self.plan.fallbacks or any(k not in first.calls for k in keys):
+            return False
+        self.calls = {k: first.calls[k] for k in keys}
+        planned = {id(t) for lst in self.calls.values() for c in lst for t in tree_leaves(c.output)}
+        self.meetings = []
+        for m in first.meetings:  # shared outputs of unplanned calls need no per-sample gradients
+            m.origins = tuple(o for o in m.origins if id(o) in planned)
+            if m.origins:
+                self.meetings.append(m)
+        self.tracker, self.safe = first.tracker, first.safe
+        first.calls, first.meetings = {}, []
+        return True
 
     # ------------------------------------------------------------------------------ recording
     def _record_call(self, key, args, kwargs, output, func=None):
         """Append one call (args detached, provenance of every tensor) and return what the forward
         continues with (aliases of the output tensors; clones in safe mode)."""
         tr = self.tracker
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves, in_spec = tree_flatten((args, kwargs))
         dims_in = [tr.get(t) for t in leaves]
         if self.safe:
             det = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
         else:
             det = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
         in_dims = {id(d): bd for d, bd in zip(det, dims_in) if isinstance(d, Tensor) and bd is not None}
-        args_d, kwargs_d = _unflatten(det, args, kwargs)
+        args_d, kwargs_d = in_spec.unflatten(det)
         outs, spec = tree_flatten(output)
         out_dims = [tr.get(t) for t in outs]
         new, handed = [], []
@@ -124,6 +158,8 @@ class Capture:
 
     def _on_call(self, func, name, args, kwargs, out):
         """Function-level capture: a call of a planned function call site (tracker callback)."""
+        if self.uses is not None:
+            return self._on_call_first(func, name, args, kwargs, out)
         if not self.func_params or not self.tracker.stack:
             return
         found = [(pos, p) for pos, p in param_args(args, kwargs, self.ids) if id(p) in self.func_params]
@@ -136,6 +172,20 @@ class Capture:
             return
         return self._record_call(key, args, kwargs, out, func)
 
+    def _on_call_first(self, func, name, args, kwargs, out):
+        """First batch: record the use, and capture the call if a function rule may serve it."""
+        use = use_of(func, name, args, kwargs, out, self.tracker.stack, self.ids)
+        if use is None:
+            return None
+        self.uses.append(use)
+        roles = [(fr[1], p) for _, p, fr in use.params if fr is not None]
+        owned = self.owned.get(id(use.module), ())
+        if not roles or all(id(p) in owned for _, p, _ in use.params):
+            return None  # no function rule, or a module use (the module's rule serves it)
+        key = function_key(use.module, use.fname, roles)
+        self.calls.setdefault(key, [])
+        return self._record_call(key, args, kwargs, out, func)
+
     def _on_meet(self, s, origins, bd, out_shape, tracker):
         s_b = broadcast_operand(s, bd, out_shape)
         self.meetings.append(Meeting(s, s_b, origins, bd, ""))
@@ -146,6 +196,8 @@ class Capture:
         (re-run in safe mode, once and for all, if the forward modified a captured tensor in place)."""
         for _ in range(2):
             self.clear()
+            if self.uses is not None:
+                self.uses = []
             self.tracker = tr = Tracker(n)
             tr.mark_inputs(tree_leaves(inputs))
             tr.on_call = self._on_call
@@ -174,7 +226,7 @@ class Capture:
 
         for lst in self.calls.values():
             for i, c in enumerate(lst):
-                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func)
+                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func, c.cache)
 
     def clear(self) -> None:
         for v in self.calls.values():
@@ -190,8 +242,3 @@ class Capture:
             h.remove()
         self.handles = []
         self.tracker = None
-
-
-def _unflatten(det, args, kwargs):
-    _, spec = tree_flatten((args, kwargs))
-    return spec.unflatten(det)

@@ -2,7 +2,7 @@
 backward per seed, per-layer rules; then the per-rank sums become means.
 
 Per batch: (1) one forward with the planned modules' calls captured (:mod:`.capture`; the plan,
-decided on the first batch, is :mod:`.plan`): activations are shared by all methods; SIG uses them
+discovered within the first batch's forward, is :mod:`.plan`): activations are shared by all methods; SIG uses them
 only and is computed right away (:mod:`.sig`); (2) for each seed (:mod:`.methods`) one backward that
 stops at the captured module outputs, whose gradients are consumed as they arrive (:mod:`.stream`);
 ``fisher_batched`` also takes the batch-mean parameter gradient of its seed. At the end the sums are
@@ -28,7 +28,7 @@ from . import distributed, sharded, sig
 from .batches import Batch, forward, read_batch, truncate
 from .capture import Capture, SavedState
 from .methods import GRADIENT_METHODS, Seed, check_outputs, divisor, seeds, select_output
-from .plan import Plan, make_plan
+from .plan import Plan, build_plan, make_plan
 from .stream import Stream
 
 __all__ = ["RunConfig", "PassResult", "run"]
@@ -122,25 +122,15 @@ class _DataPass:
 
     def add(self, batch: Batch) -> None:
         """Add one batch's statistics to the sums."""
-        if self.plan is None:
-            if self.sharded:  # track FSDP2's unsharded twins (module doc of .sharded)
-                sharded.check_managed("estimate_importance", self.model, self.sharded)
-                sharded.warm_up(self.model, forward, truncate(batch.inputs, batch.n, min(batch.n, 2)))
-                aliases = sharded.unsharded_aliases("estimate_importance", self.model, self.sharded)
-                trainable = [(k, aliases.get(k, p)) for k, p in self.cfg.trainable]
-                self.cfg = dataclasses.replace(self.cfg, trainable=trainable)
-                self.identity = lambda: sharded.unsharded_identity(self.model, aliases)
-            self.plan = make_plan(self.model, self.cfg.trainable, batch, self.identity)
-            if self.plan.fallback_reasons:
-                reasons = self.plan.fallback_reasons
-                shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
-                warnings.warn(
-                    f"estimate_importance: {len(reasons)} parameter(s) use the exact but slower torch.func "
-                    f"fallback (re-runs the enclosing module per sample): {shown}"
-                    + (" ..." if len(reasons) > 3 else "")
-                    + ". meta['fallback'] lists them all.",
-                    stacklevel=4,
-                )
+        ids = {id(p) for _, p in self.cfg.trainable}
+        if self.plan is None and self.sharded:  # track FSDP2's unsharded twins (module doc of .sharded)
+            sharded.check_managed("estimate_importance", self.model, self.sharded)
+            sharded.warm_up(self.model, forward, truncate(batch.inputs, batch.n, min(batch.n, 2)))
+            aliases = sharded.unsharded_aliases("estimate_importance", self.model, self.sharded)
+            trainable = [(k, aliases.get(k, p)) for k, p in self.cfg.trainable]
+            self.cfg = dataclasses.replace(self.cfg, trainable=trainable)
+            self.identity = lambda: sharded.unsharded_identity(self.model, aliases)
+            self._set_plan(make_plan(self.model, self.cfg.trainable, batch, self.identity), 5)
             self.capture = Capture(self.model, self.plan, {id(p) for _, p in self.cfg.trainable})
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad() if self.cfg.needs_backward else torch.no_grad())
@@ -149,11 +139,42 @@ class _DataPass:
                 # in-place op on a unit's view output would skip its pre-backward hook. The pass runs none.
                 stack.enter_context(warnings.catch_warnings())
                 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-            self._batch(batch)
+            raw = self._first(batch, ids) if self.plan is None else None
+            self._batch(batch, raw)
 
-    def _batch(self, batch: Batch) -> None:
+    def _first(self, batch: Batch, ids: set[int]):
+        """The first batch's forward, which also discovers the plan (:meth:`.capture.Capture.first`): the
+        model outputs with the planned calls captured, or None if the plan needs a fallback module whose
+        calls were not captured (the batch is then re-run under the plan)."""
+        first = Capture.first(self.model, ids)
+        try:
+            raw = first.record(self.model, batch.inputs, batch.n)
+            self._set_plan(build_plan(self.model, self.cfg.trainable, first.uses), 6)
+            self.capture = Capture(self.model, self.plan, ids)
+            return raw if self.capture.take_over(first) else None
+        finally:
+            first.remove()
+
+    def _set_plan(self, plan: Plan, stacklevel: int) -> None:
+        """Adopt ``plan``; warn once if parameters use the fallback (``stacklevel``: the user's frame)."""
+        self.plan = plan
+        if plan.fallback_reasons:
+            reasons = plan.fallback_reasons
+            shown = "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:3])
+            warnings.warn(
+                f"estimate_importance: {len(reasons)} parameter(s) use the exact but slower torch.func "
+                f"fallback (re-runs the enclosing module per sample): {shown}"
+                + (" ..." if len(reasons) > 3 else "")
+                + ". meta['fallback'] lists them all.",
+                stacklevel=stacklevel,
+            )
+
+    def _batch(self, batch: Batch, raw=None) -> None:
+        """One batch's statistics; ``raw``: the model outputs of the first batch's forward, already
+        recorded with the planned calls (:meth:`_first`), else the forward runs here."""
         cfg, capture, n = self.cfg, self.capture, batch.n
-        raw = capture.record(self.model, batch.inputs, n)
+        if raw is None:
+            raw = capture.record(self.model, batch.inputs, n)
         outputs = select_output(raw, cfg.output, batch.idx) if cfg.needs_selected else None
         bd = capture.tracker.get(outputs) if outputs is not None else None
         check_outputs(raw, outputs, cfg.methods, n, batch.idx, bd, cfg.loss_fn is None)

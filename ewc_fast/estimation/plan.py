@@ -1,8 +1,9 @@
 """Which path serves each trainable parameter: decided once, on the first batch.
 
-Discovery runs a no-grad forward of (at most two samples of) the first batch under the provenance
-tracker (:class:`~.provenance.Tracker`), which records, whenever a trainable parameter is an argument
-of a torch function, the function, the argument position and the innermost module running
+Discovery runs within the first batch's own forward (:meth:`.capture.Capture.first`: that forward
+also captures every call a plan without fallback can need, and the planned ones are kept) under the
+provenance tracker (:class:`~.provenance.Tracker`), which records, whenever a trainable parameter is
+an argument of a torch function, the function, the argument position and the innermost module running
 (reading ``weight.dtype`` / ``.shape`` / ``.device`` is no use: only functions that take the
 tensor count). With the *owners* of a parameter (the modules holding it, plus a module whose rule
 handles a submodule's parameter, e.g. ``nn.MultiheadAttention``'s ``out_proj.weight``), each use is
@@ -20,7 +21,10 @@ function without a rule, e.g. an ``nn.Parameter`` used in ``torch.einsum``) -> t
 ``torch.func`` fallback (:class:`Fallback`) on the lowest common ancestor of its users and owners
 (the root if it is not reachable from there); :attr:`Plan.fallback_reasons` says why.
 
-Models whose parameter use depends on the data are not supported (the plan is not revisited).
+If the plan needs the fallback, whose module calls that forward did not capture, the first batch is
+re-run under the plan. FSDP2-sharded models discover on a separate no-grad forward of two samples
+(:func:`make_plan`). Models whose parameter use depends on the data are not supported (the plan is
+not revisited).
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ from .provenance import Tracker
 from .rules import Rule, rule_for
 from .rules.functional import FuncTarget, function_role
 
-__all__ = ["Group", "TiedUse", "Tied", "Fallback", "Plan", "make_plan", "build_plan", "discover", "ModuleStack"]
+__all__ = [
+    "Group",
+    "TiedUse",
+    "Tied",
+    "Fallback",
+    "Plan",
+    "make_plan",
+    "build_plan",
+    "discover",
+    "use_of",
+    "rule_owned",
+    "ModuleStack",
+]
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -67,15 +83,19 @@ class ModuleStack:
 
 def param_args(args, kwargs, ids: set[int]):
     """(position or keyword, parameter) of every trainable parameter passed directly to a function."""
+    # runs for every torch call of a forward: the id test first (an nn.Parameter isinstance test is a
+    # Python-level metaclass check, 10x slower)
     out = []
     for i, a in enumerate(args):
-        if isinstance(a, nn.Parameter) and id(a) in ids:
-            out.append((i, a))
+        if id(a) in ids:
+            if isinstance(a, nn.Parameter):
+                out.append((i, a))
         elif isinstance(a, (list, tuple)):
-            out.extend((("list", i), x) for x in a if isinstance(x, nn.Parameter) and id(x) in ids)
-    for k, a in kwargs.items():
-        if isinstance(a, nn.Parameter) and id(a) in ids:
-            out.append((k, a))
+            out.extend((("list", i), x) for x in a if id(x) in ids and isinstance(x, nn.Parameter))
+    if kwargs:
+        for k, a in kwargs.items():
+            if id(a) in ids and isinstance(a, nn.Parameter):
+                out.append((k, a))
     return out
 
 
@@ -98,6 +118,17 @@ class Use(NamedTuple):
     params: list  # (position, parameter, (rule, role) or None)
 
 
+def use_of(func, name, args, kwargs, out, stack: list, trainable_ids: set[int]) -> Use | None:
+    """The :class:`Use` of a torch function call that takes trainable parameters (None: no use)."""
+    found = param_args(args, kwargs, trainable_ids)
+    if not found or not stack:
+        return None
+    if out is found[0][1] or not any(isinstance(o, torch.Tensor) for o in tree_leaves(out)):
+        return None  # p.to(p.dtype) returns p itself; non-tensor results are no use
+    fname = role_name(func, name)
+    return Use(stack[-1], fname, [(pos, p, function_role(fname, pos, args, kwargs)) for pos, p in found])
+
+
 def discover(model: nn.Module, inputs, trainable_ids: set[int], n: int) -> list[Use]:
     """Every torch function call taking a trainable parameter during a no-grad forward on ``inputs``,
     with the innermost module running."""
@@ -105,15 +136,9 @@ def discover(model: nn.Module, inputs, trainable_ids: set[int], n: int) -> list[
     uses: list[Use] = []
 
     def on_call(func, name, args, kwargs, out):
-        found = param_args(args, kwargs, trainable_ids)
-        if not found or not tracker.stack:
-            return
-        if out is found[0][1] or not any(isinstance(o, torch.Tensor) for o in tree_leaves(out)):
-            return  # p.to(p.dtype) returns p itself; non-tensor results are no use
-        fname = role_name(func, name)
-        uses.append(
-            Use(tracker.stack[-1], fname, [(pos, p, function_role(fname, pos, args, kwargs)) for pos, p in found])
-        )
+        use = use_of(func, name, args, kwargs, out, tracker.stack, trainable_ids)
+        if use is not None:
+            uses.append(use)
 
     tracker.on_call = on_call
     stack = ModuleStack(model, tracker)
@@ -217,16 +242,12 @@ def function_key(module: nn.Module, fname: str, roles) -> tuple:
     return (id(module), fname, tuple(sorted((r, id(p)) for r, p in roles)))
 
 
-def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses: list[Use]) -> Plan:
-    """The plan (module doc) from the uses found by :func:`discover`."""
-    paths, parent = {}, {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), path)
-        for _, c in m.named_children():
-            parent.setdefault(id(c), m)
-    mods = {id(m): m for m in model.modules()}
-    ids = {id(p) for _, p in trainable}
+def rule_owners(model: nn.Module, ids: set[int]) -> tuple[dict, dict]:
+    """``owners``: id(parameter) -> [(module, local name)] of the modules holding it (plus a module whose
+    rule handles a submodule's parameter); ``handled``: id(module) -> (its rule or None, the local
+    names the rule handles). Raises ValueError where a rule refuses its module's configuration."""
     owners: dict[int, list] = {}
+    mods = {id(m): m for m in model.modules()}
     for m in mods.values():
         for local, p in m._parameters.items():
             if p is not None and id(p) in ids:
@@ -240,6 +261,30 @@ def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses
                 p = m.get_parameter(local)
                 if id(p) in ids:
                     owners.setdefault(id(p), []).append((m, local))
+    return owners, handled
+
+
+def rule_owned(model: nn.Module, ids: set[int]) -> dict[int, set[int]]:
+    """id(module) -> ids of the trainable parameters its module rule handles (modules with none omitted):
+    a call inside such a module taking only these is a module use (:func:`build_plan`)."""
+    owners, handled = rule_owners(model, ids)
+    out: dict[int, set[int]] = {}
+    for pid, lst in owners.items():
+        for m, local in lst:
+            if local in handled[id(m)][1]:
+                out.setdefault(id(m), set()).add(pid)
+    return out
+
+
+def build_plan(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], uses: list[Use]) -> Plan:
+    """The plan (module doc) from the uses found by :func:`discover` (or the first batch's capture)."""
+    paths, parent = {}, {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), path)
+        for _, c in m.named_children():
+            parent.setdefault(id(c), m)
+    ids = {id(p) for _, p in trainable}
+    owners, handled = rule_owners(model, ids)
 
     def chain(m):
         out = [m]

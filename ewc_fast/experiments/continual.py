@@ -88,6 +88,8 @@ __all__ = [
     "run_sequence",
     "run_experiment",
     "summarize_runs",
+    "mean_curve",
+    "merge_experiments",
     "importance_subset",
     "estimate",
     "unit_importance",
@@ -407,6 +409,80 @@ def summarize_runs(results: list[RunResult]) -> dict:
         "train_time_s": float(np.sum([r.train_time_s for r in results])),
         "importance_time_s": float(np.sum([r.importance_time_s for r in results])),
     }
+
+
+def mean_curve(runs: Sequence[dict]) -> list[dict]:
+    """The per-epoch accuracy curve of several runs (each ``run["curve"]``: points ``{stage, epoch,
+    acc}``, ``acc[j]`` = test accuracy of task j) averaged over the runs: points ``{stage, epoch, acc,
+    acc_min, acc_max}`` (the runs' range per task; absent for one run). The runs must have the same
+    points, else ``ValueError``."""
+    curves = [r["curve"] for r in runs]
+    if not curves:
+        return []
+    keys = [(c["stage"], c["epoch"]) for c in curves[0]]
+    for k, c in enumerate(curves[1:], start=1):
+        if [(p["stage"], p["epoch"]) for p in c] != keys:
+            raise ValueError(f"mean_curve: run {k} was evaluated at other (stage, epoch) points than run 0")
+    acc = np.asarray([[p["acc"] for p in c] for c in curves], dtype=float)  # runs × points × tasks
+    out = []
+    for i, (stage, epoch) in enumerate(keys):
+        point = {"stage": stage, "epoch": epoch, "acc": acc[:, i].mean(axis=0).tolist()}
+        if len(curves) > 1:
+            point.update(acc_min=acc[:, i].min(axis=0).tolist(), acc_max=acc[:, i].max(axis=0).tolist())
+        out.append(point)
+    return out
+
+
+def merge_experiments(parts: Sequence[dict]) -> dict:
+    """One :func:`run_experiment` result from several (e.g. one ``permuted-mnist`` invocation per seed):
+    the runs of each method × λ concatenated in seed order and their summary recomputed
+    (:func:`summarize_runs`). The parts must agree on everything but the seeds (configuration, tasks,
+    data sizes, methods and λs) and share no seed, else ``ValueError`` naming the difference.
+
+    The merged dict has ``runs`` = the total, ``seed`` = the smallest, ``seeds`` (every seed),
+    ``wall_s`` = the sum, ``meta`` = the first part's with ``wall_s`` summed, and ``parts_meta``
+    (each part's ``meta``)."""
+    if not parts:
+        raise ValueError("merge_experiments: no results to merge")
+    first = parts[0]
+    same = ("config", "n_tasks", "task_kind", "first_identity", "relabel", "data", "n_train", "n_test")
+    for k, p in enumerate(parts[1:], start=1):
+        for key in same:
+            if p.get(key) != first.get(key):
+                raise ValueError(f"merge_experiments: part {k} differs from part 0 in {key!r}")
+        for m, v in first["methods"].items():
+            if set(p["methods"].get(m, {}).get("lams", {})) != set(v["lams"]):
+                raise ValueError(f"merge_experiments: part {k} differs from part 0 in the λs of {m!r}")
+        if set(p["methods"]) != set(first["methods"]):
+            raise ValueError(f"merge_experiments: part {k} differs from part 0 in the methods")
+    run_fields = {f.name for f in dataclasses.fields(RunResult)}
+    methods = {}
+    seeds: list[int] = []
+    for m, v in first["methods"].items():
+        per_lam = {}
+        for key, entry in v["lams"].items():
+            runs = sorted((r for p in parts for r in p["methods"][m]["lams"][key]["runs"]), key=lambda r: r["seed"])
+            rseeds = [r["seed"] for r in runs]
+            twice = sorted({x for x in rseeds if rseeds.count(x) > 1})
+            if twice:
+                raise ValueError(f"merge_experiments: seed(s) {twice} in more than one part")
+            seeds = rseeds
+            summary = summarize_runs([RunResult(**{f: r[f] for f in run_fields if f in r}) for r in runs])
+            per_lam[key] = {"lam": entry["lam"], "summary": summary, "runs": runs}
+        best = max(per_lam.values(), key=lambda x: x["summary"]["final_mean_acc"])
+        methods[m] = {
+            "lams": per_lam,
+            "best_lam": best["lam"],
+            "best_final_mean_acc": best["summary"]["final_mean_acc"],
+        }
+    out = {k: v for k, v in first.items() if k not in ("methods", "meta", "parts_meta")}
+    wall = sum(p.get("wall_s") or 0.0 for p in parts)
+    out.update(methods=methods, runs=len(seeds), seed=min(seeds), seeds=seeds, wall_s=wall)
+    metas = [p.get("meta") for p in parts]
+    if metas[0] is not None:
+        out["meta"] = {**metas[0], "wall_s": sum((m or {}).get("wall_s") or 0.0 for m in metas)}
+    out["parts_meta"] = metas
+    return out
 
 
 def run_experiment(

@@ -98,7 +98,10 @@ def task_curves(
     *,
     title: str = "test accuracy of each task during sequential training",
 ) -> str | None:
-    """Per label a panel: x = tasks trained so far (fractional within a task), one line per task."""
+    """Per label a panel: x = tasks trained so far (fractional within a task), one line per task.
+
+    A curve point may carry ``acc_min`` / ``acc_max`` beside ``acc`` (e.g. the mean over runs with
+    the runs' range): the range is drawn as a band around the line."""
     plt = _plt()
     if plt is None or not curves:
         return None
@@ -108,10 +111,17 @@ def task_curves(
     for ax, (label, curve) in zip(axes[0], curves.items()):
         xs = [c["stage"] + c["epoch"] / max(epochs, 1) for c in curve]
         acc = np.asarray([c["acc"] for c in curve], dtype=float)
+        band = all("acc_min" in c and "acc_max" in c for c in curve)
+        if band:
+            lo = np.asarray([c["acc_min"] for c in curve], dtype=float)
+            hi = np.asarray([c["acc_max"] for c in curve], dtype=float)
         for j in range(acc.shape[1]):
             start = j  # a task's curve starts when its training starts
             mask = np.asarray(xs) > start
-            ax.plot(np.asarray(xs)[mask], acc[mask, j], marker=".", ms=3, color=cmap(j % 20), label=f"task {j}")
+            x = np.asarray(xs)[mask]
+            ax.plot(x, acc[mask, j], marker=".", ms=3, color=cmap(j % 20), label=f"task {j}")
+            if band:
+                ax.fill_between(x, lo[mask, j], hi[mask, j], color=cmap(j % 20), alpha=0.18, lw=0)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("tasks trained")
         ax.set_ylim(0, 1.02)

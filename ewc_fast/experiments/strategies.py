@@ -2,10 +2,12 @@
 
 A strategy is attached once (``attach(optimizer)``), adds its penalty gradient after every
 ``backward`` (``after_backward``, ``None`` when it has none) and consolidates after each task
-(``end_task(x_imp, y_imp, generator)``, which returns the seconds spent estimating importances).
-:func:`make_strategy` builds the one for ``cfg.method``; :func:`ewc_fast.experiments.continual.run_sequence`
-and :func:`ewc_fast.experiments.overlap.run_overlap` drive them. A new method is one subclass here
-plus its name in :data:`METHODS`.
+(``end_task(x_imp, y_imp, generator)``, which returns the seconds spent estimating importances):
+``end_task`` times the subclass's ``importance`` (the task's importance) and then hands it to its
+``consolidate``. :func:`make_strategy` builds the one for ``cfg.method``;
+:func:`ewc_fast.experiments.continual.run_sequence` and :func:`ewc_fast.experiments.overlap.run_overlap`
+drive them. A new method is one subclass here (``importance`` + ``consolidate``), its name in
+:data:`METHODS` and its factory in ``_FACTORIES``.
 
 =============  ==================================================================================
 none           :class:`Strategy`: plain sequential training
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from ..consolidation import EWC, WVA, SynapticIntelligence
+from ..importance import Importance
 from .training import estimate, unit_importance
 
 if TYPE_CHECKING:  # the run configuration; imported for annotations only (continual imports this module)
@@ -60,13 +63,18 @@ METHODS = ("none", "l2", "fisher", "fisher_mc", "fisher_exact", "fisher_batched"
 IMPORTANCE_METHODS = ("fisher", "fisher_mc", "fisher_exact", "fisher_batched", "mas", "sig")
 
 
-def _stabilize_kwargs(cfg: RunConfig) -> dict:
-    return {"stabilize_lr": cfg.lr} if cfg.stabilize else {}
+def _ewc(model: nn.Module, cfg: RunConfig, mode: str) -> EWC:
+    """An empty :class:`ewc_fast.EWC` of strength ``cfg.lam`` (stabilised when ``cfg.stabilize``, with
+    ``stabilize_lr = cfg.lr``)."""
+    return EWC(model, cfg.lam, mode=mode, **({"stabilize_lr": cfg.lr} if cfg.stabilize else {}))
 
 
 class Strategy:
     """No consolidation; the base class. ``attach`` once, ``after_backward`` each step (``None``:
-    nothing to add), ``end_task`` after each task (returns seconds spent estimating importances)."""
+    nothing to add), ``end_task`` after each task (returns seconds spent estimating importances).
+
+    A subclass says what it does after a task in two steps, which :meth:`end_task` runs and times:
+    :meth:`importance` (the task's importance, the timed part) and :meth:`consolidate` (merge it)."""
 
     after_backward = None
 
@@ -76,6 +84,15 @@ class Strategy:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         pass
 
+    def importance(
+        self, x_imp: torch.Tensor, y_imp: torch.Tensor, generator: torch.Generator | None, task: Task | None
+    ) -> Importance | None:
+        """The importance of the task just trained (``None``: nothing to consolidate)."""
+        return None
+
+    def consolidate(self, imp: Importance | None) -> None:
+        """Merge ``imp`` (from :meth:`importance`) into the consolidation state."""
+
     def end_task(
         self,
         x_imp: torch.Tensor,
@@ -84,7 +101,21 @@ class Strategy:
         task: Task | None = None,
     ) -> float:
         """Consolidate after a task (``task``: its head for a multi-head model); seconds spent estimating."""
-        return 0.0
+        t0 = time.perf_counter()
+        imp = self.importance(x_imp, y_imp, generator, task)
+        dt = time.perf_counter() - t0
+        self.consolidate(imp)
+        return dt
+
+    def _estimate(
+        self,
+        method: str,
+        x_imp: torch.Tensor,
+        y_imp: torch.Tensor,
+        generator: torch.Generator | None,
+        task: Task | None,
+    ) -> Importance:
+        return estimate(self.model, x_imp, y_imp, (method,), self.cfg, generator=generator, task=task)[method]
 
 
 class EWCStrategy(Strategy):
@@ -100,30 +131,20 @@ class EWCStrategy(Strategy):
         self.importance_method = importance_method
 
     def _fresh(self) -> EWC:
-        mode = "online" if self.cfg.anchor == "latest" else "separate"
-        return EWC(self.model, self.cfg.lam, mode=mode, **_stabilize_kwargs(self.cfg))
+        return _ewc(self.model, self.cfg, "online" if self.cfg.anchor == "latest" else "separate")
 
     def after_backward(self) -> None:
         self.ewc.apply_()
 
-    def end_task(
-        self,
-        x_imp: torch.Tensor,
-        y_imp: torch.Tensor,
-        generator: torch.Generator | None,
-        task: Task | None = None,
-    ) -> float:
-        t0 = time.perf_counter()
+    def importance(self, x_imp, y_imp, generator, task) -> Importance:
         if self.importance_method is None:
-            imp = unit_importance(self.model)
-        else:
-            m = self.importance_method
-            imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator, task=task)[m]
-        dt = time.perf_counter() - t0
+            return unit_importance(self.model)
+        return self._estimate(self.importance_method, x_imp, y_imp, generator, task)
+
+    def consolidate(self, imp: Importance) -> None:
         if self.cfg.anchor == "previous":
             self.ewc = self._fresh()
         self.ewc.consolidate(imp)
-        return dt
 
 
 class SIStrategy(Strategy):
@@ -145,23 +166,16 @@ class SIStrategy(Strategy):
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.si.attach(optimizer)
 
-    def end_task(
-        self,
-        x_imp: torch.Tensor,
-        y_imp: torch.Tensor,
-        generator: torch.Generator | None,
-        task: Task | None = None,
-    ) -> float:
-        t0 = time.perf_counter()
+    def importance(self, x_imp, y_imp, generator, task) -> Importance:
         self.si.consolidate()
-        cum = self.si.cumulative
-        dt = time.perf_counter() - t0
-        if any(bool((t < 0).any()) for t in cum.values()):
-            cum = type(cum)(
-                {k: t.clamp_min(0) for k, t in cum.items()}, method=cum.method, n_samples=cum.n_samples, meta=cum.meta
+        return self.si.cumulative
+
+    def consolidate(self, imp: Importance) -> None:
+        if any(bool((t < 0).any()) for t in imp.values()):
+            imp = type(imp)(
+                {k: t.clamp_min(0) for k, t in imp.items()}, method=imp.method, n_samples=imp.n_samples, meta=imp.meta
             )
-        self.ewc = EWC(self.model, self.cfg.lam, mode="online", **_stabilize_kwargs(self.cfg)).consolidate(cum)
-        return dt
+        self.ewc = _ewc(self.model, self.cfg, "online").consolidate(imp)
 
 
 class WVAStrategy(Strategy):
@@ -175,32 +189,27 @@ class WVAStrategy(Strategy):
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.wva.attach(optimizer)
 
-    def end_task(
-        self,
-        x_imp: torch.Tensor,
-        y_imp: torch.Tensor,
-        generator: torch.Generator | None,
-        task: Task | None = None,
-    ) -> float:
-        t0 = time.perf_counter()
-        m = self.cfg.wva_importance
-        imp = estimate(self.model, x_imp, y_imp, (m,), self.cfg, generator=generator, task=task)[m]
-        dt = time.perf_counter() - t0
+    def importance(self, x_imp, y_imp, generator, task) -> Importance:
+        return self._estimate(self.cfg.wva_importance, x_imp, y_imp, generator, task)
+
+    def consolidate(self, imp: Importance) -> None:
         self.wva.consolidate(imp)
-        return dt
+
+
+#: method → strategy factory ``(model, cfg) -> Strategy``
+_FACTORIES = {
+    "none": Strategy,
+    "l2": lambda model, cfg: EWCStrategy(model, cfg, None),
+    **{m: (lambda model, cfg, m=m: EWCStrategy(model, cfg, m)) for m in IMPORTANCE_METHODS},
+    "si": SIStrategy,
+    "wva": WVAStrategy,
+}
 
 
 def make_strategy(model: nn.Module, cfg: RunConfig) -> Strategy:
     """The strategy of ``cfg.method`` (one of :data:`METHODS`) for ``model``."""
-    m = cfg.method
-    if m == "none":
-        return Strategy(model, cfg)
-    if m == "l2":
-        return EWCStrategy(model, cfg, None)
-    if m in IMPORTANCE_METHODS:
-        return EWCStrategy(model, cfg, m)
-    if m == "si":
-        return SIStrategy(model, cfg)
-    if m == "wva":
-        return WVAStrategy(model, cfg)
-    raise ValueError(m)
+    try:
+        factory = _FACTORIES[cfg.method]
+    except KeyError:
+        raise ValueError(f"method: unknown {cfg.method!r}; choose from {', '.join(METHODS)}") from None
+    return factory(model, cfg)

@@ -11,8 +11,11 @@ each method's formula is then applied literally:
 * mas: mean_n |∇ ||f(x_n)||^2| (f = logits or softmax),
 * fisher_batched: mean over batches of (mean_{n in batch} g_n)^2,
 * sig: from forward hooks, by definition (Linear, Conv via explicit tap slices of the padded input,
-  Embedding id counts, norm layers' x_hat), summed over every use of a parameter; |w| for parameters
-  of other modules or of modules whose forward never ran,
+  Embedding id counts, norm layers' x_hat), and, for a parameter that enters one of the functions
+  ``linear``, ``addmm`` / ``mm`` / ``matmul`` (weight (in, out)), ``embedding``, ``layer_norm``,
+  ``rms_norm``, a broadcast ``mul`` (scale) or ``add`` / ``sub`` (shift) outside a module of those
+  types that holds it, from that call (:class:`_FunctionSig`); summed over every use of a parameter;
+  |w| for parameters of other uses or of modules whose forward never ran,
 * magnitude |w|, random U(0, 1).
 
 Returns ``{method: {name: float64 tensor}}``. The oracle shares no code with the estimator it
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 _SIG_TYPES = (
     nn.Linear,
@@ -122,6 +126,80 @@ def _sig_factor(m, x, y, act, local):
     if isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
         return xh.transpose(0, 1).reshape(m.weight.shape[0], -1).sum(1), True
     return xh.reshape((-1,) + tuple(m.weight.shape)).sum(0), True
+
+
+#: function -> {argument position: role} of the parameters whose SIG the oracle takes from the call
+_SIG_FUNCS = {
+    "linear": {1: "weight", 2: "bias", "weight": "weight", "bias": "bias"},
+    "addmm": {0: "bias", 2: "weight_t"},
+    "mm": {1: "weight_t"},
+    "matmul": {1: "weight_t"},
+    "embedding": {1: "weight", "weight": "weight"},
+    "layer_norm": {2: "weight", 3: "bias", "weight": "weight", "bias": "bias"},
+    "rms_norm": {2: "weight", "weight": "weight"},
+    "mul": {0: "scale", 1: "scale"},
+    "add": {0: "shift", 1: "shift"},
+    "sub": {0: "shift"},
+}
+_OPERATORS = {"__mul__": "mul", "__rmul__": "mul", "__add__": "add", "__radd__": "add", "__sub__": "sub"}
+
+
+class _FunctionSig(TorchFunctionMode):
+    """Records (parameter, role, call) for the functions of :data:`_SIG_FUNCS` taking a parameter of
+    ``pids`` at a role's position, unless the innermost running module (``stack``) is a SIG module
+    type that holds that parameter (its forward hook counts it)."""
+
+    def __init__(self, pids: set, stack: list):
+        super().__init__()
+        self.pids, self.stack, self.calls = pids, stack, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        name = _OPERATORS.get(name, name)
+        roles = _SIG_FUNCS.get(name, {})
+        inner = self.stack[-1] if self.stack else None
+        for pos, role in roles.items():
+            p = (args[pos] if len(args) > pos else None) if isinstance(pos, int) else kwargs.get(pos)
+            if not (isinstance(p, nn.Parameter) and id(p) in self.pids):
+                continue
+            if isinstance(inner, _SIG_TYPES) and any(q is p for q in inner._parameters.values()):
+                continue
+            self.calls.append((p, name, role, pos, args, kwargs, out))
+        return out
+
+
+def _function_sig_factor(name, role, pos, p, args, kwargs, y):
+    """SIG factor (float64, shaped like ``p``) of one function call (module doc), and whether |w| multiplies it."""
+    if role == "bias" or role == "shift":
+        return y.abs().sum_to_size(p.shape), False
+    if role == "scale":
+        other = args[1 - pos]
+        h = other.abs().expand(y.shape) if isinstance(other, torch.Tensor) else torch.full(y.shape, abs(float(other)))
+        return h.to(torch.float64).sum_to_size(p.shape), True
+    x = args[1] if name == "addmm" else (args[0] if args else kwargs["input"])
+    if role == "weight_t":  # (in, out)
+        return x.abs().reshape(-1, p.shape[0]).sum(0).unsqueeze(1).expand(p.shape), True
+    if name == "linear":
+        return x.abs().reshape(-1, p.shape[1]).sum(0).expand(p.shape), True
+    if name == "embedding":
+        pad = args[2] if len(args) > 2 else kwargs.get("padding_idx")  # F.embedding(input, weight, padding_idx)
+        ids = x.reshape(-1)
+        if pad is not None:
+            ids = ids[ids != (pad if pad >= 0 else pad + p.shape[0])]
+        return torch.bincount(ids, minlength=p.shape[0]).double().unsqueeze(1).expand(p.shape), True
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    dims = tuple(range(-len(shape), 0))
+    if name == "layer_norm":
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        xh = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:  # rms_norm
+        eps = args[3] if len(args) > 3 else kwargs.get("eps")
+        eps = eps if eps is not None else torch.finfo(torch.float32).eps
+        xh = x / torch.sqrt(x.square().mean(dims, keepdim=True) + eps)
+    return xh.abs().reshape((-1,) + tuple(p.shape)).sum(0), True
 
 
 def _to64(obj):
@@ -264,9 +342,31 @@ def reference_importance(
                     res["mas"][k] += g[k].abs().sum(0)
             if "sig" in methods:
                 seen_calls.clear()
-                with torch.no_grad():
-                    m64(x)
                 real = dict(m64.named_parameters())
+                stack: list = []
+
+                def push(mm, a, st=stack):
+                    st.append(mm)
+
+                def pop(mm, a, o, st=stack):  # returns None: the output stays as is
+                    st.pop()
+
+                marks = [m.register_forward_pre_hook(push) for m in m64.modules()]
+                marks += [m.register_forward_hook(pop) for m in m64.modules()]
+                fsig = _FunctionSig({id(p) for k, p in real.items() if k in params}, stack)
+                try:
+                    with torch.no_grad(), fsig:
+                        m64(x)
+                finally:
+                    for h in marks:
+                        h.remove()
+                name_of = {id(p): k for k, p in real.items()}
+                for p, fname, role, pos, a, kw, yout in fsig.calls:
+                    k = name_of[id(p)]
+                    fac, tw = _function_sig_factor(fname, role, pos, p, a, kw, yout)
+                    sig_sum[k] += fac
+                    sig_w[k] = tw
+                    sig_any.add(k)
                 for k in params:
                     for mname, mod, local in owners[id(real[k])]:
                         for xin, yout in seen_calls.get(id(mod), []):

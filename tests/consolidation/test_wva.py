@@ -7,45 +7,6 @@ import torch
 from torch import nn
 
 from ewc_fast import WVA, Importance, SynapticIntelligence
-from ewc_fast.ops import backends as _backend
-from tests.helpers import cuda_marks
-
-
-def _usable(backend: str) -> bool:
-    """'auto' resolves to the C++ backend once it is built; skip it while its wrappers are missing."""
-    if backend == "auto" and _backend.resolve("auto", "cpu") == "cpp":
-        from ewc_fast.ops.consolidation import _cpp as _cpp_ops
-
-        return all(hasattr(_cpp_ops, f) for f in ("wva_attenuate", "si_accumulate"))
-    return True
-
-
-#: (backend, device): torch and auto on CPU; on CUDA (marked ``cuda``, skipped without a card) torch and
-#: auto, which resolves to the Triton kernels compiled for the card (skipped while TRITON_INTERPRET=1)
-CASES = [
-    pytest.param(("torch", "cpu"), id="torch"),
-    pytest.param(("auto", "cpu"), id="auto"),
-    pytest.param(("torch", "cuda"), id="torch-cuda", marks=cuda_marks()),
-    pytest.param(("auto", "cuda"), id="auto-cuda", marks=cuda_marks(triton=True)),
-]
-
-
-@pytest.fixture(params=CASES)
-def case(request):
-    return request.param
-
-
-@pytest.fixture
-def device(case):
-    """Device of the model (its parameters, gradients and importances)."""
-    return case[1]
-
-
-@pytest.fixture
-def backend(case, cuda_strict):
-    if case[1] == "cpu" and not _usable(case[0]):
-        pytest.skip("backend 'auto' resolves to cpp, whose WVA wrapper is not built yet")
-    return case[0]
 
 
 def _model(device="cpu"):

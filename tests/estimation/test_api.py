@@ -1,6 +1,7 @@
 """estimate_importance: state restoration, clear errors, MC-vs-exact Fisher, tuple inputs and early stop."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -234,3 +235,49 @@ def test_tuple_inputs_and_early_stop():
         assert rel(res["fisher"][k], ref["fisher"]["inner." + k]) <= 1e-5
     with pytest.raises(TypeError, match="iterable of batches"):
         ewc_fast.estimate_importance(model, x, "fisher", progress=False)
+
+
+# ------------------------------------------------------------------------------ first-batch plan
+class EinsumHead(nn.Module):
+    """A parameter used in ``torch.einsum``: no rule serves it (the torch.func fallback re-runs this module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4) * 0.5)
+
+    def forward(self, h):
+        return torch.einsum("ni,oi->no", h, self.w)
+
+
+class CountingNet(nn.Module):
+    """Linear, Tanh, then a Linear head or (``einsum=True``) :class:`EinsumHead`; counts its forwards."""
+
+    def __init__(self, einsum: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 4)
+        self.out = EinsumHead() if einsum else nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.out(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("einsum", [False, True], ids=["rules", "fallback"])
+def test_the_first_batch_forward_also_discovers_the_plan(einsum):
+    """The plan is discovered in the first batch's own forward: a model served by rules runs one forward
+    per batch; one that needs the fallback re-runs its first batch under the plan. Both exact (fp32 sums
+    of a few terms against the float64 oracle: far inside 1e-5)."""
+    model = CountingNet(einsum)
+    data = data_of(sizes=(3, 1, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's one-time slowness warning
+        res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    assert model.calls == len(data) + (1 if einsum else 0)
+    assert (res["fisher"].meta["fallback"] != {}) == einsum
+    assert hooks_left(model) == 0
+    ref = reference_importance(model, data, ("fisher", "mas"))
+    for m in ("fisher", "mas"):
+        for k in ref[m]:
+            assert rel(res[m][k], ref[m][k]) <= 1e-5, (m, k)

@@ -80,6 +80,38 @@ def test_causal_lm_label_shift_and_token_mean():
     torch.testing.assert_close(own, tok)
 
 
+def test_tied_embedding_and_lm_head_is_exact():
+    """GPT-2's LM head is the token embedding matrix (one parameter, two uses: ``nn.Embedding`` and
+    ``F.linear`` in the head). Its importance (per-sample gradients of both uses summed before squaring,
+    causal-LM labels) is exact against the float64 loop, and reported once under the embedding's name."""
+    from ewc_fast.estimation.plan import build_plan, discover
+
+    model, data = hf_model("gpt2"), hf_batches("gpt2", sizes=(3, 1))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    trainable = list(model.named_parameters())
+    ids = data[0]["input_ids"]
+    plan = build_plan(model, trainable, discover(model, {"input_ids": ids}, {id(p) for _, p in trainable}, len(ids)))
+    assert [t.full for t in plan.tied] == ["transformer.wte.weight"] and not plan.fallbacks
+    methods = ("fisher", "mas", "fisher_mc")
+    res = ewc_fast.estimate_importance(model, data, methods, progress=False, generator=torch.Generator().manual_seed(5))
+    ref = loop_reference(model, data, methods, label_shift=True, generator=torch.Generator().manual_seed(5))
+    for m in methods:
+        assert "lm_head.weight" not in res[m]
+        assert_close_hf({"w": res[m]["transformer.wte.weight"]}, {"w": ref[m]["transformer.wte.weight"]}, f"tied/{m}")
+        assert_close_hf(res[m], ref[m], f"gpt2-lm/{m}")
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_a_batch_of_one_sample_is_exact(name):
+    """A ragged last batch of one sample: transformers' mask code indexes the samples with
+    ``batch_arange[:, None, None, None]``, all of whose dims have size 1 when N == 1."""
+    model, data = hf_model(name), hf_batches(name, sizes=(2, 1))
+    res = ewc_fast.estimate_importance(model, data, "fisher", progress=False)
+    ref = loop_reference(model, data, "fisher", label_shift=is_causal_lm(model))
+    assert res["fisher"].meta["fallback"] == {}
+    assert_close_hf(res["fisher"], ref["fisher"], f"{name}/N=1")
+
+
 def test_output_selector_and_clear_error():
     model, data = hf_model("bert"), hf_batches("bert", sizes=(2,))
     res = ewc_fast.estimate_importance(model, data, "mas", progress=False, output=lambda o: o.logits)

@@ -238,3 +238,62 @@ def test_loop_fisher_matches_estimate_importance():
     t = time_importance(m, x, y, batch_size=16)
     assert t["max_rel_diff"] < 1e-3 and t["n_samples"] == 40
     assert max_relative_difference(ref, ref) == 0.0
+
+
+def test_mean_curve_mean_and_range_over_runs():
+    def run(a, b):
+        return {"curve": [{"stage": 0, "epoch": 1, "acc": [a, 0.1]}, {"stage": 1, "epoch": 1, "acc": [b, 0.5]}]}
+
+    got = C.mean_curve([run(0.9, 0.6), run(0.7, 0.2), run(0.8, 0.4)])
+    assert [(p["stage"], p["epoch"]) for p in got] == [(0, 1), (1, 1)]
+    np.testing.assert_allclose(got[0]["acc"], [0.8, 0.1])
+    np.testing.assert_allclose(got[1]["acc"], [0.4, 0.5])
+    assert got[1]["acc_min"] == [0.2, 0.5] and got[1]["acc_max"] == [0.6, 0.5]
+    one = C.mean_curve([run(0.9, 0.6)])
+    assert one[1]["acc"] == [0.6, 0.5] and "acc_min" not in one[1]  # no range from a single run
+    assert C.mean_curve([]) == []
+    bad = run(0.5, 0.5)
+    bad["curve"] = bad["curve"][:1]
+    with pytest.raises(ValueError, match="run 1"):
+        C.mean_curve([run(0.9, 0.6), bad])
+
+
+def _part(seeds, accs, lr=1e-3):
+    runs = [
+        C.RunResult("fisher", 2.0, s, ["t0", "t1"], [[a, 0.1], [a - 0.2, a]], [[0.0] * 2] * 2, [0.1, 0.1]).to_dict()
+        for s, a in zip(seeds, accs)
+    ]
+    summary = C.summarize_runs(
+        [
+            C.RunResult(**{k: r[k] for k in ("method", "lam", "seed", "task_names", "R", "loss", "initial")})
+            for r in runs
+        ]
+    )
+    return {
+        "config": {"lr": lr},
+        "n_tasks": 2,
+        "task_kind": "permuted",
+        "runs": len(seeds),
+        "seed": seeds[0],
+        "wall_s": 10.0,
+        "meta": {"command": f"ewc-fast permuted-mnist --seed {seeds[0]}", "wall_s": 10.0},
+        "methods": {"fisher": {"lams": {"2": {"lam": 2.0, "summary": summary, "runs": runs}}, "best_lam": 2.0}},
+    }
+
+
+def test_merge_experiments_concatenates_seeds_and_recomputes_the_summary():
+    merged = C.merge_experiments([_part([2], [0.7]), _part([0, 1], [0.9, 0.8])])
+    assert merged["seeds"] == [0, 1, 2] and merged["runs"] == 3 and merged["seed"] == 0
+    assert merged["wall_s"] == 20.0 and merged["meta"]["wall_s"] == 20.0 and len(merged["parts_meta"]) == 2
+    s = merged["methods"]["fisher"]["lams"]["2"]["summary"]
+    finals = [(a - 0.2 + a) / 2 for a in (0.9, 0.8, 0.7)]  # mean of the last row of R per run
+    assert s["n_runs"] == 3
+    np.testing.assert_allclose(s["final_mean_acc"], np.mean(finals), rtol=1e-12)
+    np.testing.assert_allclose(s["final_mean_acc_std"], np.std(finals, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(s["bwt"], -0.2, rtol=1e-12)
+    with pytest.raises(ValueError, match="seed"):
+        C.merge_experiments([_part([0], [0.9]), _part([0, 1], [0.9, 0.8])])
+    with pytest.raises(ValueError, match="'config'"):
+        C.merge_experiments([_part([0], [0.9]), _part([1], [0.8], lr=1e-4)])
+    with pytest.raises(ValueError, match="no results"):
+        C.merge_experiments([])

@@ -11,7 +11,7 @@ from torch import nn
 
 from ewc_fast.experiments import continual as C
 from ewc_fast.experiments.data import MNIST
-from ewc_fast.experiments.strategies import make_strategy
+from ewc_fast.experiments.strategies import METHODS, EWCStrategy, SIStrategy, Strategy, WVAStrategy, make_strategy
 from ewc_fast.experiments.tasks import head_outputs, split_tasks, with_heads
 from ewc_fast.experiments.training import estimate, evaluate, make_optimizer, train_task
 
@@ -94,6 +94,35 @@ def test_anchor_modes_penalty(anchor):
     }[anchor]
     # the "all" value carries the constant c of the completed square in fp64: relative 1e-6 covers fp32 θ
     torch.testing.assert_close(strat.ewc.penalty().double(), expected, rtol=1e-6, atol=0)
+
+
+def test_every_method_has_its_strategy_and_unknown_is_refused():
+    model = nn.Linear(4, 2)
+    kinds = {"none": Strategy, "l2": EWCStrategy, "si": SIStrategy, "wva": WVAStrategy}
+    for m in METHODS:
+        strat = make_strategy(model, C.RunConfig(method=m, lam=1.0))
+        assert type(strat) is kinds.get(m, EWCStrategy), m
+        if m in C.IMPORTANCE_METHODS:
+            assert strat.importance_method == m
+    assert make_strategy(model, C.RunConfig(method="l2")).importance_method is None
+    cfg = C.RunConfig()
+    cfg.method = "ewc++"  # set after RunConfig's own check: make_strategy must still refuse it
+    with pytest.raises(ValueError, match="ewc\\+\\+"):
+        make_strategy(model, cfg)
+
+
+def test_end_task_times_importance_then_consolidates():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    strat = make_strategy(model, C.RunConfig(method="fisher", lam=2.0))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    dt = strat.end_task(x, y, None)
+    assert dt > 0.0
+    ref = estimate(model, x, y, ("fisher",), strat.cfg)["fisher"]
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    # one anchor at the parameters of end_task with Ω = the Fisher there: penalty (λ/2)·ΣΩ·1²
+    torch.testing.assert_close(strat.ewc.penalty().double(), ref["weight"].double().sum(), rtol=1e-6, atol=0)
 
 
 def test_multi_head_tasks_and_importance():

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .dims import BDim, Unknown
+from .dims import BDim, IdMap, Unknown
 
 __all__ = ["getitem", "index_items", "setitem"]
 
@@ -18,7 +17,7 @@ class _Scratch:
 
     def __init__(self, n: int):
         self.n = n
-        self.prov = WeakIdKeyDictionary()
+        self.prov = IdMap()
 
 
 def index_items(idx, ndim):
@@ -135,6 +134,11 @@ def _identity_dim(tr, t: Tensor, nb: int):
         return None
     shape = (1,) * (nb - t.dim()) + tuple(t.shape)
     big = [j for j, s in enumerate(shape) if s != 1]
+    if tr.n == 1 and not big and t.numel() == 1 and t.dim() > 0:
+        # one sample: the index [0] is the identity whichever of its size-1 dims stands for the batch
+        # (e.g. transformers' batch_arange[:, None, None, None]); take its own first dim, whose choice
+        # cannot change any sample's values (there is one)
+        return (nb - t.dim()) if int(t.reshape(-1)[0]) == 0 else None
     if len(big) != 1 or shape[big[0]] != tr.n:
         return None
     vals = t.reshape(-1)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .dims import BDim, Unknown, broadcast_out, norm_dim
+from .dims import BDim, IdMap, Unknown, broadcast_out, norm_dim
 from .functions import CAT, IGNORE, MEET_EXTRA, POINTWISE, dims_arg, func_name, rule, tensor_args
 
 __all__ = ["Tracker"]
@@ -26,8 +25,8 @@ class Tracker(TorchFunctionMode):
     def __init__(self, n: int):
         super().__init__()
         self.n = n
-        self.prov = WeakIdKeyDictionary()
-        self.taint = WeakIdKeyDictionary()  # shared tensor -> tuple of origins (planned shared outputs)
+        self.prov = IdMap()
+        self.taint = IdMap()  # shared tensor -> tuple of origins (planned shared outputs)
         self.on_call = None
         self.on_meet = None
         self.stack: list = []  # innermost module last (maintained by the users' module hooks)

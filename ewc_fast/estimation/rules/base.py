@@ -32,7 +32,7 @@ input is broadcast to every sample), and :func:`input_grad_slices` is the one pl
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +63,8 @@ class Call:
     out_dims: list | None = None
     #: the torch function of a function-level call (None for a module call)
     func: Any = None
+    #: what rules recompute from the inputs and reuse across the seeds of a batch (norms: x_hat)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def dim_of(self, t: Tensor, n: int):
         """The sample dimension of an input tensor of this call (None: shared)."""

@@ -16,8 +16,20 @@ one rule covers them all. With the call's input A and output gradient G batch-fi
 * ``mul(p, x)`` (a scale)             sum over the positions p is broadcast to of G_n ⊙ x_n
 * ``add(x, p)`` / ``sub`` / ``expand(p)``  sum over the broadcast positions of ±G_n
 
-Reductions: "sq" adds sum_n g_n^2, "abs" sum_n |g_n| (:func:`.base.reduce_into`). SIG has no
-function-level rule (the engine uses |w|).
+Reductions: "sq" adds sum_n g_n^2, "abs" sum_n |g_n| (:func:`.base.reduce_into`).
+
+SIG (Kutalev 2020) through the same functions, with the module rules' formulas (y = the call's output;
+a ``sig_activation`` applies to module paths only, so none here):
+
+* ``linear`` / ``embedding`` / the norms / convolutions: as the module rules;
+* ``addmm(b, x, W)`` / ``matmul(x, W)`` with W (in, out): W_ij: |W_ij| * mean_n sum_t |x_nti|,
+  b: mean_n sum_t |y_nt|;
+* ``mul(p, x)`` (a scale, e.g. an RMSNorm class's ``weight * x_hat``): |p| * mean_n (sum over the
+  positions p is broadcast to of |x_n|), the norms' |gamma| * sum |x_hat|;
+* ``add`` / ``sub`` / ``rsub`` (a shift): mean_n (sum over those positions of |y_n|), a bias's;
+* ``expand`` (a broadcast copy, e.g. a cls token): no SIG rule (|w|).
+
+A shared output or operand (not derived from the batch) counts for every sample (N times per batch).
 """
 
 from __future__ import annotations
@@ -77,6 +89,9 @@ class _Delegating(Rule):
 
     def accumulate(self, target, calls, grads, bufs, mode, n, backend):
         self.inner.accumulate(self.module_of(target, calls[0]), calls, grads, bufs, mode, n, backend)
+
+    def sig(self, target, calls, names, n, activation):
+        return self.inner.sig(self.module_of(target, calls[0]), calls, names, n, None)
 
 
 class LinearFunc(_Delegating):
@@ -214,6 +229,30 @@ class MatmulFunc(Rule):
         if "bias" in bufs:
             reduce_into(bufs["bias"], G.sum(1).reshape((n,) + tuple(bufs["bias"].shape)), mode)
 
+    def sig(self, target, calls, names, n, activation):
+        xpos = 1 if target.fname == "addmm" else 0
+        out = {}
+        if "weight_t" in names:
+            w = target.roles["weight_t"]
+            s = sum(
+                main_input(_Shifted(c, xpos), n, SimpleNamespace(describe=target.describe))
+                .reshape(-1, w.shape[0])
+                .abs()
+                .sum(0, dtype=torch.float32)
+                for c in calls
+            )
+            out["weight_t"] = (s.unsqueeze(1).expand(tuple(w.shape)), True)
+        if "bias" in names:
+            b = target.roles["bias"]
+            out["bias"] = (sum(_abs_out(c, n).reshape(-1, b.numel()).sum(0).view(b.shape) for c in calls), False)
+        return out
+
+
+def _abs_out(call, n: int) -> Tensor:
+    """|output| of a call in fp32, batch-first (a shared output broadcast to every sample)."""
+    bd = call.out_dims[0] if call.out_dims is not None else BDim(0)
+    return batch_first(call.output, bd, n).abs().float()
+
 
 class _Shifted:
     """A call seen with argument ``pos`` as its main input (for :func:`.base.main_input`)."""
@@ -295,6 +334,26 @@ class BroadcastFunc(Rule):
 
     def per_sample(self, target, calls, grads, names, lo, hi, n):
         return {"p": self._per(target, calls, grads, lo, hi, n)}
+
+    def sig(self, target, calls, names, n, activation):
+        """mul: |p| * sum of |other| over p's positions; add / sub / rsub: sum of |y| there (module doc)."""
+        fname, p = target.fname, target.roles["p"]
+        if fname not in ("mul", "add", "sub", "rsub"):
+            return None
+        tot = torch.zeros(tuple(p.shape), dtype=torch.float32, device=p.device)
+        for call in calls:
+            o = call.output
+            bd = call.out_dims[0] if call.out_dims is not None else BDim(0)
+            if fname == "mul":
+                other, _ = self._factor(target, call)
+                if isinstance(other, Tensor):
+                    h = batch_first(other.expand(o.shape), bd, n).abs().float()
+                else:  # a number: |other| at every position
+                    h = batch_first(torch.full(tuple(o.shape), abs(float(other)), device=o.device), bd, n).float()
+            else:
+                h = _abs_out(call, n)
+            tot += self._reduce(h, p, bd, tuple(o.shape), n, 0, n).sum(0)
+        return {"p": (tot, fname == "mul")}
 
     def accumulate(self, target, calls, grads, bufs, mode, n, backend):
         step = chunk_rows(n, 4 * sum(max(1, c.output.numel() // max(1, n)) for c in calls) * 2)

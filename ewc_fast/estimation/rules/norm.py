@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Rule, apply_activation, input_grad_slices, main_input, reduce_into
+from .base import Rule, apply_activation, input_grad_slices, live_calls, main_input, reduce_into
 
 __all__ = ["NormRule", "LayerNormRule", "RMSNormRule", "GroupNormRule", "BatchNormRule"]
 
@@ -56,14 +56,24 @@ class NormRule(Rule):
         """Reshape a (n, ...) tensor to (n, T, *param_shape) for the per-sample sum over T."""
         raise NotImplementedError
 
+    def cached_xhat(self, module, call, x: Tensor, lo: int, hi: int) -> Tensor:
+        """x_hat of samples lo:hi of ``call`` (``x``: its input slice), recomputed once per batch and
+        kept on the call for the next seed (and SIG); freed with the call's captured inputs."""
+        key = ("xhat", id(self), lo, hi)
+        xh = call.cache.get(key)
+        if xh is None:
+            xh = call.cache[key] = self.xhat(module, x)
+        return xh
+
     def per_sample(self, module, calls, grads, names, lo, hi, n):
         c = hi - lo
         ref = module.weight if module.weight is not None else module.bias
         dt = torch.promote_types(ref.dtype, torch.float32)  # half models: fp32 statistics
         res = {k: torch.zeros((c,) + tuple(ref.shape), dtype=dt, device=ref.device) for k in names}
-        for x, g in input_grad_slices(module, calls, grads, lo, hi, n):
+        live = live_calls(calls, grads)[0]
+        for call, (x, g) in zip(live, input_grad_slices(module, calls, grads, lo, hi, n)):
             if "weight" in names:
-                xh = self.xhat(module, x)
+                xh = self.cached_xhat(module, call, x, lo, hi)
                 res["weight"] += self.feat(module, g.to(xh.dtype) * xh, c).sum(1).to(dt)
             if "bias" in names:
                 res["bias"] += self.feat(module, g, c).sum(1).to(dt)
@@ -78,7 +88,7 @@ class NormRule(Rule):
         out = {}
         if "weight" in names:
             s = sum(
-                self.feat(module, self.xhat(module, main_input(c, n, module, sample_dim0=self.dim0)), n)
+                self.feat(module, self.cached_xhat(module, c, main_input(c, n, module, sample_dim0=self.dim0), 0, n), n)
                 .abs()
                 .sum((0, 1), dtype=torch.float32)
                 for c in calls

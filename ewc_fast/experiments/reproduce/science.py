@@ -17,12 +17,21 @@ from pathlib import Path
 import numpy as np
 
 from .. import plots
+from ..continual import mean_curve, merge_experiments
 from ..correlate import surfaces
 from ..prune import value_at
 from ..records import read_json
 from .pruning import PRUNE_REFERENCE
 
-__all__ = ["SCIENCE_DIRS", "LAYER_REFERENCE", "render_science", "table_figures", "correlate_figures"]
+__all__ = [
+    "SCIENCE_DIRS",
+    "ANCHORING_MODES",
+    "LAYER_REFERENCE",
+    "CONV_REFERENCE",
+    "render_science",
+    "table_figures",
+    "correlate_figures",
+]
 
 #: section → (folder under results/, JSON file name)
 SCIENCE_DIRS = {
@@ -31,12 +40,20 @@ SCIENCE_DIRS = {
     "estimators": ("estimators", "estimators.json"),
     "explosion": ("explosion", "explosion.json"),
     "conv": ("conv", "permuted_mnist.json"),
-    "anchoring_none": ("anchoring/none", "permuted_mnist.json"),
-    "anchoring_all": ("anchoring/all", "permuted_mnist.json"),
-    "anchoring_previous": ("anchoring/previous", "permuted_mnist.json"),
     "overlap": ("overlap", "overlap.json"),
     "correlate_seeds": ("correlate_seeds", "correlations.json"),
 }
+
+#: the anchoring experiment (section 8): mode → folder under ``results/anchoring/``; each holds one
+#: ``permuted_mnist.json`` or one per seed in ``seed<k>/`` (merged by :func:`_read_runs`)
+ANCHORING_MODES = {
+    "none": "no penalty",
+    "all": "penalty for all previous tasks",
+    "previous": "penalty for the previous task only",
+}
+
+#: Kutalev & Lapina 2021's conv-net rows (stabilised EWC, 10 permuted-MNIST tasks): method → (λ, accuracy)
+CONV_REFERENCE = {"fisher": (675.0, 0.585), "mas": (300.0, 0.601), "si": (24.0, 0.507)}
 
 #: accuracy at 90 % pruned *by layer* (Kutalev & Lapina 2021, 10 runs)
 LAYER_REFERENCE = {"|w|": 0.677, "SIG": 0.625}
@@ -209,31 +226,202 @@ def _render_explosion(r: dict, rel: str) -> list[str]:
     return L
 
 
-def _render_permuted(r: dict, title: str, rel: str, folder: str) -> list[str]:
+def _render_permuted(
+    r: dict, title: str, rel: str, folder: str, reference: dict | None = None, figures: bool = True
+) -> list[str]:
+    """A ``permuted-mnist`` result: protocol, one row per method at its best λ (mean [min, max] over
+    the runs; *learned* = mean of R[i][i], the accuracy on each task right after training it);
+    ``reference``: method → (their λ, their accuracy), a column."""
     c = r["config"]
-    L = [title, ""]
+    L = [title, ""] if title else []
     L += _meta_lines(r)
     L += [
         f"- protocol: {r['n_tasks']} {r['task_kind']} tasks, model `{c['model']}`, {c['optimizer']} lr {c['lr']:g}"
         + (f" momentum {c['momentum']:g}" if c["optimizer"] == "sgd" else "")
-        + f", {c['epochs']} epoch(s)/task, batch {c['batch_size']}, {r['n_train']} training images, anchoring "
-        f"`{c['anchor']}`, stabilised: {c['stabilize']}; {r['runs']} run(s).",
+        + f", {c['epochs']} epoch(s)/task, batch {c['batch_size']}, {r['n_train']} training images "
+        f"({_steps(r)} steps per task), anchoring `{c['anchor']}`, stabilised: {c['stabilize']}; {r['runs']} run(s).",
         "",
-        "| method | λ (ours) | final mean accuracy | ± std | BWT |",
-        "|---|---|---|---|---|",
+        "| method | λ (ours) | final mean accuracy | ± std | BWT | learned (mean R[i][i]) |"
+        + (" theirs: λ → accuracy |" if reference else ""),
+        "|---|---|---|---|---|---|" + ("---|" if reference else ""),
     ]
     for m, v in r["methods"].items():
-        best = v["lams"][f"{v['best_lam']:g}"]["summary"]
+        for key, entry in v["lams"].items():
+            if len(v["lams"]) > 1 or key == f"{v['best_lam']:g}":
+                L.append(_permuted_row(m, entry, reference))
+    if figures:
+        L += [
+            "",
+            f"![accuracy matrices]({rel}/{folder}/accuracy_matrices.png)",
+            f"![per-task curves]({rel}/{folder}/task_curves.png)",
+        ]
+    return L + [""]
+
+
+def _render_conv_scans(scans: list[dict]) -> list[str]:
+    """Smaller runs and λ scans of the conv net (every ``results/conv/scan/*/permuted_mnist.json``),
+    one table: a row per run size × anchoring × method × λ, sorted."""
+    L = [
+        "### Smaller runs and λ scans of the conv net",
+        "",
+        "Every row: one `permuted-mnist` output under `results/conv/scan/` (command and wall time in its `meta`).",
+        "",
+        "| steps per task | tasks | anchoring | method | λ (ours) | final mean accuracy | BWT | learned (mean R[i][i]) "
+        "| runs | theirs: λ → accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for r in scans:
+        c = r["config"]
+        for m, v in r["methods"].items():
+            for entry in v["lams"].values():
+                s = entry["summary"]
+                R = np.asarray(s["R_mean"], dtype=float)
+                ref = CONV_REFERENCE.get(m)
+                rows.append(
+                    (
+                        (_steps(r), r["n_tasks"], c["anchor"], m != "none", m, entry["lam"]),
+                        f"| {_steps(r)} | {r['n_tasks']} | `{c['anchor']}` | {m} | {entry['lam']:g} | "
+                        f"{s['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | {s['bwt']:+.4f} | "
+                        f"{float(np.mean(np.diag(R))):.3f} | {s['n_runs']} | "
+                        + (f"{ref[0]:g} → {ref[1]:.3f} |" if ref else "— |"),
+                    )
+                )
+    L += [row for _, row in sorted(rows, key=lambda x: x[0])]
+    return L + [""]
+
+
+def _steps(r: dict) -> int:
+    c = r["config"]
+    if c.get("steps_per_task"):
+        return int(c["steps_per_task"])
+    return int(math.ceil(r["n_train"] / c["batch_size"])) * int(c["epochs"])
+
+
+def _permuted_row(m: str, entry: dict, reference: dict | None) -> str:
+    s = entry["summary"]
+    R = np.asarray(s["R_mean"], dtype=float) if "R_mean" in s else None
+    learned = f"{float(np.mean(np.diag(R))):.3f}" if R is not None else "—"
+    row = (
+        f"| {m} | {entry['lam']:g} | {s['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | "
+        f"{s['final_mean_acc_std']:.4f} | {s['bwt']:+.4f} | {learned} |"
+    )
+    if reference is not None:
+        ref = reference.get(m)
+        row += f" {ref[0]:g} → {ref[1]:.3f} |" if ref else " — |"
+    return row
+
+
+def _range(runs: list[dict] | None, key: str) -> str:
+    """`` [min, max]`` of ``run[key]`` over ``runs`` (empty for fewer than two runs)."""
+    if not runs or len(runs) < 2:
+        return ""
+    vals = [x[key] for x in runs]
+    return f" [{min(vals):.4f}, {max(vals):.4f}]"
+
+
+def _read_runs(folder: Path) -> dict | None:
+    """``folder/permuted_mnist.json``, or the per-seed files ``folder/seed*/permuted_mnist.json``
+    merged into one result (:func:`ewc_fast.experiments.continual.merge_experiments`); ``None`` if none."""
+    single = read_json(folder / "permuted_mnist.json")
+    if single is not None:
+        return single
+    parts = [read_json(p) for p in sorted(folder.glob("seed*/permuted_mnist.json"))]
+    return merge_experiments(parts) if parts else None
+
+
+def _only_entry(r: dict) -> dict:
+    """The best-λ entry (summary + runs) of a one-method result."""
+    (v,) = r["methods"].values()
+    return v["lams"][f"{v['best_lam']:g}"]
+
+
+def _render_anchoring(modes: dict, res_dir: Path, rel: str) -> list[str]:
+    """Section 8: no penalty / all previous / previous only, each over the same seeds."""
+    first = next(iter(modes.values()))
+    c = first["config"]
+    penalised = next((m for r in modes.values() for m in r["methods"] if m != "none"), "—")
+    L = [
+        "## 8. Penalty for all previous tasks vs only the previous one (Sörberg 2020, EWC on a CNN)",
+        "",
+        f"- protocol: {first['n_tasks']} {first['task_kind']} tasks (task 0 unpermuted), the report's CNN "
+        f"(`{c['model']}`: Conv 64@3×3 → MaxPool → Dense 1024 → Dense 1024 → 10 with dropouts, 13.9 M parameters), "
+        f"{c['optimizer']} lr {c['lr']:g}, {c['epochs']} epochs/task, batch {c['batch_size']}, "
+        f"{first['n_train']} training and {first['n_test']} test images per task, penalty importance "
+        f"`{penalised}` (with the true labels, the report's empirical Fisher) on {c['n_importance']} samples, "
+        "λ as the report (200, (λ/2)·ΣF(θ−θ*)²). "
+        "The report: 30 epochs/task on all of MNIST, Adam 1e-4.",
+    ]
+    for mode, r in modes.items():
+        runs = _only_entry(r)["runs"]
+        walls = [m["wall_s"] for m in r.get("parts_meta") or [r.get("meta")] if m] or [r.get("wall_s") or 0.0]
+        cmd = re.sub(r"\s--out\s+\S+", "", (r.get("meta") or {}).get("command", "?"))
         L.append(
-            f"| {m} | {v['best_lam']:g} | {best['final_mean_acc']:.4f} | {best['final_mean_acc_std']:.4f} | "
-            f"{best['bwt']:+.4f} |"
+            f"- `{mode}`: {len(runs)} run(s), seeds {', '.join(str(x['seed']) for x in runs)}; wall time "
+            f"{_minutes(sum(walls))} in total ({_minutes(min(walls))}–{_minutes(max(walls))} per run); command "
+            f"`{cmd}`" + (" (one invocation per seed, `--seed k`)" if r.get("parts_meta") else "")
+        )
+    mach = (first.get("meta") or {}).get("machine")
+    if mach:
+        L.append(
+            f"- machine: {mach['cpu']}, {mach['cpu_count']} logical CPUs, torch threads {mach['torch_threads']}, "
+            f"ewc_fast git {mach['git']}; shared with other jobs (run under `nice`): wall times are upper bounds."
         )
     L += [
         "",
-        f"![accuracy matrices]({rel}/{folder}/accuracy_matrices.png)",
-        f"![per-task curves]({rel}/{folder}/task_curves.png)",
-        "",
+        "| penalty | runs | final mean accuracy: mean [min, max] | per seed | BWT: mean [min, max] "
+        "| task 0 at the end: mean [min, max] |",
+        "|---|---|---|---|---|---|",
     ]
+    finals = {}
+    for mode, r in modes.items():
+        runs = _only_entry(r)["runs"]
+        f = [x["final_mean_acc"] for x in runs]
+        b = [x["bwt"] for x in runs]
+        t0 = [x["R"][-1][0] for x in runs]
+        finals[mode] = {x["seed"]: x["final_mean_acc"] for x in runs}
+        L.append(
+            f"| {ANCHORING_MODES.get(mode, mode)} (`{mode}`) | {len(runs)} | "
+            f"{np.mean(f):.4f} [{min(f):.4f}, {max(f):.4f}] "
+            f"| {', '.join(f'{v:.3f}' for v in f)} | {np.mean(b):+.4f} [{min(b):+.4f}, {max(b):+.4f}] "
+            f"| {np.mean(t0):.3f} [{min(t0):.3f}, {max(t0):.3f}] |"
+        )
+    pairs = [("all", "previous"), ("previous", "none"), ("all", "none")]
+    wins = []
+    for a, b in pairs:
+        if a in finals and b in finals:
+            common = sorted(set(finals[a]) & set(finals[b]))
+            if common:
+                n = sum(finals[a][k] > finals[b][k] for k in common)
+                wins.append(f"`{a}` > `{b}` in {n} of {len(common)}")
+    if wins:
+        L += ["", "Paired by seed (same initial weights, permutations and shuffling): " + "; ".join(wins) + "."]
+    curves = {f"{ANCHORING_MODES.get(m, m)}": mean_curve(_only_entry(r)["runs"]) for m, r in modes.items()}
+    mats = {
+        f"{ANCHORING_MODES.get(m, m)}": np.mean(
+            [np.asarray(x["R"], dtype=float) for x in _only_entry(r)["runs"]], axis=0
+        ).tolist()
+        for m, r in modes.items()
+    }
+    n = max(len(_only_entry(r)["runs"]) for r in modes.values())
+    a = plots.task_curves(
+        curves,
+        first["n_tasks"],
+        c["epochs"],
+        Path(res_dir) / "anchoring" / "anchoring_curves.png",
+        title=f"test accuracy of each task after each epoch: mean over {n} seeds, band = min–max",
+    )
+    b = plots.accuracy_heatmaps(
+        mats,
+        Path(res_dir) / "anchoring" / "anchoring_matrices.png",
+        title=f"accuracy matrix R[i, j], mean over {n} seeds",
+    )
+    L.append("")
+    if a:
+        L.append(f"![per-task curves, mean and min–max over seeds]({rel}/anchoring/anchoring_curves.png)")
+    if b:
+        L.append(f"![accuracy matrices]({rel}/anchoring/anchoring_matrices.png)")
+    L += ["", f"Per-run values (R, curves, times): `{rel}/anchoring/<mode>/[seed<k>/]permuted_mnist.json`.", ""]
     return L
 
 
@@ -351,22 +539,20 @@ def render_science(res_dir: Path, notes: dict | None = None, rel: str = "results
     if res["explosion"]:
         add("explosion", _render_explosion(res["explosion"], rel))
     if res["conv"]:
-        add(
+        lines = _render_permuted(
+            res["conv"],
+            "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC",
+            rel,
             "conv",
-            _render_permuted(
-                res["conv"], "## 7. Kutalev & Lapina 2021's conv net on permuted MNIST, stabilised EWC", rel, "conv"
-            ),
+            reference=CONV_REFERENCE,
         )
-    if res["anchoring_none"] or res["anchoring_all"] or res["anchoring_previous"]:
-        lines = ["## 8. Penalty for all previous tasks vs only the previous one", ""]
-        for key, sub, title in (
-            ("anchoring_none", "none", "### no penalty"),
-            ("anchoring_all", "all", "### penalty for all previous tasks (`--anchor all`)"),
-            ("anchoring_previous", "previous", "### penalty for the previous task only (`--anchor previous`)"),
-        ):
-            if res[key]:
-                lines += _render_permuted(res[key], title, rel, f"anchoring/{sub}")
-        add("anchoring", lines)
+        scans = [read_json(f) for f in sorted((Path(res_dir) / "conv" / "scan").glob("*/permuted_mnist.json"))]
+        if scans:
+            lines += _render_conv_scans(scans)
+        add("conv", lines)
+    modes = {m: r for m in ANCHORING_MODES if (r := _read_runs(Path(res_dir) / "anchoring" / m)) is not None}
+    if modes:
+        add("anchoring", _render_anchoring(modes, Path(res_dir), rel))
     if res["overlap"]:
         add("overlap", _render_overlap(res["overlap"], rel))
     if res["correlate_seeds"]:
