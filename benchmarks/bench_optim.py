@@ -69,9 +69,8 @@ def _consolidated(model: nn.Module) -> ewc_fast.EWC:
 def _interleaved(fns: dict, repeats: int, setup=None, warmup: int = 2) -> dict:
     """Raw times (s) of the contenders run round-robin, one call of each per round (``setup(name)``
     untimed before each call), after ``warmup`` rounds. The order rotates by one each round, so every
-    contender follows every other equally often: a contender pays for the dirty cache lines its
-    predecessor leaves behind (today's path writes ~4x what torch's step does), and a fixed order
-    would bill that to one of them."""
+    contender follows every other equally often (whatever cache state a predecessor leaves is shared
+    out evenly)."""
     times: dict = {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + repeats):
