@@ -68,14 +68,18 @@ def _consolidated(model: nn.Module) -> ewc_fast.EWC:
 
 def _interleaved(fns: dict, repeats: int, setup=None, warmup: int = 2) -> dict:
     """Raw times (s) of the contenders run round-robin, one call of each per round (``setup(name)``
-    untimed before each call), after ``warmup`` rounds."""
+    untimed before each call), after ``warmup`` rounds. The order rotates by one each round, so every
+    contender follows every other equally often (whatever cache state a predecessor leaves is shared
+    out evenly)."""
     times: dict = {k: [] for k in fns}
+    names = list(fns)
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
             if setup is not None:
                 setup(name)
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
