@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -69,6 +70,30 @@ template <typename V> inline V vabs(V x) {
     return (V)((IV)x & VecInfo<V>::abs_mask());
 }
 
+// Epilogue of a finished register tile: c0 += acc (EPI_ADD) or acc^2 (EPI_SQ / EPI_SQABS), c1 += |acc|
+// (EPI_ABS / EPI_SQABS); row stride ldc (elements).
+template <typename V, typename Acc, int MR, int NRV, int EPI>
+inline void epilogue(const V (&acc)[MR][NRV], Acc* c0, Acc* c1, i64 ldc) {
+    constexpr int W = int(sizeof(V) / sizeof(Acc));
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NRV; ++v) {
+            const V x = acc[m][v];
+            Acc* p0 = c0 + m * ldc + v * W;
+            Acc* p1 = c1 + m * ldc + v * W;
+            V a0, a1;
+            if (EPI != EPI_ABS) std::memcpy(&a0, p0, sizeof(V));
+            if (EPI == EPI_SQABS || EPI == EPI_ABS) std::memcpy(&a1, p1, sizeof(V));
+            if (EPI == EPI_ADD) a0 += x;
+            if (EPI == EPI_SQABS || EPI == EPI_SQ) a0 += x * x;
+            if (EPI == EPI_SQABS || EPI == EPI_ABS) a1 += vabs(x);
+            if (EPI != EPI_ABS) std::memcpy(p0, &a0, sizeof(V));
+            if (EPI == EPI_SQABS || EPI == EPI_ABS) std::memcpy(p1, &a1, sizeof(V));
+        }
+    }
+}
+
 // acc(MR x NR) = sum_k pg[k, 0:MR]^T pa[k, 0:NR]; pg/pa are packed panels (MR resp. NR per k).
 // first: start from zero, else from the spill tile `pl`. last: apply the epilogue to c0/c1
 // (row stride ldc), else store to `pl`. All pointers are 64-byte aligned, ldc a multiple of NR.
@@ -108,18 +133,44 @@ inline void micro(i64 kc, const Acc* __restrict pg, const Acc* __restrict pa, Ac
             for (int v = 0; v < NRV; ++v) *reinterpret_cast<V*>(pl + m * ldc + v * W) = acc[m][v];
         return;
     }
+    epilogue<V, Acc, MR, NRV, EPI>(acc, c0, c1, ldc);
+}
+
+// A run of reduction steps read in place (no packing): k = 0 .. len-1 takes MR broadcasts at g + k*sg
+// and NR consecutive values at x + k*sx, both element offsets from the bases handed to micro_runs.
+struct StridedRun {
+    i64 g, x, len;
+};
+
+// acc(MR x NR) = sum over the runs r, k < r.len of gb[r.g + k*sg + 0:MR]^T xb[r.x + k*sx + 0:NR], then the
+// epilogue into c0 / c1 (row stride ldc). Operands are read where they lie (unaligned vector loads of
+// the NR consecutive x values, scalar broadcasts of the MR consecutive g values): the implicit-GEMM form
+// of a weight gradient on channels-last tensors, where a position's channels are contiguous.
+template <typename V, typename Acc, int MR, int NRV, int EPI>
+inline void micro_runs(const StridedRun* rs, i64 nr, const Acc* gb, i64 sg, const Acc* xb, i64 sx, Acc* c0, Acc* c1,
+                       i64 ldc) {
+    constexpr int W = int(sizeof(V) / sizeof(Acc));
+    V acc[MR][NRV];
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-        for (int v = 0; v < NRV; ++v) {
-            const V x = acc[m][v];
-            V* p0 = reinterpret_cast<V*>(c0 + m * ldc + v * W);
-            V* p1 = reinterpret_cast<V*>(c1 + m * ldc + v * W);
-            if (EPI == EPI_ADD) *p0 += x;
-            if (EPI == EPI_SQABS || EPI == EPI_SQ) *p0 += x * x;
-            if (EPI == EPI_SQABS || EPI == EPI_ABS) *p1 += vabs(x);
+        for (int v = 0; v < NRV; ++v) acc[m][v] = V{};
+    for (i64 q = 0; q < nr; ++q) {
+        const Acc* __restrict gp = gb + rs[q].g;
+        const Acc* __restrict xp = xb + rs[q].x;
+        for (i64 k = rs[q].len; k > 0; --k, gp += sg, xp += sx) {
+            V b[NRV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NRV; ++v) std::memcpy(&b[v], xp + v * W, sizeof(V));
+#pragma GCC unroll 16
+            for (int m = 0; m < MR; ++m) {
+                const Acc gm = gp[m];
+#pragma GCC unroll 4
+                for (int v = 0; v < NRV; ++v) acc[m][v] += gm * b[v];
+            }
         }
     }
+    epilogue<V, Acc, MR, NRV, EPI>(acc, c0, c1, ldc);
 }
 
 // Per-thread scratch, 64-byte aligned.
@@ -135,6 +186,78 @@ struct Scratch {
         return mem;
     }
 };
+
+// ------------------------------------------------------------------ work items over OpenMP threads
+// The per-sample kernels cut their outputs into tiles; a work item is (tile, sample split). With fewer
+// tiles than 4 per thread the samples are split, each split writing its own slab of the outputs,
+// reduced in a fixed order afterwards (deterministic for a given thread count).
+inline i64 sample_splits(i64 n, i64 tiles, int nthreads) {
+    const i64 want = 4 * i64(nthreads);
+    return (nthreads == 1 || tiles >= want) ? 1 : std::min(n, (want + tiles - 1) / tiles);
+}
+
+// splits x (outputs present) x P accumulators, or none for one split; freed with the object.
+struct Slabs {
+    void* mem = nullptr;
+    Slabs(i64 splits, int nout, i64 P, size_t acc_bytes) {
+        if (splits > 1) {
+            mem = std::malloc(size_t(splits) * size_t(nout) * size_t(P) * acc_bytes);
+            if (!mem) throw std::bad_alloc();
+        }
+    }
+    Slabs(const Slabs&) = delete;
+    Slabs& operator=(const Slabs&) = delete;
+    ~Slabs() { std::free(mem); }
+};
+
+// sq[e] += sum_sp slab(sp, sq)[e], ab[e] += sum_sp slab(sp, ab)[e] (split order, then one rounding into
+// the fp32 / fp64 output); a null output is absent and has no slab.
+template <typename Acc>
+void reduce_slabs(const void* slabs_mem, i64 splits, i64 P, void* sq, int sq_code, void* ab, int ab_code,
+                  int nthreads) {
+    const int nout = int(sq != nullptr) + int(ab != nullptr);
+    const Acc* slabs = static_cast<const Acc*>(slabs_mem);
+    for (int which = 0; which < 2; ++which) {
+        void* out = which == 0 ? sq : ab;
+        if (!out) continue;
+        const int slot = (which == 1 && sq) ? 1 : 0;
+        const bool f64 = (which == 0 ? sq_code : ab_code) == F64;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (i64 e = 0; e < P; ++e) {
+            Acc s = 0;
+            for (i64 sp = 0; sp < splits; ++sp) s += slabs[(sp * nout + slot) * P + e];
+            if (f64) static_cast<double*>(out)[e] += double(s);
+            else static_cast<float*>(out)[e] = float(Acc(static_cast<float*>(out)[e]) + s);
+        }
+    }
+}
+
+// body(scratch, w) for every work item w < items, scheduled dynamically over `nthreads` OpenMP threads,
+// each with its own Scratch of `bytes`. Every thread allocates before any item runs: if one cannot, no
+// item runs (outputs untouched) and std::bad_alloc is thrown.
+template <typename Body>
+void run_items(i64 items, size_t bytes, int nthreads, const Body& body) {
+    bool failed = false;
+#pragma omp parallel num_threads(nthreads)
+    {
+        Scratch s;
+        try {
+            s.get(bytes);
+        } catch (...) {
+#pragma omp atomic write
+            failed = true;
+        }
+#pragma omp barrier
+        bool stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) {
+#pragma omp for schedule(dynamic, 1)
+            for (i64 w = 0; w < items; ++w) body(s, w);
+        }
+    }
+    if (failed) throw std::bad_alloc();
+}
 
 template <typename Acc, typename Out>
 inline void add_tile(Out* out, i64 ld_out, const Acc* loc, i64 ldc, i64 rows, i64 cols) {

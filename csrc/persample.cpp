@@ -250,26 +250,6 @@ void pick(int isa, ItemFn& fn, size_t& scratch) {
 
 constexpr i64 kBO = EWCF_PS_BO, kBI = EWCF_PS_BI;
 
-template <typename Acc>
-void reduce_slabs(const Problem& pb, int nthreads) {
-    const int nout = int(pb.do_sq) + int(pb.do_abs);
-    const i64 P = pb.O * pb.I;
-    const Acc* slabs = static_cast<const Acc*>(pb.slabs);
-    for (int which = 0; which < 2; ++which) {
-        if ((which == 0 && !pb.do_sq) || (which == 1 && !pb.do_abs)) continue;
-        const int slot = (which == 1 && pb.do_sq) ? 1 : 0;
-        void* out = which == 0 ? pb.sq : pb.ab;
-        const bool f64 = (which == 0 ? pb.sq_code : pb.ab_code) == F64;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 e = 0; e < P; ++e) {
-            Acc s = 0;
-            for (i64 sp = 0; sp < pb.splits; ++sp) s += slabs[(sp * nout + slot) * P + e];
-            if (f64) static_cast<double*>(out)[e] += double(s);
-            else static_cast<float*>(out)[e] = float(Acc(static_cast<float*>(out)[e]) + s);
-        }
-    }
-}
-
 void run(Problem& pb, int in_code, int nthreads) {
     if (pb.N <= 0 || pb.T <= 0 || pb.O <= 0 || pb.I <= 0) return;
     nthreads = std::max(1, nthreads);
@@ -285,46 +265,19 @@ void run(Problem& pb, int in_code, int nthreads) {
     }
     const bool acc64 = in_code == F64;
     const i64 nob = (pb.O + kBO - 1) / kBO, nib = (pb.I + kBI - 1) / kBI, tiles = nob * nib;
-    // Enough work items to balance the threads: split the samples when there are few tiles.
-    const i64 want = 4 * i64(nthreads);
-    pb.splits = (nthreads == 1 || tiles >= want) ? 1 : std::min(pb.N, (want + tiles - 1) / tiles);
-    void* slabs = nullptr;
+    pb.splits = sample_splits(pb.N, tiles, nthreads);
+    Slabs slabs(pb.splits, int(pb.do_sq) + int(pb.do_abs), pb.O * pb.I, acc64 ? sizeof(double) : sizeof(float));
+    pb.slabs = slabs.mem;
+    run_items(tiles * pb.splits, scratch, nthreads, [&](Scratch& s, i64 w) {
+        const i64 sp = w / tiles, tile = w % tiles;
+        fn(pb, s, tile / nib, tile % nib, pb.N * sp / pb.splits, pb.N * (sp + 1) / pb.splits, sp);
+    });
     if (pb.splits > 1) {
-        const size_t bytes = size_t(pb.splits) * size_t(int(pb.do_sq) + int(pb.do_abs)) * size_t(pb.O * pb.I) *
-                             (acc64 ? sizeof(double) : sizeof(float));
-        slabs = std::malloc(bytes);
-        if (!slabs) throw std::bad_alloc();
+        void* sq = pb.do_sq ? pb.sq : nullptr;
+        void* ab = pb.do_abs ? pb.ab : nullptr;
+        if (acc64) reduce_slabs<double>(pb.slabs, pb.splits, pb.O * pb.I, sq, pb.sq_code, ab, pb.ab_code, nthreads);
+        else reduce_slabs<float>(pb.slabs, pb.splits, pb.O * pb.I, sq, pb.sq_code, ab, pb.ab_code, nthreads);
     }
-    pb.slabs = slabs;
-    const i64 items = tiles * pb.splits;
-    bool failed = false;
-#pragma omp parallel num_threads(nthreads)
-    {
-        Scratch s;
-        try {
-            s.get(scratch);
-        } catch (...) {
-#pragma omp atomic write
-            failed = true;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (i64 w = 0; w < items; ++w) {
-            bool stop;
-#pragma omp atomic read
-            stop = failed;
-            if (stop) continue;
-            const i64 sp = w / tiles, tile = w % tiles;
-            const i64 ob = tile / nib, ib = tile % nib;
-            const i64 n0 = pb.N * sp / pb.splits, n1 = pb.N * (sp + 1) / pb.splits;
-            fn(pb, s, ob, ib, n0, n1, sp);
-        }
-    }
-    if (!failed && pb.splits > 1) {
-        if (acc64) reduce_slabs<double>(pb, nthreads);
-        else reduce_slabs<float>(pb, nthreads);
-    }
-    std::free(slabs);
-    if (failed) throw std::bad_alloc();
 }
 
 }  // namespace persample_detail

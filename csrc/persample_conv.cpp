@@ -8,21 +8,28 @@
 // fp32/fp64/bf16/fp16; outputs are contiguous (O, Cg*K0*K1*K2) fp32 or fp64 (the weight's layout,
 // column j = c*Kp + tap). Arithmetic in fp32 (fp64 for fp64 inputs).
 //
-// Design: an implicit GEMM per sample and group, on the micro-kernel of csrc/microkernel.h.
+// Design: an implicit GEMM per sample and group, on the micro-kernels of csrc/microkernel.h.
 //  * Per sample, dW_n of group g is G_ng (Og x Lp) times the implicit im2col matrix (Lp x Cg*Kp) of
-//    X_ng: a GEMM whose reduction dimension is the Lp output positions. The (Og, Cg*Kp) output of
-//    each group is cut into BO x BI macro tiles; a work item is (group, macro tile, sample split),
-//    scheduled dynamically over OpenMP threads. Items of different tiles write disjoint outputs.
-//    With fewer tiles than 4 x threads the samples are split into per-split slabs, reduced in a
-//    fixed order (deterministic for a given thread count), as in csrc/persample.cpp.
-//  * For each sample, positions are taken KC at a time. The KC x BO slice of G_n and the KC x BI
-//    slice of the implicit im2col matrix are packed into MR- / NR-wide panels (converted to the
-//    accumulation type, zero where the tap falls into the padding). The im2col panel is gathered
-//    straight from X: positions are walked in runs along the last spatial dim, and for each
-//    column (c, tap) the in-range part of a run is found arithmetically, so the inner copy loop has
-//    no bounds test. Only a KC x BI tile of the unfolded input exists at any time.
-//  * The MR x NR register micro-tile accumulates over the positions; at the sample's last block,
-//    tile^2 and |tile| go into the item's BO x BI accumulators (EPI_SQ / EPI_ABS / EPI_SQABS).
+//    X_ng: a GEMM whose reduction dimension is the Lp output positions. Work items cover an output
+//    tile of a group and are scheduled dynamically over OpenMP threads; items of different tiles
+//    write disjoint outputs. With fewer tiles than 4 x threads the samples are split into per-split
+//    slabs, reduced in a fixed order (deterministic for a given thread count), as in persample.cpp.
+//  * In-place path (fp32/fp64, >= NR channels and >= MR output channels per group): nothing is
+//    packed. Columns are (channel block of NR, tap); the MR x NR register tile broadcasts G's MR
+//    channels and loads X's NR channels where they lie (channels-last), position by position along
+//    the tap's runs: the output positions whose tapped input lies inside X, so padding is skipped
+//    rather than multiplied (micro_runs). At the sample's end tile^2 / |tile| go into the item's
+//    accumulators (EPI_SQ / EPI_ABS / EPI_SQABS); samples are taken a few at a time, innermost, so the
+//    accumulators of a tile stay in L1. An item holds whole channel blocks with all their taps, so its
+//    flush writes contiguous ranges of the (O, Cg, Kp) output rows.
+//  * Packed path (other dtypes, or fewer channels than a register tile): positions are taken KC at a
+//    time; the KC x BO slice of G_n and the KC x BI slice of the implicit im2col matrix are packed into
+//    MR- / NR-wide panels (accumulation type, zero in the padding), gathered straight from X in runs
+//    of consecutive channels of one tap. Only a KC x BI tile of the unfolded input exists at a time.
+//  * Channels-first (channel-strided) X or G, packed and in-place paths: the kernel copies a block of
+//    samples channels-last into one reused buffer, runs every item on the block and adds the tiles into
+//    the outputs after each block (run_blocked), instead of a full-size copy of each tensor.
+//  * Direct path (<= 2 output channels per group, depthwise): dot products over the positions.
 //  * Compiled three times on x86-64 (AVX-512, AVX2+FMA, SSE2) through `target` + `flatten` entry
 //    points and chosen at run time (EWC_FAST_CPP_ISA caps it), like persample_sq.
 #include "persample_conv.h"
@@ -61,6 +68,10 @@ struct ConvProblem {
     int ab_code;
     i64 splits;
     void* slabs;  // splits x (do_sq + do_abs) x O x J accumulators (Acc) when splits > 1
+    // in-place path (see Kernel::inplace_item): per tap t, runs truns[tstart[t] .. tstart[t+1])
+    bool inplace;
+    const StridedRun* truns;
+    const i64* tstart;
 };
 
 // floor / ceil division for a possibly negative numerator and a positive divisor
@@ -87,9 +98,16 @@ template <typename Out, typename Acc>
 inline void add_permuted(const ConvProblem& pb, Out* out, i64 row0, i64 j0, const Acc* loc, i64 ldc, i64 rows,
                          i64 cols) {
     using Wide = decltype(Out() + Acc());  // fp64 outputs or fp64 accumulators add in fp64
-    for (i64 c = 0; c < cols; ++c) {
-        Out* o = out + row0 * pb.J + out_col(pb, j0 + c);
-        for (i64 r = 0; r < rows; ++r) o[r * pb.J] = Out(Wide(o[r * pb.J]) + Wide(loc[r * ldc + c]));
+    // row by row: the output columns of consecutive internal columns are Kp apart within one row
+    for (i64 r = 0; r < rows; ++r) {
+        Out* o = out + (row0 + r) * pb.J;
+        const Acc* s = loc + r * ldc;
+        i64 ch = j0 % pb.Cg, tap = j0 / pb.Cg;  // out_col(j0 + c), stepped without divisions
+        for (i64 c = 0; c < cols; ++c) {
+            Out& e = o[ch * pb.Kp + tap];
+            e = Out(Wide(e) + Wide(s[c]));
+            if (++ch == pb.Cg) ch = 0, ++tap;
+        }
     }
 }
 
@@ -100,9 +118,12 @@ inline void flush(const ConvProblem& pb, int which, i64 split, i64 row0, i64 j0,
         const int nout = int(pb.do_sq) + int(pb.do_abs);
         const int slot = (which == 1 && pb.do_sq) ? 1 : 0;
         Acc* dst = static_cast<Acc*>(pb.slabs) + (split * nout + slot) * pb.O * pb.J + row0 * pb.J;
-        for (i64 c = 0; c < cols; ++c) {
-            const i64 oc = out_col(pb, j0 + c);
-            for (i64 r = 0; r < rows; ++r) dst[r * pb.J + oc] = loc[r * ldc + c];
+        for (i64 r = 0; r < rows; ++r) {
+            i64 ch = j0 % pb.Cg, tap = j0 / pb.Cg;  // out_col(j0 + c), stepped without divisions
+            for (i64 c = 0; c < cols; ++c) {
+                dst[r * pb.J + ch * pb.Kp + tap] = loc[r * ldc + c];
+                if (++ch == pb.Cg) ch = 0, ++tap;
+            }
         }
         return;
     }
@@ -135,6 +156,9 @@ inline Acc dot_run(const In* g, i64 sg, const In* x, i64 sx, i64 n) {
     for (; i < n; ++i) s += load_as<Acc>(g + i * sg) * load_as<Acc>(x + i * sx);
     return s;
 }
+
+// Bytes of G and X (a few samples' worth) the in-place path keeps in L2 at a time.
+constexpr i64 kInplaceL2 = 512 * 1024;
 
 template <typename In, typename Acc, typename V, int MR, int NRV>
 struct Kernel {
@@ -342,6 +366,65 @@ struct Kernel {
         }
     }
 
+    // In-place path (fp32 / fp64 inputs, channels-last X and G, Cg >= NR, Og >= MR): no packing. Column
+    // block b of an item is (channel block, tap), NR consecutive channels; for each sample the MR x NR
+    // register tile reads G's MR channels (broadcast) and X's NR channels (vector loads) where they lie,
+    // position by position along the tap's runs (positions whose tapped input is inside X: the padding
+    // is skipped, not multiplied). A block that would run past the last channel (row) is shifted back to
+    // end at it and its leading columns (rows), duplicates of the previous block's, are dropped at the
+    // flush. Item: group g, row tile ob (BO rows), channel blocks [cb0, cb1) with all their taps, so that
+    // its flush writes whole (channel, tap) ranges of the output rows.
+    template <int EPI>
+    static void inplace_item(const ConvProblem& pb, char* base, i64 g, i64 ob, i64 cb0, i64 cb1, i64 n0, i64 n1,
+                             i64 split) {
+        const i64 nb = (cb1 - cb0) * pb.Kp, ldc = nb * NR;
+        const i64 o0 = ob * BO, bo = std::min(BO, pb.Og - o0), mo = (bo + MR - 1) / MR;
+        Acc* l0 = reinterpret_cast<Acc*>(base);
+        Acc* l1 = l0 + (mo * MR * ldc + 15) / 16 * 16;
+        std::fill(l0, l0 + mo * MR * ldc, Acc(0));
+        std::fill(l1, l1 + mo * MR * ldc, Acc(0));
+        const Acc* X = static_cast<const Acc*>(pb.X);
+        const Acc* G = static_cast<const Acc*>(pb.G);
+        const i64 sx = pb.st[2] * pb.sX[2], sg = pb.sG[2];
+        // Samples are taken NB at a time, with the samples innermost: a register tile's accumulators then
+        // stay in L1 across the NB epilogues (which matter when a sample has few positions), while the NB
+        // samples' G rows and X stay in L2 (~kInplaceL2 bytes).
+        const i64 per_sample = i64(sizeof(Acc)) * (pb.Lp * bo + pb.S[0] * pb.S[1] * pb.S[2] * pb.Cg);
+        const i64 NB = std::max<i64>(1, std::min<i64>(n1 - n0, kInplaceL2 / std::max<i64>(1, per_sample)));
+        for (i64 nb0 = n0; nb0 < n1; nb0 += NB) {
+            const i64 nb1 = std::min(n1, nb0 + NB);
+            for (i64 b = 0; b < nb; ++b) {
+                const i64 tap = b % pb.Kp, cs = std::min((cb0 + b / pb.Kp) * NR, pb.Cg - NR);
+                const StridedRun* rs = pb.truns + pb.tstart[tap];
+                const i64 nr = pb.tstart[tap + 1] - pb.tstart[tap];
+                if (nr == 0) continue;  // the tap only meets padding: these dW entries are 0
+                for (i64 r = 0; r < mo; ++r) {
+                    const i64 os = std::min(o0 + r * MR, pb.Og - MR);
+                    const i64 off = r * MR * ldc + b * NR;
+                    for (i64 n = nb0; n < nb1; ++n)
+                        micro_runs<V, Acc, MR, NRV, EPI>(rs, nr, G + n * pb.sGn + g * pb.Og + os, sg,
+                                                         X + n * pb.sXn + g * pb.Cg + cs, sx, l0 + off, l1 + off, ldc);
+                }
+            }
+        }
+        for (Acc* l : {l0, l1}) {
+            if ((l == l0 && !pb.do_sq) || (l == l1 && !pb.do_abs)) continue;
+            for (i64 b = 0; b < nb; ++b) {
+                const i64 c = (cb0 + b / pb.Kp) * NR, dc = c - std::min(c, pb.Cg - NR);
+                const i64 cols = std::min<i64>(NR, pb.Cg - c);
+                for (i64 r = 0; r < mo; ++r) {  // move a shifted block's own rows / columns to its start
+                    const i64 orow = o0 + r * MR, dr = orow - std::min(orow, pb.Og - MR);
+                    if (dr == 0 && dc == 0) continue;
+                    Acc* t = l + r * MR * ldc + b * NR;
+                    for (i64 rr = 0; rr < std::min<i64>(MR, o0 + bo - orow); ++rr)
+                        for (i64 cc = 0; cc < cols; ++cc) t[rr * ldc + cc] = t[(rr + dr) * ldc + cc + dc];
+                }
+                flush<Acc>(pb, l == l0 ? 0 : 1, split, g * pb.Og + o0, (b % pb.Kp) * pb.Cg + c, l + b * NR, ldc, bo,
+                           cols);
+            }
+        }
+    }
+
     // Direct path (few output channels per group, e.g. depthwise): every (o, c, tap) entry of dW_n is a
     // dot product over the output positions, taken run by run (vectorised along the last spatial dim
     // for unit strides), then squared / |.|-ed into Og x J accumulators.
@@ -387,6 +470,14 @@ struct Kernel {
                      i64 n1, i64 split) {
         char* base = static_cast<char*>(scratch.get(bytes));
         if (ob < 0) return direct_item(pb, base, g, n0, n1, split);
+        if constexpr (std::is_same_v<In, Acc>) {
+            if (pb.inplace) {
+                if (pb.do_sq && pb.do_abs) inplace_item<EPI_SQABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
+                else if (pb.do_sq) inplace_item<EPI_SQ>(pb, base, g, ob, ib0, ib1, n0, n1, split);
+                else inplace_item<EPI_ABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
+                return;
+            }
+        }
         if (pb.do_sq && pb.do_abs) gemm_item<EPI_SQABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
         else if (pb.do_sq) gemm_item<EPI_SQ>(pb, base, g, ob, ib0, ib1, n0, n1, split);
         else gemm_item<EPI_ABS>(pb, base, g, ob, ib0, ib1, n0, n1, split);
@@ -395,6 +486,7 @@ struct Kernel {
 
 using ItemFn = void (*)(const ConvProblem&, Scratch&, size_t, i64, i64, i64, i64, i64, i64, i64);
 using ScratchFn = size_t (*)(i64, i64);
+using TileFn = i64 (*)();
 
 #define EWCF_PSC_ENTRY(NAME, TARGET, VEC, MR)                                                                   \
     template <typename In>                                                                                     \
@@ -406,45 +498,71 @@ using ScratchFn = size_t (*)(i64, i64);
     template <typename In> size_t NAME##_scratch(i64 tpg, i64 direct) {                                        \
         using Acc = typename AccOf<In>::type;                                                                  \
         return Kernel<In, Acc, typename Vecs<Acc>::VEC, MR, 2>::scratch_bytes(tpg, direct);                    \
-    }
+    }                                                                                                          \
+    template <typename In> i64 NAME##_nr() {                                                                   \
+        using Acc = typename AccOf<In>::type;                                                                  \
+        return Kernel<In, Acc, typename Vecs<Acc>::VEC, MR, 2>::NR;                                            \
+    }                                                                                                          \
+    template <typename In> i64 NAME##_mr() { return MR; }
 
 EWCF_PSC_ENTRY(item_generic, __attribute__((flatten)), V16, 6)
 #ifdef EWCF_X86_MULTI
 EWCF_PSC_ENTRY(item_avx2, __attribute__((target("avx2,fma,f16c"), flatten)), V32, 6)
 EWCF_PSC_ENTRY(item_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"), flatten)),
-               V64, 12)
+               V64, 8)
 #endif
 #undef EWCF_PSC_ENTRY
 
 template <typename In>
-void pick(int isa, ItemFn& fn, ScratchFn& scratch) {
+void pick(int isa, ItemFn& fn, ScratchFn& scratch, i64& mr, i64& nr) {
 #ifdef EWCF_X86_MULTI
-    if (isa == 2) { fn = &item_avx512<In>; scratch = &item_avx512_scratch<In>; return; }
-    if (isa == 1) { fn = &item_avx2<In>; scratch = &item_avx2_scratch<In>; return; }
+    if (isa == 2) {
+        fn = &item_avx512<In>, scratch = &item_avx512_scratch<In>, mr = item_avx512_mr<In>(), nr = item_avx512_nr<In>();
+        return;
+    }
+    if (isa == 1) {
+        fn = &item_avx2<In>, scratch = &item_avx2_scratch<In>, mr = item_avx2_mr<In>(), nr = item_avx2_nr<In>();
+        return;
+    }
 #endif
     (void)isa;
-    fn = &item_generic<In>;
-    scratch = &item_generic_scratch<In>;
+    fn = &item_generic<In>, scratch = &item_generic_scratch<In>, mr = item_generic_mr<In>(), nr = item_generic_nr<In>();
 }
 
-template <typename Acc>
-void reduce_slabs(const ConvProblem& pb, int nthreads) {
-    const int nout = int(pb.do_sq) + int(pb.do_abs);
-    const i64 P = pb.O * pb.J;
-    const Acc* slabs = static_cast<const Acc*>(pb.slabs);
-    for (int which = 0; which < 2; ++which) {
-        if ((which == 0 && !pb.do_sq) || (which == 1 && !pb.do_abs)) continue;
-        const int slot = (which == 1 && pb.do_sq) ? 1 : 0;
-        void* out = which == 0 ? pb.sq : pb.ab;
-        const bool f64 = (which == 0 ? pb.sq_code : pb.ab_code) == F64;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (i64 e = 0; e < P; ++e) {
-            Acc s = 0;
-            for (i64 sp = 0; sp < pb.splits; ++sp) s += slabs[(sp * nout + slot) * P + e];
-            if (f64) static_cast<double*>(out)[e] += double(s);
-            else static_cast<float*>(out)[e] = float(Acc(static_cast<float*>(out)[e]) + s);
+// Runs of the in-place path: for every tap, the output positions whose tapped input lies inside X, as
+// runs along the last spatial dim (merged when one continues the other with the same strides, e.g. all
+// positions of a 1x1 stride-1 convolution). Offsets are elements from the sample's (group's) first
+// element of G and X.
+void tap_runs(const ConvProblem& pb, std::vector<StridedRun>& runs, std::vector<i64>& start) {
+    const i64 sg = pb.sG[2], sx = pb.st[2] * pb.sX[2];
+    start.assign(size_t(pb.Kp + 1), 0);
+    for (i64 tap = 0; tap < pb.Kp; ++tap) {
+        start[size_t(tap)] = i64(runs.size());
+        const i64 k2 = tap % pb.K[2], k1 = (tap / pb.K[2]) % pb.K[1], k0 = tap / (pb.K[2] * pb.K[1]);
+        const i64 kd0 = k0 * pb.dl[0] - pb.pd[0], kd1 = k1 * pb.dl[1] - pb.pd[1], kd2 = k2 * pb.dl[2] - pb.pd[2];
+        const i64 lo = std::max<i64>(0, ceil_div(-kd2, pb.st[2]));
+        const i64 hi = pb.S[2] - 1 - kd2 < 0 ? 0 : std::min(pb.L[2], floor_div(pb.S[2] - 1 - kd2, pb.st[2]) + 1);
+        if (hi <= lo) continue;
+        for (i64 l0 = 0; l0 < pb.L[0]; ++l0) {
+            const i64 i0 = l0 * pb.st[0] + kd0;
+            if (i0 < 0 || i0 >= pb.S[0]) continue;
+            for (i64 l1 = 0; l1 < pb.L[1]; ++l1) {
+                const i64 i1 = l1 * pb.st[1] + kd1;
+                if (i1 < 0 || i1 >= pb.S[1]) continue;
+                const StridedRun r{l0 * pb.sG[0] + l1 * pb.sG[1] + lo * sg,
+                                   i0 * pb.sX[0] + i1 * pb.sX[1] + (lo * pb.st[2] + kd2) * pb.sX[2], hi - lo};
+                if (i64(runs.size()) > start[size_t(tap)]) {
+                    StridedRun& p = runs.back();
+                    if (p.g + p.len * sg == r.g && p.x + p.len * sx == r.x) {
+                        p.len += r.len;
+                        continue;
+                    }
+                }
+                runs.push_back(r);
+            }
         }
     }
+    start[size_t(pb.Kp)] = i64(runs.size());
 }
 
 // Groups with at most this many output channels take the direct path (depthwise convolutions).
@@ -454,73 +572,169 @@ void reduce_slabs(const ConvProblem& pb, int nthreads) {
 // Accumulator bytes (3 BO x BI tiles per column tile) an item of the GEMM path may hold.
 constexpr size_t kItemBudget = 768 * 1024;
 
-void run(ConvProblem& pb, int in_code, int nthreads) {
-    if (pb.N <= 0 || pb.Lp <= 0 || pb.Og <= 0 || pb.J <= 0 || pb.groups <= 0) return;
-    nthreads = std::max(1, nthreads);
-    const int isa = chosen_isa();
+// How a problem is cut into work items (see run()).
+struct Plan {
     ItemFn fn = nullptr;
+    bool direct = false;
+    i64 nib = 0, tpg = 1, ngrp = 1, per_group = 1, tiles = 0;
+    size_t scratch = 0;
+    std::vector<StridedRun> truns;
+    std::vector<i64> tstart;
+
+    // work item `tile` of the plan on samples [n0, n1), split sp
+    void item(const ConvProblem& pb, Scratch& s, i64 tile, i64 n0, i64 n1, i64 sp) const {
+        const i64 g = tile / per_group, rest = tile % per_group;
+        if (direct) return fn(pb, s, scratch, g, -1, 0, 0, n0, n1, sp);
+        const i64 ob = rest / ngrp, grp = rest % ngrp;
+        fn(pb, s, scratch, g, ob, grp * tpg, std::min(nib, (grp + 1) * tpg), n0, n1, sp);
+    }
+};
+
+// Chooses the path (direct / in-place / GEMM) and the work items; sets pb.inplace, pb.truns, pb.tstart.
+void make_plan(ConvProblem& pb, int in_code, Plan& plan) {
+    const int isa = chosen_isa();
     ScratchFn scratch_fn = nullptr;
+    i64 mr = 0, nr = 0;
     switch (in_code) {
-        case F32: pick<float>(isa, fn, scratch_fn); break;
-        case F64: pick<double>(isa, fn, scratch_fn); break;
-        case BF16: pick<bf16>(isa, fn, scratch_fn); break;
-        case F16: pick<f16>(isa, fn, scratch_fn); break;
+        case F32: pick<float>(isa, plan.fn, scratch_fn, mr, nr); break;
+        case F64: pick<double>(isa, plan.fn, scratch_fn, mr, nr); break;
+        case BF16: pick<bf16>(isa, plan.fn, scratch_fn, mr, nr); break;
+        case F16: pick<f16>(isa, plan.fn, scratch_fn, mr, nr); break;
         default: throw std::invalid_argument("persample_conv_sq: unsupported input dtype code");
     }
-    const bool acc64 = in_code == F64;
     const i64 BO = EWCF_PSC_BO, BI = EWCF_PSC_BI;
-    const bool direct = pb.Og <= EWCF_PSC_DIRECT_OG;
-    const i64 nob = (pb.Og + BO - 1) / BO, nib = (pb.J + BI - 1) / BI;
-    const i64 tile_bytes = 3 * BO * BI * i64(acc64 ? sizeof(double) : sizeof(float));
-    const i64 tpg = direct ? 1 : std::max<i64>(1, std::min<i64>(nib, i64(kItemBudget) / tile_bytes));
-    const i64 ngrp = (nib + tpg - 1) / tpg;
-    const i64 per_group = direct ? 1 : nob * ngrp;
-    const i64 tiles = pb.groups * per_group;
-    const size_t scratch = scratch_fn(tpg, direct ? pb.Og * pb.J : 0);
-    const i64 want = 4 * i64(nthreads);
-    pb.splits = (nthreads == 1 || tiles >= want) ? 1 : std::min(pb.N, (want + tiles - 1) / tiles);
-    void* slabs = nullptr;
-    if (pb.splits > 1) {
-        const size_t bytes = size_t(pb.splits) * size_t(int(pb.do_sq) + int(pb.do_abs)) * size_t(pb.O * pb.J) *
-                             (acc64 ? sizeof(double) : sizeof(float));
-        slabs = std::malloc(bytes);
-        if (!slabs) throw std::bad_alloc();
+    plan.direct = pb.Og <= EWCF_PSC_DIRECT_OG;
+    // the in-place path's accumulators hold all taps of a channel block: not for very large kernels
+    pb.inplace = !plan.direct && (in_code == F32 || in_code == F64) && pb.sXc == 1 && pb.sGo == 1 && pb.Cg >= nr &&
+                 pb.Og >= mr && pb.Kp * nr <= 2048;
+    if (pb.inplace) {
+        tap_runs(pb, plan.truns, plan.tstart);
+        pb.truns = plan.truns.data();
+        pb.tstart = plan.tstart.data();
     }
-    pb.slabs = slabs;
-    const i64 items = tiles * pb.splits;
+    // Column tiles of an item: BI columns (GEMM path), or one block of NR channels with all its taps
+    // (in-place path, 2 accumulators of BO x Kp*NR).
+    const i64 acc_bytes = in_code == F64 ? sizeof(double) : sizeof(float);
+    const i64 nob = (pb.Og + BO - 1) / BO;
+    plan.nib = pb.inplace ? (pb.Cg + nr - 1) / nr : (pb.J + BI - 1) / BI;
+    const i64 tile_bytes = pb.inplace ? 2 * BO * pb.Kp * nr * acc_bytes : 3 * BO * BI * acc_bytes;
+    plan.tpg = plan.direct ? 1 : std::max<i64>(1, std::min<i64>(plan.nib, i64(kItemBudget) / tile_bytes));
+    plan.ngrp = (plan.nib + plan.tpg - 1) / plan.tpg;
+    plan.per_group = plan.direct ? 1 : nob * plan.ngrp;
+    plan.tiles = pb.groups * plan.per_group;
+    plan.scratch = std::max(scratch_fn(plan.tpg, plan.direct ? pb.Og * pb.J : 0),
+                            pb.inplace ? size_t(plan.tpg * tile_bytes) + 128 : size_t(0));
+}
+
+// Samples [n0, n0 + nb) of X (N, C, S0, S1, S2) with any element strides, copied channels-last into dst
+// (nb, S0, S1, S2, C), 16 channels at a time (reads run along the positions, writes are 16-channel
+// runs). Called inside a parallel region (work-shared loop with its closing barrier).
+template <typename T>
+void to_channels_last(const T* src, i64 n0, i64 nb, i64 C, const i64* S, i64 sn, i64 sc, const i64* ss, T* dst) {
+    const i64 P = S[0] * S[1] * S[2], ncb = (C + 15) / 16;
+#pragma omp for schedule(static)
+    for (i64 w = 0; w < nb * ncb; ++w) {
+        const i64 n = w / ncb, c0 = (w % ncb) * 16, cn = std::min<i64>(16, C - c0);
+        const T* s = src + (n0 + n) * sn + c0 * sc;
+        T* d = dst + n * P * C + c0;
+        for (i64 a = 0; a < S[0]; ++a)
+            for (i64 b = 0; b < S[1]; ++b) {
+                const T* r = s + a * ss[0] + b * ss[1];
+                T* dd = d + (a * S[1] + b) * S[2] * C;
+                for (i64 e = 0; e < S[2]; ++e, dd += C)
+                    for (i64 c = 0; c < cn; ++c) dd[c] = r[c * sc + e * ss[2]];
+            }
+    }
+}
+
+template <typename T>
+void to_channels_last_xg(const ConvProblem& pb, const ConvProblem& q, i64 n0, i64 nb) {
+    to_channels_last(static_cast<const T*>(pb.X), n0, nb, pb.groups * pb.Cg, pb.S, pb.sXn, pb.sXc, pb.sX,
+                     static_cast<T*>(const_cast<void*>(q.X)));
+    to_channels_last(static_cast<const T*>(pb.G), n0, nb, pb.O, pb.L, pb.sGn, pb.sGo, pb.sG,
+                     static_cast<T*>(const_cast<void*>(q.G)));
+}
+
+// Channels-first (or otherwise channel-strided) X or G on the packed / in-place paths: the samples are
+// taken NB at a time, copied channels-last into one buffer (a few MiB, reused: no page faults, stays
+// in cache for the items) and every work item runs on them, its tiles added into the outputs after
+// each block. Everything is allocated before the first write, so a failed allocation leaves the
+// outputs untouched. No sample splits (the threads share the items of each block).
+void run_blocked(const ConvProblem& pb, int in_code, int nthreads) {
+    const i64 elem = in_code == F64 ? 8 : in_code == F32 ? 4 : 2, acc_bytes = in_code == F64 ? 8 : 4;
+    const i64 C = pb.groups * pb.Cg, Sx = pb.S[0] * pb.S[1] * pb.S[2];
+    const i64 per_sample = (C * Sx + pb.O * pb.Lp) * elem;
+    // enough samples that adding the tiles into the outputs once per block stays small next to the copy
+    const i64 out_bytes = pb.O * pb.J * acc_bytes * (i64(pb.do_sq) + i64(pb.do_abs));
+    const i64 want = std::max<i64>(8 * out_bytes, 2 << 20);
+    const i64 NB = std::max<i64>(1, std::min<i64>(pb.N, (want + per_sample - 1) / per_sample));
+    char* buf = static_cast<char*>(std::aligned_alloc(64, size_t((NB * per_sample + 63) / 64 * 64)));
+    if (!buf) throw std::bad_alloc();
+    ConvProblem q = pb;
+    q.X = buf;
+    q.G = buf + NB * C * Sx * elem;
+    q.N = NB;
+    q.sXc = 1, q.sX[2] = C, q.sX[1] = C * pb.S[2], q.sX[0] = C * pb.S[1] * pb.S[2], q.sXn = C * Sx;
+    q.sGo = 1, q.sG[2] = pb.O, q.sG[1] = pb.O * pb.L[2], q.sG[0] = pb.O * pb.L[1] * pb.L[2], q.sGn = pb.O * pb.Lp;
+    q.splits = 1;
+    q.slabs = nullptr;
+    Plan plan;
+    try {
+        make_plan(q, in_code, plan);
+    } catch (...) {
+        std::free(buf);
+        throw;
+    }
     bool failed = false;
 #pragma omp parallel num_threads(nthreads)
     {
         Scratch s;
         try {
-            s.get(scratch);
+            s.get(plan.scratch);
         } catch (...) {
 #pragma omp atomic write
             failed = true;
         }
-#pragma omp for schedule(dynamic, 1)
-        for (i64 w = 0; w < items; ++w) {
-            bool stop;
+#pragma omp barrier
+        bool stop;
 #pragma omp atomic read
-            stop = failed;
-            if (stop) continue;
-            const i64 sp = w / tiles, tile = w % tiles;
-            const i64 g = tile / per_group, rest = tile % per_group;
-            const i64 n0 = pb.N * sp / pb.splits, n1 = pb.N * (sp + 1) / pb.splits;
-            if (direct) {
-                fn(pb, s, scratch, g, -1, 0, 0, n0, n1, sp);
-            } else {
-                const i64 ob = rest / ngrp, grp = rest % ngrp;
-                fn(pb, s, scratch, g, ob, grp * tpg, std::min(nib, (grp + 1) * tpg), n0, n1, sp);
-            }
+        stop = failed;
+        for (i64 n0 = 0; !stop && n0 < pb.N; n0 += NB) {
+            const i64 nb = std::min(NB, pb.N - n0);
+            if (elem == 8) to_channels_last_xg<uint64_t>(pb, q, n0, nb);
+            else if (elem == 4) to_channels_last_xg<uint32_t>(pb, q, n0, nb);
+            else to_channels_last_xg<uint16_t>(pb, q, n0, nb);
+#pragma omp for schedule(dynamic, 1)
+            for (i64 w = 0; w < plan.tiles; ++w) plan.item(q, s, w, 0, nb, 0);
         }
     }
-    if (!failed && pb.splits > 1) {
-        if (acc64) reduce_slabs<double>(pb, nthreads);
-        else reduce_slabs<float>(pb, nthreads);
-    }
-    std::free(slabs);
+    std::free(buf);
     if (failed) throw std::bad_alloc();
+}
+
+void run(ConvProblem& pb, int in_code, int nthreads) {
+    if (pb.N <= 0 || pb.Lp <= 0 || pb.Og <= 0 || pb.J <= 0 || pb.groups <= 0) return;
+    nthreads = std::max(1, nthreads);
+    // the packed and in-place paths read runs of consecutive channels: copy them channels-last in blocks
+    const bool direct = pb.Og <= EWCF_PSC_DIRECT_OG;
+    if (!direct && ((pb.sXc != 1 && pb.groups * pb.Cg > 1) || (pb.sGo != 1 && pb.O > 1)))
+        return run_blocked(pb, in_code, nthreads);
+    Plan plan;
+    make_plan(pb, in_code, plan);
+    const bool acc64 = in_code == F64;
+    pb.splits = sample_splits(pb.N, plan.tiles, nthreads);
+    Slabs slabs(pb.splits, int(pb.do_sq) + int(pb.do_abs), pb.O * pb.J, acc64 ? sizeof(double) : sizeof(float));
+    pb.slabs = slabs.mem;
+    run_items(plan.tiles * pb.splits, plan.scratch, nthreads, [&](Scratch& s, i64 w) {
+        const i64 sp = w / plan.tiles;
+        plan.item(pb, s, w % plan.tiles, pb.N * sp / pb.splits, pb.N * (sp + 1) / pb.splits, sp);
+    });
+    if (pb.splits > 1) {
+        void* sq = pb.do_sq ? pb.sq : nullptr;
+        void* ab = pb.do_abs ? pb.ab : nullptr;
+        if (acc64) reduce_slabs<double>(pb.slabs, pb.splits, pb.O * pb.J, sq, pb.sq_code, ab, pb.ab_code, nthreads);
+        else reduce_slabs<float>(pb.slabs, pb.splits, pb.O * pb.J, sq, pb.sq_code, ab, pb.ab_code, nthreads);
+    }
 }
 
 }  // namespace persample_conv_detail

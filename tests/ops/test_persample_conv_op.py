@@ -168,6 +168,30 @@ def test_fp32_larger_cases_fast_backends(backend, case):
     _check(backend, case, G, X)
 
 
+# The C++ in-place path (fp32/fp64, >= NR channels and >= MR output channels per group: NR = 32/16/8 fp32
+# and 16/8/4 fp64 columns, MR = 8/6/6 rows for AVX-512/AVX2/generic): a channel count that is not a
+# multiple of NR and a row count that is not a multiple of MR (the shifted last blocks), groups, stride,
+# dilation, 1x1 stride-1 (all positions one run), 3-D, and taps that only meet padding (dW entries 0).
+INPLACE_CASES = [
+    Case(3, 80, 52, (9, 8), (3, 3), stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2),  # Cg 40, Og 26
+    Case(3, 33, 13, (20,), (1,)),
+    Case(2, 32, 12, (4, 5, 3), (3, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0)),
+    Case(2, 32, 12, (2, 2), (3, 3), padding=(2, 2), dilation=(2, 2)),  # taps 0 and 2 of each dim: padding only
+]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", INPLACE_CASES, ids=repr)
+def test_inplace_path_cases(backend, dtype, case):
+    G, X = case.inputs(dtype, seed=13)
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    _check(backend, case, G, X, out_dtype=out)
+    cl = torch.channels_last if G.dim() == 4 else torch.channels_last_3d if G.dim() == 5 else None
+    if cl is not None:  # already channels-last: read in place, no copy
+        _check(backend, case, G.to(memory_format=cl), X.to(memory_format=cl), out_dtype=out, do_abs=False)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_dtypes(backend, dtype):
@@ -268,11 +292,12 @@ def test_cpp_instruction_set_variants():
         "from ewc_fast.testing.conv import reference_persample_conv_sq\n"
         "torch.manual_seed(0)\n"
         "worst = 0.0\n"
-        "for dt in (torch.float32, torch.float64, torch.bfloat16):\n"
-        "    X = torch.randn(2, 6, 9, 8).to(dt); G = torch.randn(2, 20, 5, 8).to(dt)\n"
+        "for dt, C in ((torch.float32, 6), (torch.float64, 6), (torch.bfloat16, 6), (torch.float32, 76),\n"
+        "              (torch.float64, 76)):\n"  # C = 76: 38 channels per group, the in-place path
+        "    X = torch.randn(2, C, 9, 8).to(dt); G = torch.randn(2, 20, 5, 8).to(dt)\n"
         "    kw = dict(stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=2)\n"
         "    rs, ra = reference_persample_conv_sq(G, X, (3, 3), **kw)\n"
-        "    sq = torch.zeros(20, 3, 3, 3, dtype=torch.float64); ab = torch.zeros_like(sq)\n"
+        "    sq = torch.zeros(20, C // 2, 3, 3, dtype=torch.float64); ab = torch.zeros_like(sq)\n"
         "    persample_conv_sq_(sq, ab, G, X, backend='cpp', **kw)\n"
         "    for out, ref in ((sq, rs), (ab, ra)):\n"
         "        assert torch.isfinite(out).all()\n"

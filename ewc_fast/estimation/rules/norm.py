@@ -18,6 +18,8 @@ SIG (Kutalev 2020, the affine map as a diagonal Linear): weight |gamma_c| * mean
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -149,6 +151,38 @@ class BatchNormRule(_ChannelNormRule):
                 "per-sample importances are undefined for it"
             )
         return super().handles(module)
+
+    def per_sample(self, module, calls, grads, names, lo, hi, n):
+        """Per (sample, channel) sum_t g * x_hat and sum_t g in one fused pass without forming x_hat:
+        torch's eval-mode batch-norm backward (its weight / bias gradients are exactly these sums over
+        its batch and positions) on the input viewed as one sample of samples x channels channels, the
+        running statistics repeated per sample."""
+        c = hi - lo
+        ref = module.weight if module.weight is not None else module.bias
+        dt = torch.promote_types(ref.dtype, torch.float32)  # half models: fp32 statistics
+        res = {k: torch.zeros((c,) + tuple(ref.shape), dtype=dt, device=ref.device) for k in names}
+        for x, g in input_grad_slices(module, calls, grads, lo, hi, n):
+            xf = _at_least_fp32(x)
+            ch, t = xf.shape[1], math.prod(xf.shape[2:])
+            if xf.numel() == 0:
+                continue
+            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                g.to(xf.dtype).reshape(1, c * ch, t),
+                xf.reshape(1, c * ch, t),
+                None,
+                module.running_mean.to(xf.dtype).repeat(c),
+                module.running_var.to(xf.dtype).repeat(c),
+                None,
+                None,
+                False,
+                module.eps,
+                [False, "weight" in names, "bias" in names],
+            )
+            if "weight" in names:
+                res["weight"] += gw.view(c, ch).to(dt)
+            if "bias" in names:
+                res["bias"] += gb.view(c, ch).to(dt)
+        return res
 
     def xhat(self, module, x):
         shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -2,13 +2,10 @@
 ``ewc_fast._C``.
 
 The kernel (``csrc/persample_conv.cpp``) reads X and G through their strides (any layout) and adds
-into contiguous (O, Cg, *K) outputs, which the op layer guarantees. Its GEMM path packs, per
-position, runs of consecutive channels: with channels-last X and G each run is one contiguous copy,
-so X and G are handed over channels-last (one copy each of a channels-first layer input / output
-gradient, i.e. one layer's activations, when they are not already). Groups of at most
-``DIRECT_OG`` output channels (depthwise) take the kernel's direct path, which runs along the last
-spatial dim and wants them as they are. 1-D and 2-D convolutions are passed as 3-D ones with leading
-size-1 spatial dims.
+into contiguous (O, Cg, *K) outputs, which the op layer guarantees. Its packed and in-place paths read
+runs of consecutive channels: channels-last X and G are read where they lie; otherwise the kernel
+copies a few samples at a time channels-last into one reused buffer of its own (no full-size copy
+here). 1-D and 2-D convolutions are passed as 3-D ones with leading size-1 spatial dims.
 """
 
 from __future__ import annotations
@@ -16,17 +13,6 @@ from __future__ import annotations
 import torch
 
 from .._cpp_ext import dtype_code, ext, num_threads
-
-#: groups with at most this many output channels take the kernel's direct path (EWCF_PSC_DIRECT_OG)
-DIRECT_OG = 2
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (N, C, *S) with the channels innermost: stride 1 along dim 1 (a copy only when needed)."""
-    if t.stride(1) == 1 or t.shape[1] == 1:
-        return t
-    perm = [0] + list(range(2, t.dim())) + [1]
-    return t.permute(perm).contiguous().permute([0, t.dim() - 1] + list(range(1, t.dim() - 1)))
 
 
 def _pad3(vals, fill):
@@ -49,8 +35,6 @@ def persample_conv_sq(sq_out, abs_out, G, X, stride, padding, dilation, groups):
             raise ValueError(f"C++ backend: {name} must be a contiguous float32/float64 tensor")
     if G.dtype != X.dtype:
         raise TypeError(f"C++ backend: grad_out dtype {G.dtype} != inputs dtype {X.dtype}")
-    if O // groups > DIRECT_OG:
-        X, G = _channels_last(X), _channels_last(G)
     sx, sg = X.stride(), G.stride()
     ext().persample_conv_sq(
         sq_out.data_ptr() if sq_out is not None else 0,
