@@ -13,6 +13,10 @@ forward+backward's instead of holding every layer's G until the backward ends. M
 parameters keep their gradients until the backward ends: the tied sums (per-sample gradients of
 every use summed before squaring) need all uses and are done in :meth:`Stream.finish`.
 
+Tensors a rule captured *inside* a call (:attr:`~.rules.Call.inner`, e.g. the projections of
+``nn.MultiheadAttention``) are hooked and counted like outputs; their gradients follow the output
+leaves' in the call's per-leaf gradient list.
+
 Gradients reach the rules *batch-first*: each captured output's gradient is laid out with the samples
 along dim 0 from the output's provenance (:func:`~.provenance.batch_first`); the gradient of an
 output shared by all samples is replaced by its per-sample gradients (:mod:`.shared`).
