@@ -28,6 +28,7 @@ results: benchmarks/RESULTS_OPTIM.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -39,7 +40,7 @@ import ewc_fast
 from ewc_fast import optim
 from ewc_fast.experiments.records import write_json
 
-from ._timing import measure_interleaved
+from ._timing import summarize
 from .bench_consolidation import ragged_sizes, si_workload
 
 BYTES = {
@@ -63,6 +64,25 @@ def _consolidated(model: nn.Module) -> ewc_fast.EWC:
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))
     return ewc
+
+
+def _interleaved(fns: dict, repeats: int, setup=None, warmup: int = 2) -> dict:
+    """Raw times (s) of the contenders run round-robin, one call of each per round (``setup(name)``
+    untimed before each call), after ``warmup`` rounds. The order rotates by one each round, so every
+    contender follows every other equally often (whatever cache state a predecessor leaves is shared
+    out evenly)."""
+    times: dict = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if setup is not None:
+                setup(name)
+            t0 = time.perf_counter()
+            fns[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_step(total: int, algo: str, repeats: int) -> dict:
@@ -97,7 +117,8 @@ def bench_step(total: int, algo: str, repeats: int) -> dict:
         t_opt.step()
 
     fns = {"copy": lambda: dst.copy_(src), "torch": t_opt.step, "today": today, "ours": ours.step}
-    res = measure_interleaved(fns, repeats=repeats, warmup=2, setup=reset)
+    raw = _interleaved(fns, repeats, setup=reset)
+    res = {k: summarize(v) for k, v in raw.items()}
     if si.attached:
         si.detach()
     copy_bw = 8 * total / res["copy"].median_s
@@ -115,6 +136,9 @@ def bench_step(total: int, algo: str, repeats: int) -> dict:
         }
     out["ours_over_torch"] = out["ours"]["median_ms"] / out["torch"]["median_ms"]
     out["today_over_ours"] = out["today"]["median_ms"] / out["ours"]["median_ms"]
+    # per-round ratios (the contenders of a round see the same machine state), median over rounds
+    out["ours_over_torch_paired"] = statistics.median(a / b for a, b in zip(raw["ours"], raw["torch"]))
+    out["today_over_ours_paired"] = statistics.median(a / b for a, b in zip(raw["today"], raw["ours"]))
     return out
 
 
@@ -181,7 +205,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-repeats", type=int, default=21, help="paired rounds of the training-step rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    results = {"machine": {"platform": platform.platform(), "torch": torch.__version__}, "rows": [], "train": []}
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
+    results = {"machine": machine, "rows": [], "train": []}
     for nt in args.threads:
         torch.set_num_threads(nt)
         for size in args.sizes:
@@ -196,7 +221,8 @@ def main(argv=None) -> dict:
                         f"{100 * row[k]['share_of_copy']:.0f}% copy bw)"
                         for k in ("torch", "today", "ours")
                     )
-                    + f" | ours/torch {row['ours_over_torch']:.2f}x, today/ours {row['today_over_ours']:.2f}x",
+                    + f" | ours/torch {row['ours_over_torch']:.2f}x (paired {row['ours_over_torch_paired']:.2f}x),"
+                    + f" today/ours {row['today_over_ours']:.2f}x (paired {row['today_over_ours_paired']:.2f}x)",
                     flush=True,
                 )
         if args.train_width:
@@ -212,6 +238,8 @@ def main(argv=None) -> dict:
                     f"bytes model {100 * tr['si_overhead_predicted']:+.1f}%)",
                     flush=True,
                 )
+    machine["loadavg_end"] = os.getloadavg()
+    print(f"load average (1/5/15 min): start {machine['loadavg_start']}, end {machine['loadavg_end']}", flush=True)
     if args.out:
         write_json(args.out, results)
     return results

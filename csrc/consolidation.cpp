@@ -215,6 +215,28 @@ double penalty_apply(const Ptrs& grads, const Ptrs& params, const Ptrs& omega, c
     return result;
 }
 
+// ------------------------------------------------------- per-ISA entry points of the other loops
+// consolidate / si_accumulate / si_consolidate / wva_attenuate run their chunk kernel K::run through
+// one of three non-inlined entry points, compiled for the generic target, AVX2+FMA or AVX-512
+// (csrc/isa.h), chosen once per process (`flatten` expands K::run, and the loop, inside each). The
+// arithmetic is the same in each (no FMA contraction, no reassociation: the lane order of a sum is
+// explicit), so the variants agree bit for bit (tests/ops/test_consolidation_isa.py).
+template <class K, class... Args> __attribute__((flatten, noinline)) auto isa_generic(Args... args) {
+    return K::run(args...);
+}
+#ifdef EWCF_X86_MULTI
+template <class K, class... Args> EWCF_TARGET_AVX2 auto isa_avx2(Args... args) { return K::run(args...); }
+template <class K, class... Args> EWCF_TARGET_AVX512 auto isa_avx512(Args... args) { return K::run(args...); }
+#endif
+template <class K, class... Args> auto pick_isa() {
+#ifdef EWCF_X86_MULTI
+    const int isa = mk::chosen_isa();
+    if (isa == 2) return &isa_avx512<K, Args...>;
+    if (isa == 1) return &isa_avx2<K, Args...>;
+#endif
+    return &isa_generic<K, Args...>;
+}
+
 // -------------------------------------------------------------------------------- consolidate
 // fp64: omega' = gamma*omega + F; mu' = (gamma*omega*mu + F*a)/omega' (a where omega' == 0) or
 // mu' = a (online); returns sum gamma*omega*(mu-mu')^2 + F*(a-mu')^2 (0 when online).
@@ -257,18 +279,25 @@ double consolidate_chunk(O* __restrict__ o, M* __restrict__ mu, const R* __restr
     return fold_lanes(acc) + tail;
 }
 
+template <class O, class M, class R, bool ONLINE> struct ConsolidateK {
+    static double run(O* o, M* mu, const R* f, const R* a, int64_t n, double gamma) {
+        return consolidate_chunk<O, M, R, ONLINE>(o, mu, f, a, n, gamma);
+    }
+};
+
 template <class O, class M, class R>
 double consolidate_run(const Ptrs& o, const Ptrs& mu, const Ptrs& f, const Ptrs& a, const std::vector<Chunk>& chunks,
                        double gamma, bool online, int nthreads) {
     std::vector<double> part(chunks.size(), 0.0);
+    const auto chunk_online = pick_isa<ConsolidateK<O, M, R, true>, O*, M*, const R*, const R*, int64_t, double>();
+    const auto chunk_merge = pick_isa<ConsolidateK<O, M, R, false>, O*, M*, const R*, const R*, int64_t, double>();
     parallel_chunks(chunks, nthreads, [&](int64_t c, const Chunk& ch) {
         const size_t t = size_t(ch.tensor);
         O* op = as_ptr<O>(o[t]) + ch.begin;
         M* mp = as_ptr<M>(mu[t]) + ch.begin;
         const R* fp = as_ptr<const R>(f[t]) + ch.begin;
         const R* ap = as_ptr<const R>(a[t]) + ch.begin;
-        part[size_t(c)] = online ? consolidate_chunk<O, M, R, true>(op, mp, fp, ap, ch.len, gamma)
-                                 : consolidate_chunk<O, M, R, false>(op, mp, fp, ap, ch.len, gamma);
+        part[size_t(c)] = (online ? chunk_online : chunk_merge)(op, mp, fp, ap, ch.len, gamma);
     });
     double s = 0.0;
     for (double x : part) s += x;
@@ -312,6 +341,10 @@ void si_accumulate_chunk(S* __restrict__ w, const R* __restrict__ g, const R* __
     }
 }
 
+template <class S, class Q, class R, class A> struct SiAccumulateK {
+    static void run(S* w, const R* g, const R* p, Q* q, int64_t n) { si_accumulate_chunk<S, Q, R, A>(w, g, p, q, n); }
+};
+
 // grads and params share a dtype code R; R is either prev's dtype or float64 (mixed groups are cast
 // to float64 on the Python side, which is exact). Since R no longer tells the params' own dtype,
 // fp64_math says whether they are fp64 (then R is float64 too): the arithmetic is fp64 then, else fp32.
@@ -331,12 +364,11 @@ void si_accumulate(const Ptrs& omega_path, const Ptrs& grads, const Ptrs& params
             auto run = [&](auto rt, auto at) {
                 using R = typename decltype(rt)::type;
                 using A = typename decltype(at)::type;
+                const auto chunk = pick_isa<SiAccumulateK<S, Q, R, A>, S*, const R*, const R*, Q*, int64_t>();
                 parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                     const size_t t = size_t(ch.tensor);
-                    si_accumulate_chunk<S, Q, R, A>(as_ptr<S>(omega_path[t]) + ch.begin,
-                                                    as_ptr<const R>(grads[t]) + ch.begin,
-                                                    as_ptr<const R>(params[t]) + ch.begin,
-                                                    as_ptr<Q>(prev[t]) + ch.begin, ch.len);
+                    chunk(as_ptr<S>(omega_path[t]) + ch.begin, as_ptr<const R>(grads[t]) + ch.begin,
+                          as_ptr<const R>(params[t]) + ch.begin, as_ptr<Q>(prev[t]) + ch.begin, ch.len);
                 });
             };
             if (fp64_math) run(type_tag<double>{}, type_tag<double>{});
@@ -363,6 +395,12 @@ void si_consolidate_chunk(S* __restrict__ w, const R* __restrict__ p, Q* __restr
     }
 }
 
+template <class S, class U, class Q, class R, class A, bool CLIP> struct SiConsolidateK {
+    static void run(S* w, const R* p, Q* st, U* out, int64_t n, A xi) {
+        si_consolidate_chunk<S, U, Q, R, A, CLIP>(w, p, st, out, n, xi);
+    }
+};
+
 // params have dtype code R: start's dtype, or float64 (mixed groups cast on the Python side, exact);
 // fp64_math says whether the params themselves are fp64 (then R is float64): fp64 arithmetic, else fp32.
 void si_consolidate(const Ptrs& omega_path, const Ptrs& params, const Ptrs& start, const Ptrs& out, const Numels& numels,
@@ -384,14 +422,17 @@ void si_consolidate(const Ptrs& omega_path, const Ptrs& params, const Ptrs& star
                     using R = typename decltype(rt)::type;
                     using A = typename decltype(at)::type;
                     const A xia = A(xi);  // fp32 in fp32 arithmetic, as torch rounds a Python scalar
+                    using Clip = SiConsolidateK<S, U, Q, R, A, true>;
+                    using Raw = SiConsolidateK<S, U, Q, R, A, false>;
+                    const auto chunk_clip = pick_isa<Clip, S*, const R*, Q*, U*, int64_t, A>();
+                    const auto chunk_raw = pick_isa<Raw, S*, const R*, Q*, U*, int64_t, A>();
                     parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                         const size_t t = size_t(ch.tensor);
                         S* wp = as_ptr<S>(omega_path[t]) + ch.begin;
                         const R* pp = as_ptr<const R>(params[t]) + ch.begin;
                         Q* sp = as_ptr<Q>(start[t]) + ch.begin;
                         U* op = as_ptr<U>(out[t]) + ch.begin;
-                        if (clip) si_consolidate_chunk<S, U, Q, R, A, true>(wp, pp, sp, op, ch.len, xia);
-                        else si_consolidate_chunk<S, U, Q, R, A, false>(wp, pp, sp, op, ch.len, xia);
+                        (clip ? chunk_clip : chunk_raw)(wp, pp, sp, op, ch.len, xia);
                     });
                 };
                 if (fp64_math) run(type_tag<double>{}, type_tag<double>{});
@@ -418,6 +459,12 @@ void wva_chunk(P* __restrict__ p, const R* __restrict__ old, const AC* __restric
     }
 }
 
+template <class P, class R, class AC> struct WvaK {
+    static void run(P* p, const R* old, const AC* acc, int64_t n, arith_t<P> lam) {
+        wva_chunk<P, R, AC>(p, old, acc, n, lam);
+    }
+};
+
 // old_params has params' dtype or float64 (mixed groups cast to float64 on the Python side: exact)
 void wva_attenuate(const Ptrs& params, const Ptrs& old, const Ptrs& accum, const Numels& numels, int p_dt, int r_dt,
                    int a_dt, double lam, int nthreads) {
@@ -433,10 +480,11 @@ void wva_attenuate(const Ptrs& params, const Ptrs& old, const Ptrs& accum, const
             const arith_t<P> lama = arith_t<P>(lam);  // fp32 in fp32 arithmetic, as torch rounds a Python scalar
             auto run = [&](auto rt) {
                 using R = typename decltype(rt)::type;
+                const auto chunk = pick_isa<WvaK<P, R, AC>, P*, const R*, const AC*, int64_t, arith_t<P>>();
                 parallel_chunks(chunks, nthreads, [&](int64_t, const Chunk& ch) {
                     const size_t t = size_t(ch.tensor);
-                    wva_chunk<P, R, AC>(as_ptr<P>(params[t]) + ch.begin, as_ptr<const R>(old[t]) + ch.begin,
-                                        as_ptr<const AC>(accum[t]) + ch.begin, ch.len, lama);
+                    chunk(as_ptr<P>(params[t]) + ch.begin, as_ptr<const R>(old[t]) + ch.begin,
+                          as_ptr<const AC>(accum[t]) + ch.begin, ch.len, lama);
                 });
             };
             if (r_dt == p_dt) run(type_tag<P>{}); else run(type_tag<double>{});

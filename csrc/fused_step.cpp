@@ -149,11 +149,19 @@ inline void step_elem(P* __restrict__ p, const P* __restrict__ gr, arith_t<P>* _
 // in-place operands). A prefetch past the end of a buffer is harmless (a hint; it never faults).
 constexpr int64_t kAhead = 512;  // elements: 2 KiB ahead per fp32 stream
 
+// On x86 the prefetch is an asm statement: GCC's vectoriser would otherwise vectorise the group loop
+// itself and drop __builtin_prefetch calls from it (it keeps no prefetch in a vectorised loop).
+inline void prefetch_line(const char* a) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    asm volatile("prefetcht0 %0" : : "m"(*a));
+#else
+    __builtin_prefetch(a, 0, 3);
+#endif
+}
+
 template <class T> inline void prefetch_group(const T* q) {
-    if (q == nullptr) return;
     constexpr int kBytes = int(16 * sizeof(T));
-    for (int off = 0; off < kBytes; off += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(q + kAhead) + off, 0, 3);
+    for (int off = 0; off < kBytes; off += 64) prefetch_line(reinterpret_cast<const char*>(q + kAhead) + off);
 }
 
 #define EWCF_CHUNK_PARAMS                                                                                      \

@@ -12,6 +12,11 @@ consumes a tensor it returns, e.g. hidden states it returns and feeds on: the fa
 module, so that path would otherwise be counted twice). A planned output that does not depend on the
 batch is *tainted*, so that the tracker broadcasts it where it meets per-sample data (:mod:`.shared`).
 
+Inside a call: a rule with an :attr:`~.rules.Rule.inner_capture` (``nn.MultiheadAttention``) watches
+inside its modules' calls through a torch-function mode entered outside the tracker; the tensors it
+picks (:attr:`~.rules.Call.inner`) are hooked like outputs, so the backward hands the rule their
+gradients. Not for a module that also has fallback parameters (the fallback re-runs the module).
+
 In-place modification: a forward that later modifies a captured tensor in place (e.g.
 ``ReLU(inplace=True)`` after a Linear) would hand rules the wrong inputs. Every captured tensor's
 version counter is remembered, and if any changed by the end of the forward the batch is re-run in
@@ -24,6 +29,9 @@ version counter is remembered, and if any changed by the end of the forward the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
@@ -31,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from .batches import forward
 from .plan import ModuleStack, Plan, Use, function_key, param_args, role_name, rule_owned, use_of
 from .provenance import Tracker
-from .rules import Call
+from .rules import Call, rule_for
 from .rules.functional import function_role
 from .shared import Meeting, broadcast_operand
 
@@ -72,6 +80,7 @@ class Capture:
         self.uses: list[Use] | None = None
         self.owned: dict[int, set[int]] = {}
         modules = plan.modules() if modules is None else modules
+        self.inner = _inner_captures(modules, {f.key for f in plan.fallbacks})
         self.handles = [m.register_forward_hook(self._hook(id(m)), with_kwargs=True, prepend=True) for m in modules]
 
     @classmethod
@@ -107,7 +116,7 @@ class Capture:
         return True
 
     # ------------------------------------------------------------------------------ recording
-    def _record_call(self, key, args, kwargs, output, func=None):
+    def _record_call(self, key, args, kwargs, output, func=None, inner=((), [], None)):
         """Append one call (args detached, provenance of every tensor) and return what the forward
         continues with (aliases of the output tensors; clones in safe mode)."""
         tr = self.tracker
@@ -145,14 +154,19 @@ class Capture:
             for t in det + new:
                 if isinstance(t, Tensor):
                     self.versions.append((t, t._version))
-        self.calls[key].append(Call(args_d, kwargs_d, captured, in_dims, out_dims, func))
+        tensors, dims, watched = inner
+        self.calls[key].append(
+            Call(args_d, kwargs_d, captured, in_dims, out_dims, func, inner=tensors, inner_dims=dims, watched=watched)
+        )
         return spec.unflatten(handed)
 
     def _hook(self, key):
         def hook(module, args, kwargs, output):
             if not self.active:
                 return None
-            return self._record_call(key, args, kwargs, output)
+            watch = self.inner.get(key)
+            inner = watch.take(module, self.tracker.n) if watch is not None else ((), [], None)
+            return self._record_call(key, args, kwargs, output, inner=inner)
 
         return hook
 
@@ -205,7 +219,10 @@ class Capture:
             stack = ModuleStack(model, tr)
             self.active = True
             try:
-                with tr:
+                with contextlib.ExitStack() as modes:
+                    for watch in {id(w): w for w in self.inner.values()}.values():
+                        modes.enter_context(watch)  # below the tracker: sees the calls the tracker makes
+                    modes.enter_context(tr)
                     outputs = forward(model, inputs)
             finally:
                 self.active = False
@@ -226,7 +243,7 @@ class Capture:
 
         for lst in self.calls.values():
             for i, c in enumerate(lst):
-                lst[i] = Call(c.args, c.kwargs, tree_map(meta, c.output), c.in_dims, c.out_dims, c.func, c.cache)
+                lst[i] = dataclasses.replace(c, output=tree_map(meta, c.output), inner=tree_map(meta, c.inner))
 
     def clear(self) -> None:
         for v in self.calls.values():
@@ -242,3 +259,20 @@ class Capture:
             h.remove()
         self.handles = []
         self.tracker = None
+
+
+def _inner_captures(modules, fallback: set) -> dict:
+    """id(module) -> the :class:`~.rules.InnerCapture` watching inside its calls (one per rule class),
+    for the captured modules whose rule has one and that have no fallback parameters (the first
+    batch's capture watches every such module; a plan with a fallback re-runs that batch)."""
+    by_class: dict = {}
+    out: dict = {}
+    for m in modules:
+        rule = rule_for(m)
+        cls = getattr(rule, "inner_capture", None)
+        if cls is None or id(m) in fallback or id(m) in out:
+            continue
+        watch = by_class.setdefault(cls, cls())
+        watch.add(m)
+        out[id(m)] = watch
+    return out

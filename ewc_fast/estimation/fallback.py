@@ -8,9 +8,8 @@ the per-sample gradient of parameter θ for sample n is the vector-Jacobian prod
 evaluated with ``functional_call`` on a batch of one (the sample keeps a batch dimension of size 1,
 so modules that insist on batched input work) and vectorised over the samples of a chunk with
 ``vmap(grad(.))``. Only M is re-run, not the model, and only M's parameters that need the
-fallback are differentiated. Used for any module with direct parameters but no rule (including
-``nn.MultiheadAttention`` with ``add_bias_kv`` / ``add_zero_attn``, which its rule in
-:mod:`.rules.attention` leaves here), and parameters used outside the module that owns
+fallback are differentiated. Used for any module with direct parameters but no rule, and
+parameters used outside the module that owns
 them (then M is the lowest common ancestor of every module using the parameter).
 
 Which dimension of each tensor holds the samples comes from provenance (each :class:`Call`

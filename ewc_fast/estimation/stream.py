@@ -37,16 +37,22 @@ __all__ = ["Stream", "walk", "call_grads"]
 
 def call_grads(calls, received, per_leaf: bool) -> list:
     """Output gradients of each call from ``received`` ((call index, leaf index) -> gradient): a
-    tensor per call (rules) or a list aligned with the call's output leaves (fallback, per-leaf rules)."""
+    tensor per call (rules) or a list aligned with the call's output leaves, then its
+    :attr:`~.rules.Call.inner` tensors (fallback, per-leaf rules)."""
     out = []
     for ci, c in enumerate(calls):
         if per_leaf:
-            leaves = tree_flatten(c.output)[0]
+            leaves = _leaves(c)
             gs = [received.get((ci, li)) for li in range(len(leaves))]
             out.append(gs if any(g is not None for g in gs) else None)
         else:
             out.append(received.get((ci, 0)) if isinstance(c.output, Tensor) else None)
     return out
+
+
+def _leaves(call) -> list:
+    """A call's output leaves, then its inner tensors (the leaf indices of its gradients)."""
+    return tree_flatten(call.output)[0] + list(call.inner)
 
 
 def _describe(target) -> str:
@@ -110,7 +116,7 @@ class Stream:
         self.shared = SharedGrads(capture.meetings, n)
         for mkey in plan.keys():
             for ci, c in enumerate(capture.calls[mkey]):
-                for li, t in enumerate(tree_flatten(c.output)[0]):
+                for li, t in enumerate(_leaves(c)):
                     if not (isinstance(t, Tensor) and t.requires_grad):
                         continue
                     if t.grad_fn is None:
@@ -171,7 +177,11 @@ class Stream:
     def _batch_first(self, mkey, ci: int, li: int, g: Tensor) -> Tensor:
         """The gradient of one captured output, batch-first (per sample for a shared output)."""
         c = self.capture.calls[mkey][ci]
-        bd = c.out_dims[li] if c.out_dims is not None else BDim(0)
+        n_out = len(tree_flatten(c.output)[0])
+        if li >= n_out:  # an inner tensor of the call
+            bd = c.inner_dims[li - n_out]
+        else:
+            bd = c.out_dims[li] if c.out_dims is not None else BDim(0)
         what = _describe(self.targets[mkey])
         if isinstance(bd, Unknown):
             raise ValueError(f"{what}: cannot tell which dimension of its output holds the samples: {bd.reason}")

@@ -1,8 +1,10 @@
 """nn.MultiheadAttention's native rule (ewc_fast/estimation/rules/attention.py) vs the float64 oracle.
 
-Every supported configuration must be exact (relative error <= 1e-5 per parameter, every method)
-and must not touch the torch.func fallback; add_bias_kv / add_zero_attn stay on the fallback and
-must be exact too. Small sizes: E = 8, 2 heads, T <= 5, ragged batches (3, 1, 4).
+Every configuration must be exact (relative error <= 1e-5 per parameter, every method: fp32 sums
+of a few hundred products against the float64 oracle) and must not touch the torch.func fallback;
+when the inner watch is unavailable the module goes to the fallback and stays exact. Small sizes:
+E = 8, 2 heads, T <= 5, ragged batches (3, 1, 4); the "nt" cases have N == T == 4 (T = 4 tokens,
+batches of 4) so that no size tells the sample dimension apart.
 """
 
 import importlib
@@ -13,6 +15,7 @@ from torch import nn
 
 import ewc_fast
 from ewc_fast.estimation import fallback as fallback_mod
+from ewc_fast.estimation.provenance import BDim
 from ewc_fast.estimation.rules.attention import MultiheadAttentionRule
 from ewc_fast.testing.importance import reference_importance
 from tests.helpers import ALL, TRITON, assert_close, cached_reference, ragged
@@ -31,7 +34,7 @@ class Net(nn.Module):
         self.kind, self.bf = kind, batch_first
         self.inp = nn.Linear(3, E)
         kdim = vdim = None
-        if kind == "cross":
+        if kind in ("cross", "cross_kv"):
             kdim, vdim = 5, 6
             self.kin = nn.Linear(3, kdim)
             self.vin = nn.Linear(3, vdim)
@@ -53,6 +56,14 @@ class Net(nn.Module):
         extra = 0.0
         if kind in ("self", "bias_kv", "zero_attn"):
             a, _ = self.attend(h, h, h)
+        elif kind == "bias_kv_all":  # bias_k/bias_v and a zero key with masks and returned weights
+            kpm = (x[..., 0] > 0.3) & (torch.arange(t) > 0)
+            a, w = self.attend(h, h, h, key_padding_mask=kpm, need_weights=True, average_attn_weights=False)
+            extra = 0.5 * w[..., :t].sum(1).mean(-1).sum(-1, keepdim=True)  # weights over the real keys
+        elif kind == "cross_kv":  # kdim/vdim with bias_k/bias_v, a causal mask and a second call
+            a, _ = self.attend(h[:, :3], torch.tanh(self.kin(x)), torch.tanh(self.vin(x)))
+            a2, _ = self.attend(h, torch.tanh(self.kin(x)), torch.tanh(self.vin(x)))
+            a = torch.cat([a, a2], 1)
         elif kind == "cross":
             a, _ = self.attend(h[:, :3], torch.tanh(self.kin(x)), torch.tanh(self.vin(x)))  # L = 3, S = 5
         elif kind == "kpm":
@@ -109,12 +120,18 @@ SPECS = {
     "reuse": dict(kind="reuse", batch_first=True),
     "reuse_self": dict(kind="reuse_self", batch_first=False),
     "tied_outproj": dict(kind="tied_outproj", batch_first=True),
-    # unsupported by the rule: the torch.func fallback serves the whole module (still exact)
     "bias_kv": dict(kind="bias_kv", batch_first=True, add_bias_kv=True),
     "zero_attn": dict(kind="zero_attn", batch_first=False, add_zero_attn=True),
+    "bias_kv_all": dict(kind="bias_kv_all", batch_first=False, add_bias_kv=True, add_zero_attn=True),
+    "cross_kv": dict(kind="cross_kv", batch_first=True, add_bias_kv=True),
+    # N == T == 4: batch-first and sequence-first, self and cross attention
+    "self_bf_nt": dict(kind="self", batch_first=True),
+    "self_sf_nt": dict(kind="self", batch_first=False),
+    "cross_sf_nt": dict(kind="cross", batch_first=False),
+    "kpm_sf_nt": dict(kind="kpm", batch_first=False),
 }
-SUPPORTED = [k for k in SPECS if k not in ("bias_kv", "zero_attn")]
-CPP = ["self_bf", "cross_sf", "weights_heads_sf", "reuse", "reuse_self", "tied_outproj"]
+SUPPORTED = list(SPECS)
+CPP = ["self_bf", "cross_sf", "weights_heads_sf", "reuse", "reuse_self", "tied_outproj", "bias_kv_all", "self_sf_nt"]
 
 
 def make_case(name):
@@ -124,6 +141,10 @@ def make_case(name):
         for k, p in model.named_parameters():
             if "bias" in k:
                 p.uniform_(-0.3, 0.3)
+    if name.endswith("_nt"):  # N == T: batches of 4 samples of 4 tokens
+        x = torch.randn(8, 4, 3)
+        y = torch.randint(0, 3, (8,))
+        return model, [(x[:4], y[:4]), (x[4:], y[4:])], ALL
     x = torch.randn(8, T, 3)
     y = torch.randint(0, 3, (8,))
     return model, ragged(x, y), ALL
@@ -162,9 +183,14 @@ def test_rule_matches_float64_oracle(name, backend, no_fallback):
     check(name, run_case(name, backend))
 
 
-@pytest.mark.parametrize("name", ["bias_kv", "zero_attn"])
-def test_unsupported_configs_stay_exact_on_the_fallback(name, monkeypatch):
-    model, _, _ = make_case(name)
+@pytest.mark.parametrize("name", ["self_sf", "bias_kv_all"])
+def test_without_the_inner_watch_the_fallback_serves_mha_exactly(name, monkeypatch):
+    """A PyTorch whose multi_head_attention_forward cannot be watched: the rule handles nothing and the
+    torch.func fallback serves the module (named in meta['fallback']), still exact."""
+    from ewc_fast.estimation.rules import attention_watch
+
+    monkeypatch.setattr(attention_watch, "_BODY", None)
+    model, data, _ = make_case(name)
     assert MultiheadAttentionRule().handles(model.mha) == ()
     used = []
     orig = fallback_mod.FunctionalFallback.accumulate
@@ -174,8 +200,33 @@ def test_unsupported_configs_stay_exact_on_the_fallback(name, monkeypatch):
         return orig(self, module, *a, **k)
 
     monkeypatch.setattr(fallback_mod.FunctionalFallback, "accumulate", spy)
-    check(name, run_case(name, "torch"))
+    with pytest.warns(UserWarning, match="torch.func"):
+        res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    ref = reference(name)
+    for m in ("fisher", "mas"):
+        assert_close(res[m], ref[m], what=f"{name}/{m}")
     assert nn.MultiheadAttention in used
+    assert "mha.in_proj_weight" in res["fisher"].meta["fallback"]
+
+
+def test_attention_is_not_recomputed(monkeypatch, no_fallback):
+    """The rule reads the projections' gradients from the backward: the attention (softmax / SDPA)
+    runs once per call of the module (capture and discovery forwards), never in the rule."""
+    import torch.nn.functional as F
+
+    model, data, _ = make_case("self_bf")
+    calls = []
+    for mod, name in ((F, "softmax"), (torch, "softmax"), (F, "scaled_dot_product_attention")):
+        orig = getattr(mod, name)
+        # attention maps are 3-D or 4-D (the losses' softmax over (N, classes) logits is not counted);
+        # a patched function re-dispatched by a torch-function mode sees the same input twice in a row
+        monkeypatch.setattr(mod, name, lambda *a, _o=orig, **k: calls.append(a[0]) or _o(*a, **k))
+    runs = []
+    model.mha.register_forward_hook(lambda *a: runs.append(1))
+    res = ewc_fast.estimate_importance(model, data, ("fisher",), progress=False)
+    maps = [t for i, t in enumerate(calls) if t.dim() >= 3 and (i == 0 or calls[i - 1] is not t)]
+    assert len(runs) >= len(data) and len(maps) == len(runs)
+    assert_close(res["fisher"], reference("self_bf")["fisher"], what="fisher")
 
 
 def test_handles_names():
@@ -192,10 +243,18 @@ def test_handles_names():
         "v_proj_weight",
         "out_proj.weight",
     )
+    assert rule.handles(nn.MultiheadAttention(8, 2, add_bias_kv=True)) == (
+        "in_proj_weight",
+        "in_proj_bias",
+        "bias_k",
+        "bias_v",
+        "out_proj.weight",
+        "out_proj.bias",
+    )
     assert ewc_fast.estimation.rule_for(nn.MultiheadAttention(8, 2)).__class__ is MultiheadAttentionRule
 
 
-@pytest.mark.parametrize("name", ["self_sf", "cross_bf", "mask3d", "weights_avg", "reuse", "tied_outproj"])
+@pytest.mark.parametrize("name", ["self_sf", "cross_bf", "mask3d", "weights_avg", "reuse", "tied_outproj", "cross_kv"])
 def test_sample_chunking_gives_the_same_result(name, monkeypatch, no_fallback):
     from ewc_fast.estimation.rules import base as rules_base
 
@@ -233,6 +292,31 @@ def test_sig_is_magnitude_for_mha():
     assert torch.equal(res["mha.in_proj_weight"], model.mha.in_proj_weight.detach().abs())
 
 
+class FirstLayer(nn.Module):
+    """MHA on the model input itself: no captured module below it, so its projections' outputs are
+    the frontier the backward stops at."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, HEADS, batch_first=False, add_bias_kv=True)
+        self.fc = nn.Linear(E, 3)
+
+    def forward(self, x):  # x (N, T, E)
+        a, _ = self.mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)
+        return self.fc(a.mean(0))
+
+
+def test_mha_on_the_model_input(no_fallback):
+    torch.manual_seed(3)
+    model = FirstLayer()
+    x, y = torch.randn(8, 4, E), torch.randint(0, 3, (8,))
+    data = ragged(x, y)
+    res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    ref = reference_importance(model, data, ("fisher", "mas"))
+    for m in ("fisher", "mas"):
+        assert_close(res[m], ref[m], what=m)
+
+
 class Unbatched(nn.Module):
     def __init__(self):
         super().__init__()
@@ -249,3 +333,28 @@ def test_unbatched_inputs_raise():
     # iterating over the batch splits the samples apart: their provenance is lost, a clear refusal
     with pytest.raises(ValueError, match="unbind along the sample dimension"):
         ewc_fast.estimate_importance(Unbatched(), [(x, torch.zeros(4, dtype=torch.long))], "fisher", progress=False)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_watch_records_the_projections(batch_first):
+    """What the watch sees inside one call: the packed self-attention projection as PyTorch's blockwise
+    copy (kept by autograd anyway, so the projection output itself is not held), a q projection plus a
+    stacked kv copy when key is value, and the context (L*N, E)."""
+    from ewc_fast.estimation.rules.attention_watch import MHAWatch
+
+    m = nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+    watch = MHAWatch()
+    watch.add(m)
+    x, kv = torch.randn(3, 4, E), torch.randn(3, 4, E)  # (N, T, E) or (T, N, E): N == T - 1 either way
+    n = 3 if batch_first else 4
+    with watch:
+        m(x, x, x)
+        tensors, dims, rec = watch.take(m, n)
+        assert rec.entries == [("proj", 0, 3 * E, "in_proj_weight", "stacked")] and dims == [BDim(2)]
+        assert tuple(tensors[0].shape) == ((3, 4, 3, E) if batch_first else (3, 3, 4, E))
+        assert tuple(rec.ctx.shape) == (12, E)
+        m(x, kv, kv)
+        tensors, dims, rec = watch.take(m, n)
+        assert rec.entries == [("proj", 0, E, "in_proj_weight"), ("proj", E, 2 * E, "in_proj_weight", "stacked")]
+        assert dims == [BDim(1), BDim(2)]
+        assert watch.take(m, n) == ((), [], None)  # taken once

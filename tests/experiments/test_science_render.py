@@ -80,6 +80,8 @@ def test_prune_overlap_correlate_anchoring_sections(tmp_path):
         "results": {f"{s}/weight/mean": {"curves": {"SIG": sig, "|w|": w}} for s in ("global", "layer")},
     }
     _write(tmp_path / "prune_layer/weights-only/prune.json", prune)
+    entries = dict(prune, results={f"{s}/weight/mean": {"curves": {"SIG": sig}} for s in ("global", "layer")})
+    _write(tmp_path / "prune_layer/all-entries/prune.json", entries)  # run without |w|: its cells are "—"
     _write(
         tmp_path / "overlap/overlap.json",
         {
@@ -101,8 +103,8 @@ def test_prune_overlap_correlate_anchoring_sections(tmp_path):
             _write(tmp_path / f"anchoring/{mode}/seed{seed}/permuted_mnist.json", _pm_part(mode, method, seed, a))
     text = "\n".join(render_science(tmp_path, {"overlap": ["NOTE-OVERLAP"]}))
     # 90 % = halfway between 0.8 and 1.0: SIG runs 0.35 and 0.25 → mean 0.30, band [0.25, 0.35]
-    assert "| SIG | 0.896 | 0.625 | 0.300 [0.250, 0.350] | 0.300 [0.250, 0.350] |" in text
-    assert "| \\|w\\| | 0.857 | 0.677 | 0.425 [0.400, 0.450] |" in text
+    assert "| SIG | 0.896 | 0.625 | 0.300 [0.250, 0.350] | 0.300 [0.250, 0.350] | 0.300 [0.250, 0.350] |" in text
+    assert "| \\|w\\| | 0.857 | 0.677 | 0.425 [0.400, 0.450] | 0.425 [0.400, 0.450] | — | — |" in text
     assert "| 1 | 0.432 | 0.700 | 0.800 | 0.850 |" in text and "NOTE-OVERLAP" in text
     assert "**3 seeds**" in text and "| FIS-MAS | +0.50 [+0.25, +0.75] |" in text
     # final = mean of the last row [a - 0.1, a + 0.1] = a; BWT = -0.1; task 0 at the end = a - 0.1

@@ -9,7 +9,8 @@
 * :mod:`.conv_transpose` -- ``nn.ConvTranspose1d/2d/3d``: the same kernel with input and output gradient swapped.
 * :mod:`.embedding` -- ``nn.Embedding``: P_n[v] = sum_{t: id_nt = v} G_nt (duplicates summed before squaring).
 * :mod:`.norm`      -- LayerNorm, RMSNorm, GroupNorm, BatchNorm: weight sum_t G ⊙ x_hat, bias sum_t G.
-* :mod:`.attention` -- ``nn.MultiheadAttention``: attention recomputed per chunk and back-propagated by hand.
+* :mod:`.attention` -- ``nn.MultiheadAttention``: the input projections' output gradients and the
+  context, read from inside its calls (:mod:`.attention_watch`), squared against the inputs.
 
 Every module states its formulas (Fisher / MAS statistics and SIG, Kutalev 2020) in its docstring.
 Importing this package registers the built-in rules below in :data:`RULES`; user rules are added
@@ -23,6 +24,7 @@ from .base import (
     CHUNK_BYTES,
     RULES,
     Call,
+    InnerCapture,
     Rule,
     call_input,
     chunk_rows,
@@ -40,6 +42,7 @@ __all__ = [
     "CHUNK_BYTES",
     "RULES",
     "Call",
+    "InnerCapture",
     "Rule",
     "call_input",
     "chunk_rows",

@@ -54,7 +54,12 @@ class Call:
     :class:`~ewc_fast.estimation.provenance.BDim` (absent: shared by all samples; an
     :class:`~ewc_fast.estimation.provenance.Unknown` says why it could not be followed);
     ``out_dims`` is aligned with ``tree_flatten(output)[0]``. ``None`` (a hand-made Call): every
-    tensor whose leading size is the batch size holds the samples along dim 0."""
+    tensor whose leading size is the batch size holds the samples along dim 0.
+
+    ``inner`` (rules with an :attr:`Rule.inner_capture`): tensors computed *inside* the call whose
+    gradients the rule reads; a per-leaf rule's gradient list continues with theirs after the
+    output leaves'. ``inner_dims`` holds their sample dimensions, ``watched`` what the rule's
+    :class:`InnerCapture` recorded about the call (rule-private)."""
 
     args: tuple
     kwargs: dict
@@ -65,6 +70,9 @@ class Call:
     func: Any = None
     #: what rules recompute from the inputs and reuse across the seeds of a batch (norms: x_hat)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    inner: tuple = ()
+    inner_dims: list = field(default_factory=list)
+    watched: Any = None
 
     def dim_of(self, t: Tensor, n: int):
         """The sample dimension of an input tensor of this call (None: shared)."""
@@ -152,6 +160,33 @@ def apply_activation(activation: Callable | None, y: Tensor) -> Tensor:
     return y if activation is None else activation(y)
 
 
+# ------------------------------------------------------------------------------------ InnerCapture
+class InnerCapture:
+    """Watches *inside* the calls of a rule's modules during the capture forward (optional, see
+    :attr:`Rule.inner_capture`): e.g. the projections inside ``F.multi_head_attention_forward``, so
+    that a rule reads the gradients autograd computes there instead of recomputing them.
+
+    One instance per rule class and capture serves all its modules (:meth:`add`). It is a context
+    manager entered around each capture forward *outside* the provenance tracker (a torch-function
+    mode below it sees the calls the tracker makes). Right after each call of a served module, the
+    capture calls :meth:`take`, which returns ``(tensors, dims, data)``: the inner tensors whose
+    gradients the rule wants (the capture hooks them like outputs), their sample dimensions
+    (:class:`~ewc_fast.estimation.provenance.BDim`, or an ``Unknown`` saying why not), and what
+    the rule reads later (:attr:`Call.watched`); ``((), [], None)`` when nothing was seen."""
+
+    def add(self, module: nn.Module) -> None:
+        raise NotImplementedError
+
+    def take(self, module: nn.Module, n: int) -> tuple[tuple, list, Any]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 # --------------------------------------------------------------------------------------------- Rule
 class Rule:
     """Base class of a per-layer rule (subclass and put an instance in :data:`RULES`).
@@ -165,6 +200,9 @@ class Rule:
     #: False: ``grads[i]`` is the gradient of call i's (tensor) output; True: a list aligned with
     #: ``torch.utils._pytree.tree_flatten(call.output)[0]`` (None where a leaf got no gradient)
     per_leaf: bool = False
+    #: an :class:`InnerCapture` subclass whose instance watches inside this rule's module calls
+    #: (None: the rule reads only the calls' inputs and output gradients)
+    inner_capture: type | None = None
 
     def handles(self, module: nn.Module) -> tuple[str, ...]:
         """Names of the parameters this rule handles, relative to ``module``: direct ones (``"weight"``)

@@ -129,8 +129,8 @@ def _render_prune_layer(w: dict | None, e: dict | None, rel: str) -> list[str]:
         for _, r in protos:
             for scope in ("global", "layer"):
                 key = f"{scope}/weight/mean"
-                if key not in r["results"]:
-                    row += " — |"
+                if key not in r["results"] or lab not in r["results"][key]["curves"]:
+                    row += " — |"  # this protocol was run without this scope or importance
                     continue
                 m, lo, hi = _band90(r["fractions"], r["results"][key]["curves"][lab])
                 row += f" {m:.3f} [{lo:.3f}, {hi:.3f}] |"
