@@ -29,7 +29,9 @@
 //  * Channels-first (channel-strided) X or G, packed and in-place paths: the kernel copies a block of
 //    samples channels-last into one reused buffer, runs every item on the block and adds the tiles into
 //    the outputs after each block (run_blocked), instead of a full-size copy of each tensor.
-//  * Direct path (<= 2 output channels per group, depthwise): dot products over the positions.
+//  * Depthwise in-place path (one channel per group in and out, fp32/fp64, >= NR channels): channels in
+//    the vector lanes, one running sum per tap (depthwise_item). Other groups of <= 2 output channels:
+//    the direct path, dot products over the positions.
 //  * Compiled three times on x86-64 (AVX-512, AVX2+FMA, SSE2) through `target` + `flatten` entry
 //    points and chosen at run time (EWC_FAST_CPP_ISA caps it), like persample_sq.
 #include "persample_conv.h"
@@ -70,6 +72,7 @@ struct ConvProblem {
     void* slabs;  // splits x (do_sq + do_abs) x O x J accumulators (Acc) when splits > 1
     // in-place path (see Kernel::inplace_item): per tap t, runs truns[tstart[t] .. tstart[t+1])
     bool inplace;
+    bool depthwise;  // the depthwise in-place path (Kernel::depthwise_item)
     const StridedRun* truns;
     const i64* tstart;
 };
@@ -425,6 +428,57 @@ struct Kernel {
         }
     }
 
+    // Depthwise in-place path (one input and one output channel per group, fp32 / fp64, channels-last,
+    // at least NR channels): the vector lanes are channels. Item: channel block cb of NR channels (the
+    // last one shifted back to end at the last channel). For each sample and tap, NR running sums
+    // acc[c] += G[pos, c] * X[pos shifted by the tap, c] along the tap's runs, then acc^2 / |acc| into a
+    // Kp x NR accumulator; flushed transposed into the (C, 1, Kp) output.
+    template <int EPI>
+    static void depthwise_item(const ConvProblem& pb, char* base, i64 cb, i64 n0, i64 n1, i64 split) {
+        const i64 C = pb.groups, Kp = pb.Kp;
+        const i64 c = cb * NR, cs = std::min(c, C - NR), cols = std::min<i64>(NR, C - c), dc = c - cs;
+        Acc* l0 = reinterpret_cast<Acc*>(base);
+        Acc* l1 = l0 + Kp * NR;
+        Acc* tr = l1 + Kp * NR;
+        std::fill(l0, l0 + 2 * Kp * NR, Acc(0));
+        const Acc* X = static_cast<const Acc*>(pb.X);
+        const Acc* G = static_cast<const Acc*>(pb.G);
+        const i64 sx = pb.st[2] * pb.sX[2], sg = pb.sG[2];
+        for (i64 n = n0; n < n1; ++n) {
+            const Acc* Xn = X + n * pb.sXn + cs;
+            const Acc* Gn = G + n * pb.sGn + cs;
+            for (i64 tap = 0; tap < Kp; ++tap) {
+                const StridedRun* rs = pb.truns + pb.tstart[tap];
+                const i64 nr = pb.tstart[tap + 1] - pb.tstart[tap];
+                if (nr == 0) continue;  // the tap only meets padding: these dW entries are 0
+                V acc[1][NRV];
+#pragma GCC unroll 4
+                for (int v = 0; v < NRV; ++v) acc[0][v] = V{};
+                for (i64 q = 0; q < nr; ++q) {
+                    const Acc* __restrict gp = Gn + rs[q].g;
+                    const Acc* __restrict xp = Xn + rs[q].x;
+                    for (i64 k = rs[q].len; k > 0; --k, gp += sg, xp += sx) {
+#pragma GCC unroll 4
+                        for (int v = 0; v < NRV; ++v) {
+                            V a, b;
+                            std::memcpy(&a, gp + v * W, sizeof(V));
+                            std::memcpy(&b, xp + v * W, sizeof(V));
+                            acc[0][v] += a * b;
+                        }
+                    }
+                }
+                epilogue<V, Acc, 1, NRV, EPI>(acc, l0 + tap * NR, l1 + tap * NR, NR);
+            }
+        }
+        for (int which = 0; which < 2; ++which) {
+            if ((which == 0 && !pb.do_sq) || (which == 1 && !pb.do_abs)) continue;
+            const Acc* l = which == 0 ? l0 : l1;
+            for (i64 j = 0; j < cols; ++j)  // channel-major, as the output: tr[j, tap]
+                for (i64 tap = 0; tap < Kp; ++tap) tr[j * Kp + tap] = l[tap * NR + dc + j];
+            flush<Acc>(pb, which, split, c, 0, tr, Kp, cols, Kp);
+        }
+    }
+
     // Direct path (few output channels per group, e.g. depthwise): every (o, c, tap) entry of dW_n is a
     // dot product over the output positions, taken run by run (vectorised along the last spatial dim
     // for unit strides), then squared / |.|-ed into Og x J accumulators.
@@ -469,6 +523,14 @@ struct Kernel {
     static void item(const ConvProblem& pb, Scratch& scratch, size_t bytes, i64 g, i64 ob, i64 ib0, i64 ib1, i64 n0,
                      i64 n1, i64 split) {
         char* base = static_cast<char*>(scratch.get(bytes));
+        if constexpr (std::is_same_v<In, Acc>) {
+            if (pb.depthwise) {
+                if (pb.do_sq && pb.do_abs) depthwise_item<EPI_SQABS>(pb, base, g, n0, n1, split);
+                else if (pb.do_sq) depthwise_item<EPI_SQ>(pb, base, g, n0, n1, split);
+                else depthwise_item<EPI_ABS>(pb, base, g, n0, n1, split);
+                return;
+            }
+        }
         if (ob < 0) return direct_item(pb, base, g, n0, n1, split);
         if constexpr (std::is_same_v<In, Acc>) {
             if (pb.inplace) {
@@ -584,13 +646,19 @@ struct Plan {
     // work item `tile` of the plan on samples [n0, n1), split sp
     void item(const ConvProblem& pb, Scratch& s, i64 tile, i64 n0, i64 n1, i64 sp) const {
         const i64 g = tile / per_group, rest = tile % per_group;
-        if (direct) return fn(pb, s, scratch, g, -1, 0, 0, n0, n1, sp);
+        if (direct) return fn(pb, s, scratch, g, -1, 0, 0, n0, n1, sp);  // also the depthwise path
         const i64 ob = rest / ngrp, grp = rest % ngrp;
         fn(pb, s, scratch, g, ob, grp * tpg, std::min(nib, (grp + 1) * tpg), n0, n1, sp);
     }
 };
 
-// Chooses the path (direct / in-place / GEMM) and the work items; sets pb.inplace, pb.truns, pb.tstart.
+// The depthwise in-place path applies: one input and one output channel per group, fp32 / fp64, at least
+// NR channels (the layout is checked separately: channels-last, or copied so by run_blocked).
+inline bool depthwise_ok(const ConvProblem& pb, int in_code, i64 nr) {
+    return pb.Og == 1 && pb.Cg == 1 && pb.groups >= nr && (in_code == F32 || in_code == F64);
+}
+
+// Chooses the path (direct / depthwise / in-place / GEMM) and the work items; sets pb.inplace, pb.truns, pb.tstart.
 void make_plan(ConvProblem& pb, int in_code, Plan& plan) {
     const int isa = chosen_isa();
     ScratchFn scratch_fn = nullptr;
@@ -607,7 +675,8 @@ void make_plan(ConvProblem& pb, int in_code, Plan& plan) {
     // the in-place path's accumulators hold all taps of a channel block: not for very large kernels
     pb.inplace = !plan.direct && (in_code == F32 || in_code == F64) && pb.sXc == 1 && pb.sGo == 1 && pb.Cg >= nr &&
                  pb.Og >= mr && pb.Kp * nr <= 2048;
-    if (pb.inplace) {
+    pb.depthwise = depthwise_ok(pb, in_code, nr) && pb.sXc == 1 && pb.sGo == 1;
+    if (pb.inplace || pb.depthwise) {
         tap_runs(pb, plan.truns, plan.tstart);
         pb.truns = plan.truns.data();
         pb.tstart = plan.tstart.data();
@@ -621,9 +690,22 @@ void make_plan(ConvProblem& pb, int in_code, Plan& plan) {
     plan.tpg = plan.direct ? 1 : std::max<i64>(1, std::min<i64>(plan.nib, i64(kItemBudget) / tile_bytes));
     plan.ngrp = (plan.nib + plan.tpg - 1) / plan.tpg;
     plan.per_group = plan.direct ? 1 : nob * plan.ngrp;
-    plan.tiles = pb.groups * plan.per_group;
+    plan.tiles = pb.depthwise ? (pb.groups + nr - 1) / nr : pb.groups * plan.per_group;
     plan.scratch = std::max(scratch_fn(plan.tpg, plan.direct ? pb.Og * pb.J : 0),
-                            pb.inplace ? size_t(plan.tpg * tile_bytes) + 128 : size_t(0));
+                            pb.inplace     ? size_t(plan.tpg * tile_bytes) + 128
+                            : pb.depthwise ? size_t(3 * pb.Kp * nr * acc_bytes) + 128
+                                           : size_t(0));
+}
+
+// NR of the chosen instruction set for an input dtype
+inline i64 nr_of(int in_code) {
+    ItemFn fn;
+    ScratchFn sf;
+    i64 mr = 0, nr = 0;
+    const int isa = chosen_isa();
+    if (in_code == F64) pick<double>(isa, fn, sf, mr, nr);
+    else pick<float>(isa, fn, sf, mr, nr);
+    return nr;
 }
 
 // Samples [n0, n0 + nb) of X (N, C, S0, S1, S2) with any element strides, copied channels-last into dst
@@ -717,7 +799,8 @@ void run(ConvProblem& pb, int in_code, int nthreads) {
     nthreads = std::max(1, nthreads);
     // the packed and in-place paths read runs of consecutive channels: copy them channels-last in blocks
     const bool direct = pb.Og <= EWCF_PSC_DIRECT_OG;
-    if (!direct && ((pb.sXc != 1 && pb.groups * pb.Cg > 1) || (pb.sGo != 1 && pb.O > 1)))
+    const bool cl_path = !direct || depthwise_ok(pb, in_code, nr_of(in_code));
+    if (cl_path && ((pb.sXc != 1 && pb.groups * pb.Cg > 1) || (pb.sGo != 1 && pb.O > 1)))
         return run_blocked(pb, in_code, nthreads);
     Plan plan;
     make_plan(pb, in_code, plan);

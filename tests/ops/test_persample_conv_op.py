@@ -177,6 +177,9 @@ INPLACE_CASES = [
     Case(3, 33, 13, (20,), (1,)),
     Case(2, 32, 12, (4, 5, 3), (3, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0)),
     Case(2, 32, 12, (2, 2), (3, 3), padding=(2, 2), dilation=(2, 2)),  # taps 0 and 2 of each dim: padding only
+    # depthwise with >= NR channels (the depthwise in-place path: channels in the vector lanes, last block shifted)
+    Case(3, 40, 40, (9, 8), (3, 3), stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=40),
+    Case(2, 33, 33, (12,), (3,), padding=(1,), groups=33),
 ]
 
 
@@ -292,12 +295,13 @@ def test_cpp_instruction_set_variants():
         "from ewc_fast.testing.conv import reference_persample_conv_sq\n"
         "torch.manual_seed(0)\n"
         "worst = 0.0\n"
-        "for dt, C in ((torch.float32, 6), (torch.float64, 6), (torch.bfloat16, 6), (torch.float32, 76),\n"
-        "              (torch.float64, 76)):\n"  # C = 76: 38 channels per group, the in-place path
-        "    X = torch.randn(2, C, 9, 8).to(dt); G = torch.randn(2, 20, 5, 8).to(dt)\n"
-        "    kw = dict(stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=2)\n"
+        "for dt, C, O, g in ((torch.float32, 6, 20, 2), (torch.float64, 6, 20, 2), (torch.bfloat16, 6, 20, 2),\n"
+        "                    (torch.float32, 76, 20, 2), (torch.float64, 76, 20, 2), (torch.float32, 20, 20, 20)):\n"
+        # C = 76: 38 channels per group, the in-place path; C = O = groups = 20: the depthwise one
+        "    X = torch.randn(2, C, 9, 8).to(dt); G = torch.randn(2, O, 5, 8).to(dt)\n"
+        "    kw = dict(stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=g)\n"
         "    rs, ra = reference_persample_conv_sq(G, X, (3, 3), **kw)\n"
-        "    sq = torch.zeros(20, C // 2, 3, 3, dtype=torch.float64); ab = torch.zeros_like(sq)\n"
+        "    sq = torch.zeros(O, C // g, 3, 3, dtype=torch.float64); ab = torch.zeros_like(sq)\n"
         "    persample_conv_sq_(sq, ab, G, X, backend='cpp', **kw)\n"
         "    for out, ref in ((sq, rs), (ab, ra)):\n"
         "        assert torch.isfinite(out).all()\n"
