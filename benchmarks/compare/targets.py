@@ -15,7 +15,8 @@ forward+backward over the same data, measured in the same process):
   than the batch-1 loop (ratio of the two rows' ``x plain``); no parameter on the torch.func fallback
   (``meta["fallback"]`` empty on every ewc_fast row).
 
-A target is ``met``, ``not met`` or ``n/a`` (no ewc_fast result, or no peer result to compare with).
+A target is ``met``, ``not met`` or ``n/a`` (no ewc_fast result, no peer result to compare with, or a
+ratio that rests on too few or too scattered timings: :func:`unreliable`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ HF_TARGETS_DOC = """\
   plain runs); no parameter on the torch.func fallback (meta["fallback"] empty)."""
 
 NO_RESULT = "ewc_fast did not produce a result"
+
+#: a ratio needs at least this many timed repeats of the row and of its interleaved plain runs ...
+MIN_REPEATS = 3
+#: ... and neither may scatter by more than this factor (max / min): beyond it the median says more
+#: about the machine's load than about the method
+MAX_SPREAD = 2.0
+
+
+def unreliable(row: dict) -> str | None:
+    """Why ``row``'s ``x plain`` ratio cannot decide a target (too few repeats, or a max/min spread over
+    :data:`MAX_SPREAD` in its own or its plain timings), or None when it can."""
+    for what, t in (("its", row.get("time")), ("its plain", row.get("plain"))):
+        if not t:
+            continue
+        if t.get("repeats", MIN_REPEATS) < MIN_REPEATS:
+            return f"unreliable: {what} timing has {t['repeats']} repeat(s) (< {MIN_REPEATS})"
+        if t.get("min_s") and t["max_s"] / t["min_s"] > MAX_SPREAD:
+            return f"unreliable: {what} timings spread {t['max_s'] / t['min_s']:.1f}x (max/min > {MAX_SPREAD:g})"
+    return None
 
 
 def ok_rows(rows: list[dict], contender: str | None = None, task: str = "fisher", pred=None) -> list[dict]:
@@ -73,6 +93,10 @@ def evaluate_targets(report: dict) -> list[dict]:
         )
 
     def ratio_to_plain(workload, target, row, limit):
+        why = row and unreliable(row)
+        if why:
+            add(workload, target, f"{row['ratio_to_plain']:.2f}x", None, why)
+            return
         add(
             workload,
             target,
@@ -157,7 +181,10 @@ def cnn_targets(wname, wl, rows, ef, add, ratio_to_plain) -> None:
     for peer in ("backpack", "opacus"):
         pr = ok_rows(rows, peer, pred=lambda r: r.get("within_tolerance", True) and r.get("ratio_to_plain"))
         tgt = f">= 5x faster than {peer} at equal results"
-        if ef and ef.get("ratio_to_plain") and pr:
+        why = ef and pr and (unreliable(ef) or unreliable(pr[0]))
+        if why:
+            add(wname, tgt, None, None, why)
+        elif ef and ef.get("ratio_to_plain") and pr:
             sp = pr[0]["ratio_to_plain"] / ef["ratio_to_plain"]
             how = f"x plain {pr[0]['ratio_to_plain']:.2f} / {ef['ratio_to_plain']:.2f}"
             add(wname, tgt, f"{sp:.2f}x ({how})", sp >= 5.0, ef["contender"])
@@ -189,7 +216,10 @@ def hf_targets(wname, rows, ef, add, ratio_to_plain) -> None:
     # process): on a shared machine the load differs between the rows' processes, not within one
     loop = ok_rows(rows, "per-sample-loop", pred=lambda r: r.get("ratio_to_plain") is not None)
     tgt = ">= 1.5x faster than the batch-1 loop"
-    if ef and loop and ef.get("ratio_to_plain"):
+    why = ef and loop and (unreliable(ef) or unreliable(loop[0]))
+    if why:
+        add(wname, tgt, None, None, why)
+    elif ef and loop and ef.get("ratio_to_plain"):
         sp = loop[0]["ratio_to_plain"] / ef["ratio_to_plain"]
         how = f"x plain {loop[0]['ratio_to_plain']:.2f} / {ef['ratio_to_plain']:.2f}"
         add(wname, tgt, f"{sp:.2f}x faster ({how})", sp >= 1.5, ef["contender"])

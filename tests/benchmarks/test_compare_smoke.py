@@ -311,3 +311,35 @@ def test_committed_report_renders_from_its_json():
     report = json.loads((results / "RESULTS.json").read_text())
     assert compare.format_markdown(report) == (results / "RESULTS.md").read_text()
     assert compare.evaluate_targets(report) == report["targets"]
+
+
+def test_a_target_is_not_decided_on_too_few_or_scattered_timings():
+    """A ratio from one repeat, or from timings spread by more than MAX_SPREAD, is n/a with the reason;
+    three steady repeats decide it."""
+    from benchmarks.compare.targets import MAX_SPREAD, evaluate_targets
+
+    def t(*xs):
+        return {"median_s": sorted(xs)[len(xs) // 2], "min_s": min(xs), "max_s": max(xs), "repeats": len(xs)}
+
+    def report(time, plain):
+        row = {
+            "workload": "cnn-32",
+            "contender": "ewc_fast[cpp]",
+            "kind": "ewc_fast",
+            "task": "fisher",
+            "status": "ok",
+            "time": time,
+            "plain": plain,
+            "ratio_to_plain": time["median_s"] / plain["median_s"],
+        }
+        return {"workloads": {"cnn-32": {"kind": "cnn"}}, "rows": [row]}
+
+    def fisher_target(rep):
+        return next(x for x in evaluate_targets(rep) if x["target"].startswith("Fisher <="))
+
+    steady = fisher_target(report(t(1.0, 1.1, 1.05), t(1.0, 1.0, 1.0)))
+    assert steady["status"] == "met" and steady["value"] == "1.05x"
+    one = fisher_target(report(t(0.5), t(1.0, 1.0, 1.0)))
+    assert one["status"] == "n/a" and "1 repeat" in one["detail"] and one["value"] == "0.50x"
+    wide = fisher_target(report(t(1.0, 1.0, 1.0), t(1.0, 1.0, MAX_SPREAD * 1.5)))
+    assert wide["status"] == "n/a" and "its plain timings spread" in wide["detail"]
