@@ -445,3 +445,30 @@ def assert_unchanged(before, *objs):
     after = frozen(*objs)
     for i, (a, b) in enumerate(zip(before, after)):
         assert _same(a, b), f"state of argument #{i} ({type(objs[i]).__name__}) changed"
+
+
+def isa_variant_results(child_code: str, tmp_path) -> dict:
+    """Run ``child_code`` (Python source; it must ``torch.save((chosen_isa, result), sys.argv[1])``) once
+    per C++ instruction-set cap (``EWC_FAST_CPP_ISA`` = generic / avx2 / avx512, chosen once per process,
+    so each needs its own process) and return ``{chosen_isa: result}``. Caps the CPU lacks fall back to a
+    lower level, so the dict holds one entry per distinct build that ran; the generic build (0) always
+    runs, which is asserted. Skips the test when the C++ extension is not built."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reason = why_unavailable("cpp", torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    root = str(Path(__file__).resolve().parents[1])
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
+        path = str(tmp_path / f"{isa}.pt")
+        run = subprocess.run([sys.executable, "-c", child_code, path], env=env, cwd=root, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        chosen, out = torch.load(path)
+        results[chosen] = out
+    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    return results

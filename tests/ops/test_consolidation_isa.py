@@ -13,15 +13,9 @@ instruction's operand order on x86, and no op promises a NaN payload.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 
-from ewc_fast.ops.backends import why_unavailable
+from tests.helpers import isa_variant_results
 
 _CHILD = """
 import sys, torch
@@ -68,20 +62,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_cpp_consolidation_instruction_set_variants(tmp_path):
-    reason = why_unavailable("cpp", torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
-    root = str(Path(__file__).resolve().parents[2])
-    results = {}
-    for isa in ("generic", "avx2", "avx512"):
-        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
-        path = str(tmp_path / f"{isa}.pt")
-        run = subprocess.run([sys.executable, "-c", _CHILD, path], env=env, cwd=root, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        chosen, out = torch.load(path)
-        results[chosen] = out
-    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    results = isa_variant_results(_CHILD, tmp_path)
     base = results[0]
     assert len(base) == 5 * 6
     for chosen, out in results.items():

@@ -16,10 +16,6 @@ each tolerance below says where it comes from.
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +24,7 @@ import ewc_fast
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import consolidation as reference
-from tests.helpers import BACKEND_CASES, backend_for, on_device
+from tests.helpers import BACKEND_CASES, backend_for, isa_variant_results, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 PARAM_DTYPES = (F32, F64, BF16, F16)
@@ -610,20 +606,7 @@ torch.save((ext().persample_isa(), out), sys.argv[1])
 def test_cpp_penalty_instruction_set_variants(tmp_path):
     """penalty_apply_'s generic / AVX2 / AVX-512 builds (EWC_FAST_CPP_ISA caps the choice, made once per
     process) give bit-identical gradients and sums: same operations and lane order, no FMA contraction."""
-    reason = why_unavailable("cpp", torch.device("cpu"))
-    if reason:
-        pytest.skip(reason)
-    root = str(Path(__file__).resolve().parents[2])
-    results = {}
-    for isa in ("generic", "avx2", "avx512"):
-        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
-        path = str(tmp_path / f"{isa}.pt")
-        run = subprocess.run([sys.executable, "-c", _ISA_CHILD, path], env=env, cwd=root, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        chosen, out = torch.load(path)
-        results[chosen] = out
-    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    results = isa_variant_results(_ISA_CHILD, tmp_path)
     for chosen, out in results.items():
         for key, (val, g) in out.items():
             assert val.item() == results[0][key][0].item(), (chosen, key)  # bitwise equal doubles

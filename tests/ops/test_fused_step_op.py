@@ -11,18 +11,13 @@ tensor by relative norm error (NaN/inf never pass); each tolerance says where it
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from ewc_fast import ops
 from ewc_fast.ops.backends import why_unavailable
 from ewc_fast.testing import fused_step as oracle
-from tests.helpers import BACKEND_CASES, backend_for, on_device
+from tests.helpers import BACKEND_CASES, backend_for, isa_variant_results, on_device
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -244,19 +239,7 @@ torch.save((ext().persample_isa(), out), sys.argv[1])
 def test_cpp_instruction_set_variants(tmp_path):
     """The generic / AVX2 / AVX-512 builds of the step (EWC_FAST_CPP_ISA caps the choice, made once per
     process) give bit-identical results: same operations in the same order, no FMA contraction."""
-    if why_unavailable("cpp", torch.device("cpu")):
-        pytest.skip("no C++ extension")
-    root = str(Path(__file__).resolve().parents[2])
-    results = {}
-    for isa in ("generic", "avx2", "avx512"):
-        env = dict(os.environ, EWC_FAST_CPP_ISA=isa, OMP_NUM_THREADS="2", PYTHONPATH=root)
-        path = str(tmp_path / f"{isa}.pt")
-        run = subprocess.run([sys.executable, "-c", _ISA_CHILD, path], env=env, cwd=root, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        chosen, out = torch.load(path)
-        results[chosen] = out
-    assert 0 in results  # the generic build always runs; the others where the CPU has them
+    results = isa_variant_results(_ISA_CHILD, tmp_path)
     base = results[0]
     for chosen, out in results.items():
         for name, (val, t) in out.items():
