@@ -65,6 +65,11 @@ def test_hf_targets_are_evaluated(hf_report):
             "no parameter on the torch.func fallback",
         }
         assert by[w]["no parameter on the torch.func fallback"]["status"] == "met"
-        assert all(t["status"] in ("met", "not met") for t in by[w].values())
+        # a correctness run (repeats=0) times each row once: too few repeats to decide a speed target,
+        # so each is n/a with that reason rather than met / not met on one timing
+        speed = [t for name, t in by[w].items() if name != "no parameter on the torch.func fallback"]
+        assert all(
+            t["status"] == "n/a" and t["detail"].startswith("unreliable: its timing has 1 repeat") for t in speed
+        ), speed
     md = compare.format_markdown(hf_report)
     assert "Hugging Face models" in md and "## hf-gpt2" in md
