@@ -95,6 +95,27 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
+def _bandwidth_table(first: str, rows: list[dict]) -> list[str]:
+    """A bandwidth table (consolidation ops, fused optimizer step): one row per measured ``key``, its
+    bytes per parameter, time, GB/s, share of the same-run copy bandwidth and ratio to torch's AdamW."""
+    return _table(
+        [first, "params", "B/param", "ms", "GB/s", "% copy bw", "× AdamW step", "bytes"],
+        [
+            [
+                r["key"],
+                r["params"],
+                r["bytes_per_param"],
+                r["seconds"] * 1e3,
+                r["gb_s"],
+                None if r.get("copy_share") is None else r["copy_share"] * 100,
+                r.get("vs_adamw"),
+                r["bytes_model"],
+            ]
+            for r in rows
+        ],
+    )
+
+
 def _status_line(t: dict) -> str:
     parts = [f"status: **{t.get('status', '?')}**"]
     if t.get("seconds") is not None:
@@ -216,43 +237,13 @@ def render(data: dict) -> str:
     if "consolidation" in T:
         t = T["consolidation"]
         L += ["", "## Consolidation ops vs copy bandwidth and torch's fused AdamW", "", _status_line(t), ""]
-        L += _table(
-            ["op", "params", "B/param", "ms", "GB/s", "% copy bw", "× AdamW step", "bytes"],
-            [
-                [
-                    r["key"],
-                    r["params"],
-                    r["bytes_per_param"],
-                    r["seconds"] * 1e3,
-                    r["gb_s"],
-                    None if r.get("copy_share") is None else r["copy_share"] * 100,
-                    r.get("vs_adamw"),
-                    r["bytes_model"],
-                ]
-                for r in t.get("rows", [])
-            ],
-        )
+        L += _bandwidth_table("op", t.get("rows", []))
     if "optim" in T:
         t = T["optim"]
         L += ["", "## Fused optimizer step vs torch's fused AdamW", "", _status_line(t)]
         if t.get("rows"):
             L.append("")
-            L += _table(
-                ["step", "params", "B/param", "ms", "GB/s", "% copy bw", "× AdamW step", "bytes"],
-                [
-                    [
-                        r["key"],
-                        r["params"],
-                        r["bytes_per_param"],
-                        r["seconds"] * 1e3,
-                        r["gb_s"],
-                        None if r.get("copy_share") is None else r["copy_share"] * 100,
-                        r.get("vs_adamw"),
-                        r["bytes_model"],
-                    ]
-                    for r in t["rows"]
-                ],
-            )
+            L += _bandwidth_table("step", t["rows"])
     L.append("")
     return "\n".join(L)
 
