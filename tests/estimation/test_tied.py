@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ewc_fast
@@ -32,8 +33,9 @@ class TiedLM(nn.Module):
     ``order="emb_head"``: a language model (token logits through the embedding matrix; ``pooled``:
     logits of the mean state, (N, V), so fisher_exact applies). ``order="head_emb"``: the head scores
     per-token features first, the embedding of the same ids follows, gated by those scores; a
-    classifier (N, 3). ``twice``: the first use is called a second time (on flipped ids / squared
-    features), so a use concatenates two calls."""
+    classifier (N, 3). ``order="functions"``: the matrix enters torch functions only (``F.embedding``,
+    ``F.linear`` twice, a soft embedding ``probs @ W``). ``twice``: the first use is called a second
+    time (on flipped ids / squared features), so a use concatenates two calls."""
 
     def __init__(self, order="emb_head", twice=False, pooled=False, seed=0):
         super().__init__()
@@ -47,6 +49,11 @@ class TiedLM(nn.Module):
         self.out = nn.Linear(D, 3)
 
     def forward(self, ids):
+        if self.order == "functions":  # F.embedding, a soft embedding (probs @ W, addmm-type), F.linear
+            h = F.embedding(ids, self.emb.weight, padding_idx=PAD)
+            probs = torch.softmax(self.mid(h), -1)  # (N, T, D)
+            soft = torch.softmax(F.linear(probs, self.emb.weight), -1) @ self.emb.weight  # (N, T, V) @ (V, D)
+            return F.linear(torch.tanh(h + soft).mean(1), self.emb.weight)  # (N, V)
         if self.order == "emb_head":
             h = self.emb(ids)
             if self.twice:
@@ -85,6 +92,7 @@ CASES = {
     "lm_twice": (dict(order="emb_head", twice=True), "token", ("fisher", "mas")),
     "lm_pooled": (dict(order="emb_head", pooled=True), "vocab", ALL),
     "head_first": (dict(order="head_emb"), "cls", ALL),
+    "functions": (dict(order="functions"), "vocab", ("fisher", "mas", "fisher_exact")),
     "head_first_twice": (dict(order="head_emb", twice=True), "cls", ("fisher", "mas", "fisher_mc")),
 }
 
