@@ -6,6 +6,7 @@
 * :mod:`.plan`        -- which path (rule, tied sum, fallback) serves each parameter, from its uses.
 * :mod:`.capture`     -- forward hooks recording the planned calls; in-place detection; saved model state.
 * :mod:`.stream`      -- the backward to the captured outputs and the consumer of their gradients.
+* :mod:`.tied`        -- the sums of a tied parameter (kernel + row correction, or dense per-sample gradients).
 * :mod:`.methods`     -- method names, per-sample losses, backward seeds, divisors (formulas in its docstring).
 * :mod:`.sig`         -- SIG's factor sums and its collective |w| fallback.
 * :mod:`.rules`       -- per-layer rules (Linear, Conv, Embedding, norms, MultiheadAttention), registry ``RULES``.

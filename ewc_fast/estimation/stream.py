@@ -11,7 +11,7 @@ arrived, its rule (:mod:`.rules`) or the ``torch.func`` fallback (:mod:`.fallbac
 ``retain_graph``), so are the module's captured inputs. Peak memory thus stays near a plain
 forward+backward's instead of holding every layer's G until the backward ends. Modules serving tied
 parameters keep their gradients until the backward ends: the tied sums (per-sample gradients of
-every use summed before squaring) need all uses and are done in :meth:`Stream.finish`.
+every use summed before squaring, :mod:`.tied`) need all uses and are done in :meth:`Stream.finish`.
 
 Tensors a rule captured *inside* a call (:attr:`~.rules.Call.inner`, e.g. the projections of
 ``nn.MultiheadAttention``) are hooked and counted like outputs; their gradients follow the output
@@ -33,8 +33,8 @@ from .fallback import FunctionalFallback
 from .methods import Seed
 from .plan import Plan
 from .provenance import BDim, Unknown, batch_first
-from .rules import chunk_rows, reduce_into
 from .shared import SharedGrads
+from .tied import accumulate_tied
 
 __all__ = ["Stream", "walk", "call_grads"]
 
@@ -232,18 +232,12 @@ class Stream:
         for mkey in list(self.received):
             if mkey not in self.done and mkey not in self.tied_modules:
                 self._process(mkey)
-        n = self.n
         for t in self.plan.tied:
-            buf = self.bufs[t.full]
-            step = chunk_rows(n, 4 * buf.numel())
             per_use = []
             for u in t.uses:
                 cs = self.capture.calls[u.key]
                 per_use.append((u, cs, call_grads(cs, self.received[u.key], u.rule.per_leaf)))
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                ps = sum(u.rule.per_sample(u.target, cs, gs, [u.local], lo, hi, n)[u.local] for u, cs, gs in per_use)
-                reduce_into(buf, ps, self.seed.mode)
+            accumulate_tied(per_use, self.bufs[t.full], self.seed.mode, self.n, self.backend)
             if hasattr(self.bufs, "flush"):
                 self.bufs.flush([t.full])
         for mkey in self.tied_modules:

@@ -82,9 +82,10 @@ def test_causal_lm_label_shift_and_token_mean():
 
 def test_tied_embedding_and_lm_head_is_exact():
     """GPT-2's LM head is the token embedding matrix (one parameter, two uses: ``nn.Embedding`` and
-    ``F.linear`` in the head). Its importance (per-sample gradients of both uses summed before squaring,
+    the ``nn.Linear`` head). Its importance (per-sample gradients of both uses summed before squaring,
     causal-LM labels) is exact against the float64 loop, and reported once under the embedding's name."""
     from ewc_fast.estimation.plan import build_plan, discover
+    from ewc_fast.estimation.tied import split_applies
 
     model, data = hf_model("gpt2"), hf_batches("gpt2", sizes=(3, 1))
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -92,6 +93,7 @@ def test_tied_embedding_and_lm_head_is_exact():
     ids = data[0]["input_ids"]
     plan = build_plan(model, trainable, discover(model, {"input_ids": ids}, {id(p) for _, p in trainable}, len(ids)))
     assert [t.full for t in plan.tied] == ["transformer.wte.weight"] and not plan.fallbacks
+    assert split_applies(plan.tied[0].uses)  # the head through persample_sq_, a correction on the ids' rows
     methods = ("fisher", "mas", "fisher_mc")
     res = ewc_fast.estimate_importance(model, data, methods, progress=False, generator=torch.Generator().manual_seed(5))
     ref = loop_reference(model, data, methods, label_shift=True, generator=torch.Generator().manual_seed(5))

@@ -203,6 +203,10 @@ class Rule:
     #: an :class:`InnerCapture` subclass whose instance watches inside this rule's module calls
     #: (None: the rule reads only the calls' inputs and output gradients)
     inner_capture: type | None = None
+    #: parameters whose per-sample gradient is a product L_n^T R_n (:meth:`product_pairs`)
+    product_names: tuple[str, ...] = ()
+    #: parameters whose per-sample gradient is non-zero on a few rows only (:meth:`row_grads`)
+    row_names: tuple[str, ...] = ()
 
     def handles(self, module: nn.Module) -> tuple[str, ...]:
         """Names of the parameters this rule handles, relative to ``module``: direct ones (``"weight"``)
@@ -217,6 +221,25 @@ class Rule:
         """Per-sample gradients ``(hi - lo, *param.shape)`` of the named parameters for samples
         ``lo:hi`` (summed over the module's calls)."""
         raise NotImplementedError
+
+    def product_pairs(
+        self, module: nn.Module, calls: list[Call], grads: list, name: str, lo: int, hi: int, n: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """For a parameter in :attr:`product_names`, shaped (rows, cols): (L (c, t, rows), R (c, t, cols))
+        for samples ``lo:hi`` (c = hi - lo), the calls concatenated along t, such that sample k's
+        gradient is L_k^T R_k (``nn.Linear``'s weight: L = G, R = A); (None, None) when no call received
+        a gradient. Lets the tied path (:mod:`ewc_fast.estimation.tied`) square a sum over uses without
+        forming per-sample gradients."""
+        raise NotImplementedError(f"{type(self).__name__} has no product form for {name!r}")
+
+    def row_grads(
+        self, module: nn.Module, calls: list[Call], grads: list, name: str, lo: int, hi: int, n: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """For a parameter in :attr:`row_names`, shaped (rows, D): (ids (c, t) int64, vals (c, t, D)) for
+        samples ``lo:hi``: sample k's gradient is sum_t vals[k, t] put at row ids[k, t] (duplicate ids
+        summed; rows PyTorch gives no gradient, e.g. ``padding_idx``, have zero ``vals``); (None, None)
+        when no call received a gradient."""
+        raise NotImplementedError(f"{type(self).__name__} has no row form for {name!r}")
 
     def accumulate(
         self,

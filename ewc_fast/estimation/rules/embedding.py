@@ -25,6 +25,7 @@ class EmbeddingRule(Rule):
     (``padding_idx``, ``max_norm``, ``scale_grad_by_freq``: see the module doc)."""
 
     param_names = ("weight",)
+    row_names = ("weight",)
 
     def _ids_grads(self, module, calls, grads, lo, hi, n):
         ids, gs = [], []
@@ -37,6 +38,9 @@ class EmbeddingRule(Rule):
         if module.padding_idx is not None:
             gs = gs * (ids != module.padding_idx).unsqueeze(-1).to(gs.dtype)
         return ids, gs
+
+    def row_grads(self, module, calls, grads, name, lo, hi, n):
+        return self._ids_grads(module, calls, grads, lo, hi, n)
 
     def _scatter(self, ids, gs, dtype):
         """(uniq ids, per-sample rows (c, U, D)) with duplicates of a sample summed."""

@@ -90,12 +90,19 @@ class _Delegating(Rule):
     def accumulate(self, target, calls, grads, bufs, mode, n, backend):
         self.inner.accumulate(self.module_of(target, calls[0]), calls, grads, bufs, mode, n, backend)
 
+    def product_pairs(self, target, calls, grads, name, lo, hi, n):
+        return self.inner.product_pairs(self.module_of(target, calls[0]), calls, grads, name, lo, hi, n)
+
+    def row_grads(self, target, calls, grads, name, lo, hi, n):
+        return self.inner.row_grads(self.module_of(target, calls[0]), calls, grads, name, lo, hi, n)
+
     def sig(self, target, calls, names, n, activation):
         return self.inner.sig(self.module_of(target, calls[0]), calls, names, n, None)
 
 
 class LinearFunc(_Delegating):
     param_names = ("weight", "bias")
+    product_names = ("weight",)
     inner = LinearRule()
 
     def module_of(self, target, call):
@@ -108,6 +115,7 @@ class LinearFunc(_Delegating):
 
 class EmbeddingFunc(_Delegating):
     param_names = ("weight",)
+    row_names = ("weight",)
     inner = EmbeddingRule()
 
     def module_of(self, target, call):
@@ -194,6 +202,11 @@ class MatmulFunc(Rule):
     """``addmm(bias, x, W)`` / ``matmul(x, W)`` / ``mm(x, W)`` with W (in, out): P_n = A_n^T G_n."""
 
     param_names = ("weight_t", "bias")
+    product_names = ("weight_t",)
+
+    def product_pairs(self, target, calls, grads, name, lo, hi, n):
+        G, A = self._pairs(target, calls, grads, lo, hi, n)
+        return (None, None) if G is None else (A.to(G.dtype), G)  # P_n = A_n^T G_n: (in, out)
 
     def _pairs(self, target, calls, grads, lo, hi, n):
         xpos = 1 if target.fname == "addmm" else 0

@@ -23,6 +23,8 @@ __all__ = ["LinearRule"]
 class LinearRule(Rule):
     """nn.Linear with any leading dims: (N, in) -> T = 1, (N, *, in) -> T = prod(*)."""
 
+    product_names = ("weight",)
+
     def pairs(self, module, calls, grads, n, lo=0, hi=None):
         """(G (c, T, out), A (c, T, in)) with the calls that received a gradient concatenated along T."""
         hi = n if hi is None else hi
@@ -33,6 +35,10 @@ class LinearRule(Rule):
         if not gs:
             return None, None
         return cat_tokens(gs), cat_tokens(as_)
+
+    def product_pairs(self, module, calls, grads, name, lo, hi, n):
+        G, A = self.pairs(module, calls, grads, n, lo, hi)
+        return (G, None if A is None else A.to(G.dtype))
 
     def per_sample(self, module, calls, grads, names, lo, hi, n):
         G, A = self.pairs(module, calls, grads, n, lo, hi)
