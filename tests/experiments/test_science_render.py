@@ -146,11 +146,16 @@ def test_conv_section_reference_column_and_lam_scan(tmp_path):
 
     _write(tmp_path / "conv/permuted_mnist.json", result("fisher", [(675.0, 0.4)]))
     _write(tmp_path / "conv/scan/fisher/permuted_mnist.json", result("fisher", [(6.75, 0.6), (675.0, 0.4)]))
+    code = result("fisher", [(675.0, 0.3)])
+    code["config"]["model"] = "kutalev-cnn-code"  # the authors' net: its own rows, after ours
+    _write(tmp_path / "conv/scan/code/permuted_mnist.json", code)
     text = "\n".join(render_science(tmp_path))
     assert "(60 steps per task)" in text
     # learned = mean of R[i][i] = (a + a + 0.1) / 2; theirs from Kutalev & Lapina 2021's conv rows
     assert "| fisher | 675 | 0.4000 | 0.0000 | -0.1000 | 0.450 | 675 → 0.585 |" in text
     assert "### Smaller runs and λ scans of the conv net" in text
-    # sorted by steps, tasks, anchoring, then method and λ
-    i = text.index("| 60 | 2 | `latest` | fisher | 6.75 | 0.6000 | -0.1000 | 0.650 | 1 | 675 → 0.585 |")
-    assert text.index("| 60 | 2 | `latest` | fisher | 675 | 0.4000 | -0.1000 | 0.450 | 1 | 675 → 0.585 |") > i
+    # sorted by steps, tasks, anchoring, model, then method and λ
+    i = text.index("| 60 | 2 | `latest` | `kutalev-cnn` | fisher | 6.75 | 0.6000 | -0.1000 | 0.650 | 1 | 675 → 0.585 |")
+    j = text.index("| 60 | 2 | `latest` | `kutalev-cnn` | fisher | 675 | 0.4000 | -0.1000 | 0.450 | 1 | 675 → 0.585 |")
+    k = text.index("| 60 | 2 | `latest` | `kutalev-cnn-code` | fisher | 675 | 0.3000 | -0.1000 | 0.350 | 1 | 675 → ")
+    assert i < j < k

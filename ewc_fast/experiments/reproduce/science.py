@@ -260,15 +260,15 @@ def _render_permuted(
 
 def _render_conv_scans(scans: list[dict]) -> list[str]:
     """Smaller runs and λ scans of the conv net (every ``results/conv/scan/*/permuted_mnist.json``),
-    one table: a row per run size × anchoring × method × λ, sorted."""
+    one table: a row per run size × anchoring × model × method × λ, sorted."""
     L = [
         "### Smaller runs and λ scans of the conv net",
         "",
         "Every row: one `permuted-mnist` output under `results/conv/scan/` (command and wall time in its `meta`).",
         "",
-        "| steps per task | tasks | anchoring | method | λ (ours) | final mean accuracy | BWT | learned (mean R[i][i]) "
-        "| runs | theirs: λ → accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| steps per task | tasks | anchoring | model | method | λ (ours) | final mean accuracy | BWT "
+        "| learned (mean R[i][i]) | runs | theirs: λ → accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for r in scans:
@@ -280,8 +280,8 @@ def _render_conv_scans(scans: list[dict]) -> list[str]:
                 ref = CONV_REFERENCE.get(m)
                 rows.append(
                     (
-                        (_steps(r), r["n_tasks"], c["anchor"], m != "none", m, entry["lam"]),
-                        f"| {_steps(r)} | {r['n_tasks']} | `{c['anchor']}` | {m} | {entry['lam']:g} | "
+                        (_steps(r), r["n_tasks"], c["anchor"], c["model"], m != "none", m, entry["lam"]),
+                        f"| {_steps(r)} | {r['n_tasks']} | `{c['anchor']}` | `{c['model']}` | {m} | {entry['lam']:g} | "
                         f"{s['final_mean_acc']:.4f}{_range(entry.get('runs'), 'final_mean_acc')} | {s['bwt']:+.4f} | "
                         f"{float(np.mean(np.diag(R))):.3f} | {s['n_runs']} | "
                         + (f"{ref[0]:g} → {ref[1]:.3f} |" if ref else "— |"),
