@@ -42,6 +42,8 @@ from ewc_fast.experiments.records import write_json
 
 from ._timing import summarize
 from .bench_consolidation import ragged_sizes, si_workload
+from .workloads import WORKLOADS  # noqa: F401  (registers the CNN workloads; workloads_cnn imports it)
+from .workloads_cnn import ResNet18
 
 BYTES = {
     "adamw": {"torch": 28, "today": 84, "ours": 48},
@@ -142,9 +144,31 @@ def bench_step(total: int, algo: str, repeats: int) -> dict:
     return out
 
 
-def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
+def train_workload(model_name: str, width: int, batch: int):
+    """``(model, x, y, loss_fn)`` of a training-step row: ``"mlp"`` is the SI benchmark's seeded MLP
+    784-(width x 2)-10 (the cheapest forward + backward per parameter: one multiply-add per parameter
+    and sample each way, so the worst case for SI's share); ``"resnet18-32"`` is the CIFAR ResNet-18
+    (11.2M parameters, BatchNorm in train mode) on seeded 3x32x32 images, the network continual-learning
+    papers train on CIFAR (about 50 multiply-adds per parameter and image)."""
+    if model_name == "mlp":
+        model, x, y, _, loss_fn = si_workload(width, 2, batch, "cpu")
+        return model, x, y, loss_fn
+    if model_name == "resnet18-32":
+        torch.manual_seed(0)
+        model = ResNet18(64).train()
+        x = torch.randn(batch, 3, 32, 32)
+        y = torch.randint(0, 10, (batch,))
+        return model, x, y, nn.CrossEntropyLoss()
+    raise ValueError(f"unknown training-step model {model_name!r} (choices: {TRAIN_MODELS})")
+
+
+TRAIN_MODELS = ("mlp", "resnet18-32")
+
+
+def bench_train_step(width: int, depth: int, batch: int, repeats: int, model_name: str = "mlp") -> dict:
     """SI's own share of a whole training step: forward + backward + fused AdamW step with EWC, with SI
-    vs without SI (the same optimizer class, the same model and batch).
+    vs without SI (the same optimizer class, the same model and batch; ``model_name`` from
+    :data:`TRAIN_MODELS`, see :func:`train_workload`; ``depth`` is the MLP's and must be 2).
 
     Paired and interleaved: each round runs both contenders once, in alternating order, plus the two
     optimizer steps alone (gradients in place); the overhead is the median over rounds of the per-round
@@ -152,7 +176,9 @@ def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
     (read + write fp32 omega) to the 40 B/param of the EWC step, so it should cost
     (8/40) * t(step alone) of a whole step of t(whole), i.e. predicted overhead = 0.2 * t_step / t_whole.
     """
-    model, x, y, _, loss_fn = si_workload(width, depth, batch, "cpu")
+    if depth != 2:
+        raise ValueError(f"bench_train_step: the training-step MLP has depth 2, got {depth}")
+    model, x, y, loss_fn = train_workload(model_name, width, batch)
     ewc = _consolidated(model)
     si = ewc_fast.SynapticIntelligence(model)
     with_si = optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0, ewc=ewc, si=si)
@@ -179,6 +205,7 @@ def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
     paired = statistics.median(b / a for a, b in zip(times["ewc"], times["ewc+si"]))
     n = sum(p.numel() for p in model.parameters())
     return {
+        "model": model_name,
         "params": n,
         "width": width,
         "batch": batch,
@@ -194,15 +221,36 @@ def bench_train_step(width: int, depth: int, batch: int, repeats: int) -> dict:
     }
 
 
+def _train_row(args, nt: int, model_name: str, batch: int, results: dict) -> None:
+    tr = bench_train_step(args.train_width, 2, batch, args.train_repeats, model_name)
+    tr["threads"] = nt
+    results["train"].append(tr)
+    print(
+        f"[{nt}t] train step ({model_name}, {tr['params']:,} params, batch {batch}): EWC {tr['ewc_ms']:.1f} ms, "
+        f"EWC+SI {tr['ewc_si_ms']:.1f} ms (steps alone {tr['step_ewc_ms']:.1f} / "
+        f"{tr['step_ewc_si_ms']:.1f} ms), SI overhead {100 * tr['si_overhead']:+.1f}% "
+        f"(of medians {100 * tr['si_overhead_of_medians']:+.1f}%, "
+        f"bytes model {100 * tr['si_overhead_predicted']:+.1f}%)",
+        flush=True,
+    )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6])
+    ap.add_argument("--sizes", type=float, nargs="*", default=[10e6, 100e6], help="optimizer-step sizes (none: skip)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--algos", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
     ap.add_argument("--train-width", type=int, default=2048, help="MLP width of the training-step rows (0: skip)")
     ap.add_argument("--train-batch", type=int, nargs="+", default=[64, 256, 1024], help="batch sizes of those rows")
     ap.add_argument("--train-repeats", type=int, default=21, help="paired rounds of the training-step rows")
+    ap.add_argument(
+        "--train-models",
+        nargs="+",
+        default=["mlp"],
+        choices=TRAIN_MODELS,
+        help="models of the training-step rows (mlp: the worst case for SI's share; resnet18-32: CIFAR ResNet-18)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
@@ -226,18 +274,9 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
         if args.train_width:
-            for batch in args.train_batch:
-                tr = bench_train_step(args.train_width, 2, batch, args.train_repeats)
-                tr["threads"] = nt
-                results["train"].append(tr)
-                print(
-                    f"[{nt}t] train step ({tr['params']:,} params, batch {batch}): EWC {tr['ewc_ms']:.1f} ms, "
-                    f"EWC+SI {tr['ewc_si_ms']:.1f} ms (steps alone {tr['step_ewc_ms']:.1f} / "
-                    f"{tr['step_ewc_si_ms']:.1f} ms), SI overhead {100 * tr['si_overhead']:+.1f}% "
-                    f"(of medians {100 * tr['si_overhead_of_medians']:+.1f}%, "
-                    f"bytes model {100 * tr['si_overhead_predicted']:+.1f}%)",
-                    flush=True,
-                )
+            for model_name in args.train_models:
+                for batch in args.train_batch:
+                    _train_row(args, nt, model_name, batch, results)
     machine["loadavg_end"] = os.getloadavg()
     print(f"load average (1/5/15 min): start {machine['loadavg_start']}, end {machine['loadavg_end']}", flush=True)
     if args.out:

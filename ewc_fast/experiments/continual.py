@@ -242,6 +242,8 @@ class RunResult:
     train_time_s: float = 0.0
     importance_time_s: float = 0.0
     importance_times_s: list = field(default_factory=list)  # one entry per consolidation
+    # per consolidation: {"max", "max_mean"} of the task's importance (None: nothing consolidated)
+    importance_stats: list = field(default_factory=list)
 
     @property
     def mean_acc_seen(self) -> list[float]:
@@ -281,6 +283,7 @@ class RunResult:
             "train_time_s": self.train_time_s,
             "importance_time_s": self.importance_time_s,
             "importance_times_s": self.importance_times_s,
+            "importance_stats": self.importance_stats,
         }
 
 
@@ -345,6 +348,7 @@ def run_sequence(
     R, L, curve = [], [], []
     train_time = imp_time = 0.0
     imp_times: list[float] = []
+    imp_stats: list = []
     for i, task in enumerate(tasks):
         x_task, y_task = task.apply(x_tr, y_tr)
         x_task, y_task = x_task.to(dev), y_task.to(dev)
@@ -374,6 +378,7 @@ def run_sequence(
             dt = strategy.end_task(x_imp, y_imp, gen, task=task)
             imp_time += dt
             imp_times.append(dt)
+            imp_stats.append(strategy.last_stats)
         accs, losses = eval_all()
         R.append(accs)
         L.append(losses)
@@ -387,7 +392,18 @@ def run_sequence(
             on_task_end(i, model, x_imp, y_imp, strategy)
         del x_task, y_task
     return RunResult(
-        cfg.method, cfg.lam, seed, [t.name for t in tasks], R, L, initial, curve, train_time, imp_time, imp_times
+        cfg.method,
+        cfg.lam,
+        seed,
+        [t.name for t in tasks],
+        R,
+        L,
+        initial,
+        curve,
+        train_time,
+        imp_time,
+        imp_times,
+        imp_stats,
     )
 
 

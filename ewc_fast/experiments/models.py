@@ -13,6 +13,10 @@
 * ``kutalev-cnn`` — the shape of Kutalev & Lapina 2021's conv net (3 conv + BatchNorm, 1 linear): three
   blocks Conv 3×3 'same' (16, 32, 64 filters) → BatchNorm → ReLU → MaxPool 2×2, then Linear 576→10.
   Their filter counts are not given in the paper: these are ours (29 k parameters).
+* ``kutalev-cnn-code`` — the conv net of the authors' code (``aakutalev/ewc-features``,
+  ``section2``/``section3`` ``convolutional-ewc-*.py``): Conv 64@5×5 (valid) → BatchNorm → leaky-ReLU →
+  MaxPool 2×2 → Conv 128@3×3 (valid) → BatchNorm → leaky-ReLU → Conv 256@3×3 (valid) → BatchNorm →
+  leaky-ReLU → Linear 8·8·256→10 on 28×28 images (535 k parameters, 18× ``kutalev-cnn``).
 * ``attention`` — a small self-attention classifier: the image as 16 tokens of 7×7 patches, Linear
   49→32 plus a fixed sinusoidal position code, one ``nn.MultiheadAttention`` (2 heads) with a residual
   connection, LayerNorm, mean over tokens, Linear 32→10 (5.9 k parameters).
@@ -34,6 +38,7 @@ __all__ = [
     "SeedCNN",
     "SmallCNN",
     "KutalevCNN",
+    "KutalevCodeCNN",
     "PatchAttention",
     "build_model",
     "MODEL_NAMES",
@@ -41,7 +46,7 @@ __all__ = [
     "sig_activations",
 ]
 
-MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn", "mlp400", "kutalev-cnn", "attention")
+MODEL_NAMES = ("mlp", "cnn", "small-mlp", "small-cnn", "mlp400", "kutalev-cnn", "kutalev-cnn-code", "attention")
 
 
 class MLP(nn.Sequential):
@@ -127,6 +132,34 @@ class KutalevCNN(nn.Sequential):
         super().__init__(OrderedDict(layers))
 
 
+class KutalevCodeCNN(nn.Sequential):
+    """The authors' conv net (see module doc): Conv 5×5 → BN → leaky-ReLU → MaxPool 2×2, then two
+    × (Conv 3×3 → BN → leaky-ReLU), all 'valid', then Flatten → Linear. Spatial side: s → s − 4 →
+    (s − 4) // 2 → … − 2 → … − 2 (28 → 24 → 12 → 10 → 8)."""
+
+    def __init__(self, image_size: int = 28, n_out: int = 10, widths: Sequence[int] = (64, 128, 256)):
+        side = (image_size - 4) // 2 - 4
+        if side < 1:
+            raise ValueError(f"kutalev-cnn-code needs images of at least 14×14 pixels, got {image_size}×{image_size}")
+        c1, c2, c3 = widths
+        layers: list[tuple[str, nn.Module]] = [
+            ("unflatten", nn.Unflatten(1, (1, image_size, image_size))),
+            ("conv1", nn.Conv2d(1, c1, 5)),
+            ("bn1", nn.BatchNorm2d(c1)),
+            ("act1", nn.LeakyReLU()),
+            ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(c1, c2, 3)),
+            ("bn2", nn.BatchNorm2d(c2)),
+            ("act2", nn.LeakyReLU()),
+            ("conv3", nn.Conv2d(c2, c3, 3)),
+            ("bn3", nn.BatchNorm2d(c3)),
+            ("act3", nn.LeakyReLU()),
+            ("flatten", nn.Flatten()),
+            ("out", nn.Linear(c3 * side * side, n_out)),
+        ]
+        super().__init__(OrderedDict(layers))
+
+
 class PatchAttention(nn.Module):
     """Patches → tokens → one self-attention layer (residual) → LayerNorm → mean → Linear."""
 
@@ -163,13 +196,14 @@ def build_model(name: str = "mlp", *, n_in: int = 784, n_out: int = 10) -> nn.Mo
         return MLP(n_in, (100,), n_out)
     if name == "mlp400":
         return MLP(n_in, (400, 400), n_out, negative_slope=0.0)
-    if name in ("cnn", "small-cnn", "kutalev-cnn", "attention"):
+    if name in ("cnn", "small-cnn", "kutalev-cnn", "kutalev-cnn-code", "attention"):
         side = int(round(n_in**0.5))
         if side * side != n_in:
             raise ValueError(f"{name} needs square images, got {n_in} features")
         if name == "attention":
             return PatchAttention(side, n_out=n_out)
-        return {"cnn": SeedCNN, "small-cnn": SmallCNN, "kutalev-cnn": KutalevCNN}[name](side, n_out=n_out)
+        cls = {"cnn": SeedCNN, "small-cnn": SmallCNN, "kutalev-cnn": KutalevCNN, "kutalev-cnn-code": KutalevCodeCNN}
+        return cls[name](side, n_out=n_out)
     raise ValueError(f"unknown model {name!r}: choose from {MODEL_NAMES}")
 
 

@@ -80,6 +80,7 @@ class Strategy:
 
     def __init__(self, model: nn.Module, cfg: RunConfig):
         self.model, self.cfg = model, cfg
+        self.last_stats: dict | None = None  # importance_stats of the latest end_task
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         pass
@@ -104,6 +105,7 @@ class Strategy:
         t0 = time.perf_counter()
         imp = self.importance(x_imp, y_imp, generator, task)
         dt = time.perf_counter() - t0
+        self.last_stats = importance_stats(imp)
         self.consolidate(imp)
         return dt
 
@@ -116,6 +118,20 @@ class Strategy:
         task: Task | None,
     ) -> Importance:
         return estimate(self.model, x_imp, y_imp, (method,), self.cfg, generator=generator, task=task)[method]
+
+
+def importance_stats(imp: Importance | None) -> dict | None:
+    """The two numbers Kutalev & Lapina's scripts log after each task, for the importance
+    :meth:`Strategy.importance` returned (SI: the running sum): the largest entry over every tensor,
+    ``max = max_t max_i Ω_t,i``, and the largest per-tensor mean, ``max_mean = max_t mean_i Ω_t,i``
+    (``None`` when there is no importance or every tensor is empty)."""
+    tensors = [t.detach() for t in imp.values() if t.numel()] if imp is not None else []
+    if not tensors:
+        return None
+    return {
+        "max": max(float(t.max()) for t in tensors),
+        "max_mean": max(float(t.double().mean()) for t in tensors),
+    }
 
 
 class EWCStrategy(Strategy):

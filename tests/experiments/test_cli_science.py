@@ -13,7 +13,7 @@ from ewc_fast.experiments.models import build_model
 from .test_cli import TINY, _has_plots, _json, _run, idx_data  # noqa: F401 - idx_data is a fixture
 
 
-@pytest.mark.parametrize("name", ["mlp400", "kutalev-cnn", "attention"])
+@pytest.mark.parametrize("name", ["mlp400", "kutalev-cnn", "kutalev-cnn-code", "attention"])
 def test_new_models_shapes_and_exact_importance(name):
     torch.manual_seed(0)
     m = build_model(name, n_out=4).eval()

@@ -86,6 +86,48 @@ def test_run_sequence_other_methods(method, stabilize):
     assert np.asarray(r.R).shape == (2, 2) and r.importance_time_s > 0
 
 
+def test_importance_stats_hand_made():
+    from ewc_fast.experiments.strategies import importance_stats
+    from ewc_fast.importance import Importance
+
+    imp = Importance(
+        {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([[0.0, 9.0], [0.0, 0.0]])}, method="fisher", n_samples=1
+    )
+    # max over every entry: 9 (in b); largest per-tensor mean: a 2.0 vs b 2.25
+    assert importance_stats(imp) == {"max": 9.0, "max_mean": 2.25}
+    assert importance_stats(None) is None
+
+
+@pytest.mark.parametrize("method", ["none", "fisher"])
+def test_run_sequence_records_importance_stats(method):
+    """``importance_stats`` per consolidation equals the statistics of the importance recomputed
+    from the model and importance samples at that point (the empirical Fisher is deterministic)."""
+    from ewc_fast.experiments.training import estimate
+
+    data = _tiny_data(n_train=100, n_test=50)
+    cfg = C.RunConfig(
+        method=method, lam=10.0, epochs=1, model="small-mlp", n_importance=40, batch_size=50, eval_every_epoch=False
+    )
+    ref = []
+
+    def on_task_end(stage, model, x_imp, y_imp, strategy):
+        if method == "none":
+            return
+        imp = estimate(model, x_imp, y_imp, ("fisher",), cfg)["fisher"]
+        ref.append((max(float(t.max()) for t in imp.values()), max(float(t.double().mean()) for t in imp.values())))
+
+    r = C.run_sequence(data, permuted_tasks(2, 0), cfg, seed=0, on_task_end=on_task_end)
+    stats = r.to_dict()["importance_stats"]
+    assert len(stats) == 2  # on_task_end given: the last task is consolidated too
+    if method == "none":
+        assert stats == [None, None]
+        return
+    for got, (mx, mean) in zip(stats, ref):
+        # the same estimator on the same model and samples: equal up to fp32 summation order
+        assert got["max"] == pytest.approx(mx, rel=1e-6) and got["max_mean"] == pytest.approx(mean, rel=1e-6)
+        assert 0 < got["max_mean"] <= got["max"]
+
+
 def test_run_sequence_seeded():
     data = _tiny_data()
     cfg = C.RunConfig(method="none", epochs=1, model="small-mlp", batch_size=50)
