@@ -34,7 +34,7 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+from torch.utils._pytree import SUPPORTED_NODES, tree_flatten, tree_leaves, tree_map
 
 from .batches import forward
 from .plan import ModuleStack, Plan, Use, function_key, param_args, role_name, rule_owned, use_of
@@ -118,24 +118,31 @@ class Capture:
     # ------------------------------------------------------------------------------ recording
     def _record_call(self, key, args, kwargs, output, func=None, inner=((), [], None)):
         """Append one call (args detached, provenance of every tensor) and return what the forward
-        continues with (aliases of the output tensors; clones in safe mode)."""
+        continues with (aliases of the output tensors; clones in safe mode).
+
+        Runs with torch functions disabled: the detaches, aliases and attribute reads here are the
+        engine's own bookkeeping, which the tracker (and any mode below it) need not see; from a
+        module's forward hook they would otherwise each go through the tracker's Python dispatch."""
+        with torch._C.DisableTorchFunction():
+            return self._record(key, args, kwargs, output, func, inner)
+
+    def _record(self, key, args, kwargs, output, func, inner):
         tr = self.tracker
-        leaves, in_spec = tree_flatten((args, kwargs))
+        leaves, in_spec = _flatten_args(args, kwargs)
         dims_in = [tr.get(t) for t in leaves]
         if self.safe:
             det = [t.detach().clone() if isinstance(t, Tensor) else t for t in leaves]
         else:
             det = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
         in_dims = {id(d): bd for d, bd in zip(det, dims_in) if isinstance(d, Tensor) and bd is not None}
-        args_d, kwargs_d = in_spec.unflatten(det)
-        outs, spec = tree_flatten(output)
+        args_d, kwargs_d = (tuple(det), {}) if in_spec is None else in_spec.unflatten(det)
+        outs, spec = ([output], None) if isinstance(output, Tensor) else tree_flatten(output)
         out_dims = [tr.get(t) for t in outs]
         new, handed = [], []
         for t, bd in zip(outs, out_dims):
             if isinstance(t, Tensor) and t.requires_grad:
-                with torch._C.DisableTorchFunction():
-                    t2 = t.view_as(t)
-                    t3 = t2.clone() if self.safe else t2  # safe mode: later in-place ops hit the clone
+                t2 = t.view_as(t)
+                t3 = t2.clone() if self.safe else t2  # safe mode: later in-place ops hit the clone
                 tr.set(t2, bd)
                 tr.set(t3, bd)
                 new.append(t2)
@@ -143,7 +150,7 @@ class Capture:
             else:
                 new.append(t)
                 handed.append(t)
-        captured = spec.unflatten(new)
+        captured = new[0] if spec is None else spec.unflatten(new)
         for t, bd in zip(new, out_dims):
             if isinstance(t, Tensor) and t.requires_grad and bd is None:
                 tr.taint[t] = (t,)
@@ -158,7 +165,7 @@ class Capture:
         self.calls[key].append(
             Call(args_d, kwargs_d, captured, in_dims, out_dims, func, inner=tensors, inner_dims=dims, watched=watched)
         )
-        return spec.unflatten(handed)
+        return handed[0] if spec is None else spec.unflatten(handed)
 
     def _hook(self, key):
         def hook(module, args, kwargs, output):
@@ -259,6 +266,18 @@ class Capture:
             h.remove()
         self.handles = []
         self.tracker = None
+
+
+def _flatten_args(args: tuple, kwargs: dict) -> tuple[list, object]:
+    """``tree_flatten((args, kwargs))``, or ``(list(args), None)`` for the common call of positional
+    arguments none of which is a container (no pytree walk)."""
+    if not kwargs and not any(isinstance(a, (tuple, list, dict)) or _is_pytree_node(a) for a in args):
+        return list(args), None
+    return tree_flatten((args, kwargs))
+
+
+def _is_pytree_node(x) -> bool:
+    return not isinstance(x, Tensor) and type(x) in SUPPORTED_NODES
 
 
 def _inner_captures(modules, fallback: set) -> dict:

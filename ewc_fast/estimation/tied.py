@@ -96,7 +96,7 @@ def _split(per_use: list, buf: Tensor, mode: str, n: int, backend: str) -> None:
             counts = torch.bincount(s, minlength=c)
             pos = torch.arange(uniq.numel(), device=s.device) - (torch.cumsum(counts, 0) - counts)[s]
             lsel = torch.zeros(c, int(counts.max()), tp, dtype=ct, device=buf.device)
-            lsel[s, pos] = L[lo:hi].to(ct)[s, :, v]
+            lsel[s, pos] = L[lo:hi][s, :, v].to(ct)  # gathered first: no fp32 copy of the chunk's L
             p = torch.bmm(lsel, R[lo:hi].to(ct))[s, pos]
         delta = (2 * p + e) * e if mode == "sq" else (p + e).abs() - p.abs()
         buf.index_add_(0, v, delta.to(buf.dtype))

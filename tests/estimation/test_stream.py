@@ -126,3 +126,33 @@ def test_awkward_graph_matches_the_oracle():
         )
         for m in methods:
             assert_close(res[m], ref[m], what=f"{backend} {m}")
+
+
+def test_capture_bookkeeping_bypasses_torch_function_modes():
+    """The capture's own work per captured call (detached inputs, output aliases, attribute reads) runs
+    with torch functions disabled: a mode entered around the estimate sees none of its detaches and
+    aliases during the forward (so the provenance tracker, also a mode, spends no Python dispatch on
+    them). It still sees the model's calls, and what the tracker itself calls (``dim``, ``shape``)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Log(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.on = [], False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if self.on:
+                self.names.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = Chain()
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with Log() as log:
+        model.register_forward_pre_hook(lambda m, a: setattr(log, "on", True))
+        model.register_forward_hook(lambda m, a, o: setattr(log, "on", False))
+        res = ewc_fast.estimate_importance(model, [(x, y)], "fisher", backend="torch", progress=False)
+    assert log.names.count("linear") == 6 and log.names.count("tanh") == 5
+    assert not {"detach", "view_as"} & set(log.names), sorted(set(log.names))
+    ref = reference_importance(model, [(x, y)], "fisher")
+    assert_close(res["fisher"], ref["fisher"], what="logged")

@@ -231,3 +231,13 @@ def test_dense_path_still_serves_other_uses():
     ref = reference_importance(model, data, ("fisher", "mas"))
     for m in ("fisher", "mas"):
         assert_close(res[m], ref[m], what=f"dense/{m}")
+
+
+def test_tied_split_on_a_float64_model():
+    """A float64 model: the correction runs in float64 (P rows and E rows), the sums in fp32 as always."""
+    data = token_batches("token")
+    model = TiedLM(order="emb_head", twice=True).double()
+    ref = reference_importance(TiedLM(order="emb_head", twice=True), data, ("fisher", "mas"))
+    res = ewc_fast.estimate_importance(model, data, ("fisher", "mas"), progress=False)
+    for m in ("fisher", "mas"):
+        assert_close(res[m], ref[m], what=f"float64/{m}")
