@@ -3,14 +3,7 @@ and is reported. Timings are not checked."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("transformers")
 bench = pytest.importorskip("benchmarks.bench_forward")

@@ -5,14 +5,7 @@ runs, and the four Hugging Face targets are evaluated. Speed is not checked (a t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 pytest.importorskip("transformers")
 compare = pytest.importorskip("benchmarks.compare")

@@ -9,14 +9,11 @@ are not installed show up as ``unavailable`` rows and are skipped by the asserti
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 compare = pytest.importorskip("benchmarks.compare")
 from benchmarks.contenders import FISHER, FISHER_EXACT, MAS, relative_error  # noqa: E402
